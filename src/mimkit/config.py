@@ -65,7 +65,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop settings. ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (also on
+    """Loop settings. ``keep_checkpoints``: besides the latest ``checkpoint.pt``, keep this many
+    step-numbered copies ``checkpoint-<step>.pt`` (-1 = all; for accuracy-vs-epoch reports). ``precision``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (also on
     CPUs with bf16 instructions), ``fp16`` (GPU, with a grad scaler)."""
 
     epochs: float = 800.0
@@ -76,6 +77,7 @@ class TrainConfig:
     compile: bool = False
     out_dir: str = "runs/mae"
     ckpt_every_steps: int = 1000
+    keep_checkpoints: int = 0
     log_every_steps: int = 20
     resume: str = "auto"
     max_nonfinite: int = 20

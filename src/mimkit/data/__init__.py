@@ -1,0 +1,76 @@
+"""Data sets, loaders and batched augmentation for mimkit.
+
+* :mod:`.fashion_mnist`: IDX files, :func:`find_fashion_mnist`, :func:`download_fashion_mnist`,
+  :func:`load_fashion_mnist` -> ``uint8 (N, 1, 28, 28)``, ``int64 (N,)``.
+* :mod:`.folder`: :class:`ImageFolder` (labeled or unlabeled), :func:`load_folder_to_tensor`.
+* :mod:`.augment`: on-device :func:`random_resized_crop_flip`, :func:`flip_only`, :func:`normalize`.
+* :mod:`.loaders`: :class:`InMemoryLoader`, :class:`FolderLoader`, :func:`build_dataset`,
+  :func:`build_loader`.
+
+Every failure to find or read data raises :class:`DataError` with the path and a fix.
+"""
+
+from .augment import flip_only, normalize, random_resized_crop_flip, rrc_params
+from .errors import DataError
+from .fashion_mnist import (
+    BASE_URL,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FILES,
+    SPLITS,
+    FileChecksum,
+    default_cache_dir,
+    download_fashion_mnist,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    read_idx,
+    verify_fashion_mnist,
+    write_idx,
+)
+from .folder import IMG_EXTENSIONS, ImageFolder, load_folder_to_tensor
+from .loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetInfo,
+    FolderLoader,
+    InMemoryLoader,
+    build_dataset,
+    build_loader,
+    folder_transform,
+    shard_indices,
+)
+
+__all__ = [
+    "BASE_URL",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "FILES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_EXTENSIONS",
+    "SPLITS",
+    "DataError",
+    "DatasetInfo",
+    "FileChecksum",
+    "FolderLoader",
+    "ImageFolder",
+    "InMemoryLoader",
+    "build_dataset",
+    "build_loader",
+    "default_cache_dir",
+    "download_fashion_mnist",
+    "find_fashion_mnist",
+    "flip_only",
+    "folder_transform",
+    "load_fashion_mnist",
+    "load_folder_to_tensor",
+    "normalize",
+    "random_resized_crop_flip",
+    "read_idx",
+    "rrc_params",
+    "shard_indices",
+    "verify_fashion_mnist",
+    "write_idx",
+]

@@ -1,0 +1,196 @@
+"""Moving weights in and out: timm-keyed safetensors export, timm ViT and official MAE imports.
+
+* :func:`export_encoder` writes the encoder with timm ``VisionTransformer`` keys to safetensors, with
+  the encoder shape in the file's metadata; :func:`timm_model_for` builds the matching timm model.
+* :func:`load_encoder` reads a mimkit checkpoint, an exported safetensors file, a timm ViT state dict
+  or an official MAE ``.pth`` and returns a :class:`~mimkit.nn.ViTEncoder`.
+* :func:`mae_from_official` loads a full official MAE pretraining checkpoint (encoder *and* decoder)
+  into :class:`~mimkit.methods.MAE`; :func:`to_official_state_dict` is the inverse mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mimkit.methods.base import DecoderConfig, ModelConfig
+from mimkit.nn.vit import ViTConfig, ViTEncoder
+
+# official MAE decoder names -> mimkit MAEDecoder names
+_OFFICIAL_DECODER = {
+    "decoder_embed.": "decoder.embed.",
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.pos_embed",
+    "decoder_blocks.": "decoder.blocks.",
+    "decoder_norm.": "decoder.norm.",
+    "decoder_pred.": "decoder.pred.",
+}
+# heads of the published ViT sizes (not recoverable from weight shapes)
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+
+
+class InteropError(ValueError):
+    """A weight file could not be understood; the message names the file and the fix."""
+
+
+def _encoder_of(model) -> ViTEncoder:
+    return model if isinstance(model, ViTEncoder) else model.encoder
+
+
+def export_encoder(model, path: str | Path) -> Path:
+    """Write the encoder (``model`` or ``model.encoder``) as timm-keyed safetensors.
+
+    The file's metadata holds ``mimkit_vit_config`` (JSON of :class:`ViTConfig`)."""
+    from safetensors.torch import save_file
+
+    enc = _encoder_of(model)
+    sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"mimkit_vit_config": json.dumps(asdict(enc.cfg)), "format": "timm"})
+    return path
+
+
+def timm_model_for(cfg: ViTConfig, **kwargs):
+    """A timm ``VisionTransformer`` with the same shape (cls-token pooling, no head)."""
+    import timm
+
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=0, global_pool="token",
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        init_values=cfg.layer_scale, **kwargs,
+    )
+
+
+def infer_vit_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+    """Encoder shape from timm/MAE-keyed weights. Heads are not in the shapes: taken from
+    ``num_heads`` or the published size with that width."""
+    try:
+        w = sd["patch_embed.proj.weight"]
+        pos = sd["pos_embed"]
+    except KeyError as e:
+        raise InteropError(f"not a ViT state dict: missing {e}") from e
+    d, c, p, _ = w.shape
+    n = pos.shape[1] - 1 if "cls_token" in sd else pos.shape[1]
+    side = int(round(n**0.5))
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    heads = num_heads or _HEADS_BY_WIDTH.get(d)
+    if heads is None:
+        raise InteropError(f"cannot tell the number of heads of a {d}-wide ViT; pass num_heads")
+    mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] / d
+    ls = "blocks.0.ls1.gamma" in sd
+    return ViTConfig(img_size=side * p, patch_size=p, in_chans=c, embed_dim=d, depth=depth, num_heads=heads,
+                     mlp_ratio=mlp, layer_scale=float(sd["blocks.0.ls1.gamma"][0]) if ls else None)
+
+
+def _read_any(path: Path) -> tuple[dict, dict]:
+    """(state dict or checkpoint dict, safetensors metadata)."""
+    if not path.is_file():
+        raise InteropError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InteropError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise InteropError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return obj, {}
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_encoder(path: str | Path, num_heads: int | None = None, strict: bool = True) -> ViTEncoder:
+    """A :class:`ViTEncoder` from any supported weight file (see module doc).
+
+    Returns the encoder in eval mode; also sets ``encoder.source_config`` to the checkpoint's config
+    dict when the file is a mimkit checkpoint (for normalization statistics), else ``None``.
+    """
+    path = Path(path)
+    obj, meta = _read_any(path)
+    config = None
+    if "model" in obj and isinstance(obj["model"], dict):
+        config = obj.get("config")
+        sd = obj["model"]
+    else:
+        sd = obj
+    if any(k.startswith("encoder.") for k in sd):
+        sd = _strip(sd, "encoder.")
+    elif any(k.startswith("module.") for k in sd):
+        sd = _strip(sd, "module.")
+    sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token" or k.startswith("head")
+                                                 or k.startswith("fc_norm"))}
+    if config is not None and isinstance(config, dict) and "model" in config:
+        cfg = ViTConfig(**{**config["model"]["encoder"], "drop_path_rate": 0.0})
+    elif "mimkit_vit_config" in meta:
+        cfg = ViTConfig(**json.loads(meta["mimkit_vit_config"]))
+    else:
+        cfg = infer_vit_config(sd, num_heads)
+    enc = ViTEncoder(cfg)
+    missing, unexpected = enc.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        raise InteropError(f"{path}: weights do not fit the inferred encoder {cfg}; missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    enc.source_config = config
+    return enc.eval()
+
+
+def from_official_state_dict(sd: dict) -> dict:
+    """Official MAE keys (``blocks.*``, ``decoder_blocks.*``, ``mask_token``...) -> mimkit MAE keys."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in _OFFICIAL_DECODER.items():
+            if k.startswith(old):
+                out[new + k[len(old):]] = v
+                break
+        else:
+            out["encoder." + k] = v
+    return out
+
+
+def to_official_state_dict(model) -> dict:
+    """mimkit :class:`MAE` state dict -> official ``models_mae.MaskedAutoencoderViT`` keys."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("encoder."):
+            out[k[len("encoder."):]] = v
+            continue
+        for old, new in _OFFICIAL_DECODER.items():
+            if k.startswith(new):
+                out[old + k[len(new):]] = v
+                break
+        else:
+            raise InteropError(f"no official name for {k}")
+    return out
+
+
+def mae_from_official(path: str | Path, num_heads: int | None = None, decoder_num_heads: int = 16,
+                      norm_pix_loss: bool = True):
+    """Load an official MAE pretraining checkpoint (``{'model': state_dict}``, encoder + decoder).
+
+    The released checkpoints use 16 decoder heads and were trained with ``norm_pix_loss``."""
+    from mimkit.methods.mae import MAE, MAEOptions
+
+    obj, _ = _read_any(Path(path))
+    sd = obj.get("model", obj)
+    if "decoder_embed.weight" not in sd:
+        raise InteropError(f"{path} has no decoder weights; it is not an MAE *pretraining* checkpoint "
+                           "(use load_encoder for encoder-only files)")
+    enc_cfg = infer_vit_config({k: v for k, v in sd.items() if not k.startswith("decoder")}, num_heads)
+    dd = sd["decoder_embed.weight"].shape[0]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks."))
+    mlp = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / dd
+    model = MAE(ModelConfig(enc_cfg, DecoderConfig(dd, depth, decoder_num_heads, mlp)),
+                MAEOptions(norm_pix_loss=norm_pix_loss))
+    model.load_state_dict(from_official_state_dict(sd))
+    return model

@@ -1,0 +1,45 @@
+"""Build the training loader and the kNN evaluation arrays from a :class:`~mimkit.config.Config`."""
+
+from __future__ import annotations
+
+from mimkit.config import Config
+from mimkit.data import build_dataset, build_loader
+from mimkit.data.errors import DataError
+from mimkit.train.distributed import DistInfo
+
+
+def build_train_data(cfg: Config, info: DistInfo):
+    from mimkit.train.loop import TrainData
+
+    d, enc = cfg.data, cfg.model.encoder
+    mode = "L" if enc.in_chans == 1 else "RGB"
+    ds = build_dataset(d.dataset, "train", root=d.root, in_memory_size=enc.img_size if (
+        d.in_memory and d.dataset.lower() not in ("fashion_mnist", "fashion-mnist", "fmnist")) else None,
+        mode=mode, skip_corrupt=d.skip_corrupt, mean=d.mean, std=d.std)
+    if ds.in_chans != enc.in_chans:
+        raise DataError(
+            f"data set {d.dataset} has {ds.in_chans} channel(s) but model.encoder.in_chans={enc.in_chans}; "
+            f"set model.encoder.in_chans={ds.in_chans}"
+        )
+    if ds.images is not None and d.limit:
+        ds.images, ds.labels = ds.images[: d.limit], ds.labels[: d.limit]
+    loader = build_loader(
+        ds, d.batch_size, out_size=enc.img_size, augment=d.augment, device=info.device,
+        num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed,
+        rank=info.rank, world_size=info.world_size, drop_last=True,
+    )
+    data = TrainData(loader=loader, in_chans=ds.in_chans, mean=ds.mean, std=ds.std)
+    if ds.images is not None:
+        data.train_images, data.train_labels = ds.images, ds.labels
+    # evaluation split: the data set's test split (Fashion-MNIST) or data.eval_dataset
+    eval_source = d.eval_dataset
+    if eval_source is None and ds.name == "fashion_mnist":
+        eval_source = "fashion_mnist"
+    if eval_source is not None and (ds.images is not None):
+        ev = build_dataset(eval_source, "test", root=d.eval_root or d.root, in_memory_size=None
+                           if eval_source.lower() in ("fashion_mnist", "fashion-mnist", "fmnist") else enc.img_size,
+                           mode=mode, mean=d.mean, std=d.std)
+        data.test_images, data.test_labels = ev.images, ev.labels
+    if data.train_labels is not None and bool((data.train_labels < 0).all()):
+        data.train_labels = None  # unlabelled data: no kNN, pictures still work
+    return data

@@ -1,0 +1,62 @@
+"""Metric sinks: a JSONL file, TensorBoard, and a progress bar (loss, lr, img/s, ETA)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class MetricLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and scalars to TensorBoard.
+
+    On resume the JSONL file is truncated to the steps before the resumed step, so the file always
+    reads as one uninterrupted run."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+            self.path.write_text("".join(k + "\n" for k in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
+                print("warning: tensorboard is not importable; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def make_progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar on the main process (``None`` elsewhere or when disabled)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)

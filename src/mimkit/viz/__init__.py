@@ -1,0 +1,1 @@
+"""Pictures: reconstructions, masks, saliency, attention."""

@@ -1,0 +1,55 @@
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from mimkit.interop import (
+    InteropError,
+    export_encoder,
+    load_encoder,
+    mae_from_official,
+    timm_model_for,
+    to_official_state_dict,
+)
+from mimkit.methods import MAE
+
+
+def test_export_loads_in_timm_with_identical_features(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = MAE(tiny_model_config(in_chans=3, layer_scale=0.1))
+    path = export_encoder(model, tmp_path / "enc.safetensors")
+    timm_vit = timm_model_for(model.encoder.cfg)
+    missing, unexpected = timm_vit.load_state_dict(load_file(str(path)), strict=True)
+    timm_vit.eval()
+    model.eval()
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        ours = model.encoder.forward_features(x)
+        theirs = timm_vit.forward_features(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    back = load_encoder(path).eval()
+    assert torch.allclose(back.forward_features(x), ours, atol=1e-6)
+
+
+def test_official_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MAE(tiny_model_config(in_chans=3))
+    torch.save({"model": to_official_state_dict(model)}, tmp_path / "mae.pth")
+    loaded = mae_from_official(tmp_path / "mae.pth", num_heads=2, decoder_num_heads=2)
+    x = torch.randn(2, 3, 28, 28)
+    noise = torch.rand(2, 49)
+    assert torch.allclose(loaded(x, noise=noise).loss, model(x, noise=noise).loss, atol=0)
+    enc = load_encoder(tmp_path / "mae.pth", num_heads=2)
+    assert torch.allclose(enc.forward_features(x), model.encoder.eval().forward_features(x), atol=1e-6)
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    with pytest.raises(InteropError, match="not found"):
+        load_encoder(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InteropError, match="not a readable"):
+        load_encoder(tmp_path / "junk.pth")
+    torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(InteropError, match="not a ViT"):
+        load_encoder(tmp_path / "other.pth")

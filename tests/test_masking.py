@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from mimkit.masking import BlockMasking, MaskPlan, RandomMasking, num_keep, plan_from_mask
+
+
+def test_random_masking_counts_disjoint_and_seeded():
+    gen = RandomMasking(0.75)
+    g = torch.Generator().manual_seed(3)
+    plan = gen(4, 49, generator=g)
+    assert plan.n_keep == num_keep(49, 0.75) == 12  # floor, as in MAE
+    assert torch.all(plan.mask.sum(1) == 37)
+    for b in range(4):
+        keep = set(plan.ids_keep[b].tolist())
+        masked = set(torch.nonzero(plan.mask[b]).flatten().tolist())
+        assert len(keep) == 12 and not keep & masked and keep | masked == set(range(49))
+    again = gen(4, 49, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plan.ids_keep, again.ids_keep) and torch.equal(plan.mask, again.mask)
+    other = gen(4, 49, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(plan.ids_keep, other.ids_keep)
+
+
+def test_explicit_noise_reproduces_the_official_recipe():
+    noise = torch.rand(2, 16)
+    plan = RandomMasking(0.5)(2, 16, noise=noise)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    assert torch.equal(plan.ids_keep, ids_shuffle[:, :8])
+    assert torch.equal(plan.ids_restore, torch.argsort(ids_shuffle, dim=1))
+    mask = torch.ones(2, 16)
+    mask[:, :8] = 0
+    assert torch.equal(plan.mask, torch.gather(mask, 1, plan.ids_restore))
+    with pytest.raises(ValueError, match="shape"):
+        RandomMasking(0.5)(2, 16, noise=torch.rand(3, 16))
+
+
+def test_from_permutation_with_per_sequence_lengths():
+    perm = torch.stack([torch.randperm(10) for _ in range(3)])
+    plan = MaskPlan.from_permutation(perm, 4, keep_lengths=torch.tensor([4, 2, 3]))
+    assert plan.keep_valid.tolist() == [[True] * 4, [True, True, False, False], [True, True, True, False]]
+    assert plan.mask.sum(1).tolist() == [6, 8, 7]
+    # padded slots count as masked
+    assert plan.mask[1, perm[1, 2]] == 1 and plan.mask[1, perm[1, 1]] == 0
+
+
+def test_views_expand_per_image_tensors():
+    plan = MaskPlan.from_permutation(torch.stack([torch.randperm(8) for _ in range(6)]), 2, num_views=3)
+    assert plan.batch_size == 2
+    x = torch.tensor([[1.0], [2.0]])
+    assert plan.expand(x).flatten().tolist() == [1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.4, 0.5])
+def test_block_masking_exact_count_and_blocks(ratio):
+    gen = BlockMasking(ratio)
+    m = gen.boolean_mask(16, (14, 14), generator=torch.Generator().manual_seed(0))
+    target = round(196 * ratio)
+    assert torch.all(m.sum(1) == target)
+    # block-wise: masked patches have far more masked 4-neighbours than random masking would give
+    g = m.view(16, 14, 14).float()
+    nb = torch.zeros_like(g)
+    nb[:, 1:] += g[:, :-1]
+    nb[:, :-1] += g[:, 1:]
+    nb[:, :, 1:] += g[:, :, :-1]
+    nb[:, :, :-1] += g[:, :, 1:]
+    mean_nb = (nb * g).sum() / g.sum()
+    assert mean_nb > 4 * ratio + 0.8
+    plan = gen(16, 196, generator=torch.Generator().manual_seed(0))
+    assert torch.all(plan.mask.sum(1) == target)
+    # visible ids in raster order (CAE's convention)
+    assert torch.all(plan.ids_keep[:, 1:] > plan.ids_keep[:, :-1])
+
+
+def test_plan_from_mask_rejects_unequal_counts():
+    m = torch.zeros(2, 4, dtype=torch.bool)
+    m[0, 0] = True
+    with pytest.raises(ValueError, match="same number"):
+        plan_from_mask(m)

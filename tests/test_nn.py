@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from mimkit.nn import ViTConfig, ViTEncoder, gapped_patchify, norm_pix, patchify, sincos_2d, unpatchify
+from mimkit.nn.vit import gather_tokens
+
+
+def test_patchify_layout_and_round_trip():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48)
+    # token t = i*w + j; inside a patch the channel is the fastest index, then column, then row
+    i, j, r, c, ch = 1, 0, 2, 3, 1
+    assert p[1, i * 2 + j, (r * 4 + c) * 3 + ch] == x[1, ch, i * 4 + r, j * 4 + c]
+    assert torch.equal(unpatchify(p, 4, 3), x)
+    with pytest.raises(ValueError, match="divisible"):
+        patchify(torch.zeros(1, 1, 7, 8), 4)
+
+
+def test_norm_pix_statistics():
+    t = torch.randn(3, 5, 12) * 4 + 2
+    n = norm_pix(t)
+    mean = t.mean(-1, keepdim=True)
+    var = ((t - mean) ** 2).sum(-1, keepdim=True) / (12 - 1)  # unbiased, eps inside sqrt
+    assert torch.allclose(n, (t - mean) / torch.sqrt(var + 1e-6), atol=1e-6)
+
+
+def test_sincos_values_follow_mae_layout():
+    d, h, w = 8, 3, 4
+    pe = sincos_2d(d, h, w, cls_token=True)
+    assert pe.shape == (1 + h * w, d)
+    assert torch.equal(pe[0], torch.zeros(d))
+    omega = [1.0, 1.0 / 100.0]  # 10000^(-k/(D/4)), k = 0, 1 for D/4 = 2
+    i, j = 2, 3  # row 2, column 3 -> token 11
+    row = pe[1 + i * w + j]
+    expect = [math.sin(j * omega[0]), math.sin(j * omega[1]), math.cos(j * omega[0]), math.cos(j * omega[1]),
+              math.sin(i * omega[0]), math.sin(i * omega[1]), math.cos(i * omega[0]), math.cos(i * omega[1])]
+    assert torch.allclose(row, torch.tensor(expect), atol=1e-6)
+    with pytest.raises(ValueError):
+        sincos_2d(6, 2)
+
+
+def _enc(**kw):
+    base = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=24, depth=2, num_heads=3)
+    base.update(kw)
+    return ViTEncoder(ViTConfig(**base))
+
+
+def test_encoder_shapes_names_and_init():
+    torch.manual_seed(0)
+    enc = _enc()
+    x = torch.randn(2, 3, 16, 16)
+    assert enc.forward_features(x).shape == (2, 17, 24)
+    ids = torch.tensor([[0, 5, 7], [15, 1, 2]])
+    assert enc.forward_masked(x, ids).shape == (2, 4, 24)
+    names = set(enc.state_dict())
+    for k in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+              "blocks.1.mlp.fc2.bias", "norm.weight"]:
+        assert k in names
+    assert not enc.pos_embed.requires_grad
+    assert torch.all(enc.blocks[0].attn.qkv.bias == 0)
+    # xavier on the fused qkv matrix: bound sqrt(6 / (D + 3D))
+    bound = math.sqrt(6 / (24 + 72))
+    assert enc.blocks[0].attn.qkv.weight.abs().max() <= bound + 1e-6
+    with pytest.raises(ValueError, match="does not match"):
+        enc.forward_features(torch.randn(1, 3, 20, 20))
+
+
+def test_key_padding_mask_leaves_real_tokens_unchanged():
+    torch.manual_seed(0)
+    enc = _enc().eval()
+    x = torch.randn(1, 3, 16, 16)
+    tokens = enc.patch_tokens(x)
+    ids = torch.tensor([[3, 9, 4]])
+    short = enc.forward_tokens(gather_tokens(tokens, ids))
+    padded_ids = torch.tensor([[3, 9, 4, 0, 1]])
+    valid = torch.tensor([[True, True, True, False, False]])
+    long = enc.forward_tokens(gather_tokens(tokens, padded_ids), valid)
+    assert torch.allclose(long[:, :4], short, atol=1e-5)
+    # without the mask the padding would change the outputs
+    assert not torch.allclose(enc.forward_tokens(gather_tokens(tokens, padded_ids))[:, :4], short, atol=1e-4)
+
+
+def test_pixel_tokens_equal_conv_tokens_and_gapped_patchify():
+    torch.manual_seed(0)
+    enc = _enc()
+    x = torch.randn(2, 3, 16, 16)
+    px = patchify(x, 4)
+    ids = torch.arange(16).expand(2, 16)
+    assert torch.allclose(enc.pixel_tokens(px, ids), enc.patch_tokens(x), atol=1e-5)
+    assert torch.equal(gapped_patchify(x, 4, 0), px)
+    # gap 1: cells of 5 pixels, offset always 0 -> patch (i, j) starts at (5i, 5j)
+    y = torch.randn(1, 3, 20, 20)
+    g = gapped_patchify(y, 4, 1)
+    assert torch.equal(g[0, 1 * 4 + 2], patchify(y[:, :, 5:9, 10:14], 4)[0, 0])
+
+
+def test_intermediate_block_features():
+    torch.manual_seed(0)
+    enc = _enc().eval()
+    x = torch.randn(2, 3, 16, 16)
+    last = enc.forward_features(x, norm=False, block=-1)
+    assert torch.allclose(last, enc.forward_features(x, norm=False), atol=1e-6)
+    first = enc.forward_features(x, norm=False, block=0)
+    t = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(2, -1, -1), enc.patch_tokens(x)], 1)
+    assert torch.allclose(first, enc.blocks[0](t), atol=1e-6)

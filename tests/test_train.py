@@ -1,0 +1,162 @@
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_fmnist
+
+from mimkit.config import load_config
+from mimkit.train import NonFiniteLossError, Trainer, pretrain
+from mimkit.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
+    "model.decoder.embed_dim=16", "model.decoder.depth=1", "model.decoder.num_heads=2",
+    "data.batch_size=64", "data.limit=512", "train.log_every_steps=1", "train.progress_bar=false",
+    "train.tensorboard=false", "eval.knn_at_end=false", "eval.picture_at_end=false", "optim.warmup_epochs=1",
+]
+
+pytestmark = needs_fmnist
+
+
+def tiny_cfg(out_dir, *extra):
+    return load_config(ROOT / "configs/mae_fashion_mnist.yaml", [*TINY, f"train.out_dir={out_dir}", *extra])
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_pretraining_loss_falls(tmp_path):
+    pretrain(tiny_cfg(tmp_path, "train.epochs=4", "data.augment=rrc_flip"))
+    ls = losses(tmp_path)
+    assert len(ls) == 32
+    assert sum(ls[-4:]) / 4 < 0.8 * sum(ls[:4]) / 4
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 32 and "decoder.pred.weight" in state["model"] and state["config"]["train"]["epochs"] == 4
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_resumed_run_continues_with_identical_losses(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain(tiny_cfg(full, "train.epochs=2", "data.augment=rrc_flip"))
+    pretrain(tiny_cfg(part, "train.epochs=2", "data.augment=rrc_flip", "train.max_steps=5"))
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 5
+    result = pretrain(tiny_cfg(part, "train.epochs=2", "data.augment=rrc_flip"))
+    assert result["step"] == 16
+    assert losses(part) == losses(full)  # bit-identical
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_gradient_accumulation_matches_lr_scaling(tmp_path):
+    cfg = tiny_cfg(tmp_path, "optim.accum_iter=2", "train.epochs=1", "optim.base_lr=1e-3")
+    t = Trainer(cfg)
+    assert t.eff_batch == 128 and abs(t.peak_lr - 1e-3 * 128 / 256) < 1e-15
+    assert t.steps_per_epoch == 4 and t.total_steps == 4
+    t.train()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.epochs=1", "train.max_nonfinite=1", "train.ckpt_every_steps=2")
+    t = Trainer(cfg)
+    real = t.train_model
+    calls = {"n": 0}
+
+    def poisoned(images, progress):
+        out = real(images, progress)
+        calls["n"] += 1
+        if calls["n"] in (3, 5):
+            out.loss = out.loss * float("nan")
+        return out
+
+    t.train_model = poisoned
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses.*last good checkpoint"):
+        t.train()
+    # step 2 (3rd forward) was skipped, step 3 trained, the periodic save at step 4 holds one skip;
+    # the 2nd bad loss (step 4) exceeded max_nonfinite=1 and stopped the run without touching it
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4 and state["extra"]["nonfinite"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_errors_are_clear_and_never_lose_the_last_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+    import mimkit.train.checkpoint as ck
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint is intact"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    cfg = tiny_cfg(tmp_path, "train.epochs=1")
+    with pytest.raises(CheckpointError, match=str(path)):
+        Trainer(cfg)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "mimkit.cli", "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), *TINY,
+           "data.batch_size=32", "train.epochs=1", f"train.out_dir={out}", "eval.knn_at_end=true",
+           "eval.knn_train_limit=256", "eval.knn_test_limit=128", "train.num_threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(out / "checkpoint.pt")
+    # 512 images / (2 ranks x 32) = 8 steps per epoch; the effective batch is 64
+    assert state["step"] == 8 and len(state["rng"]) == 2 and state["extra"]["world_size"] == 2
+    assert len(losses(out)) == 8
+    assert "kNN top-1" in proc.stdout
+
+
+def test_cli_pretrain_visualize_export_eval(tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "mimkit.cli"]
+    proc = subprocess.run([*base, "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), *TINY, "train.epochs=1",
+                           f"train.out_dir={run}", "eval.knn_at_end=true", "eval.picture_at_end=true",
+                           "eval.knn_train_limit=512", "eval.knn_test_limit=256"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kNN top-1" in proc.stdout and (run / "reconstruction.png").stat().st_size > 1000
+    knn = json.loads((run / "knn.json").read_text())
+    assert 10.0 < knn["top1_cls"] <= 100.0 and knn["n_train"] == 512
+    png = tmp_path / "v.png"
+    proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--out", str(png), "--n", "3"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.stat().st_size > 1000
+    st = tmp_path / "enc.safetensors"
+    proc = subprocess.run([*base, "export", str(run / "checkpoint.pt"), str(st)], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mimkit.interop import load_encoder
+
+    enc = load_encoder(st)
+    ck_enc = load_encoder(run / "checkpoint.pt")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(enc.forward_features(x), ck_enc.forward_features(x))
+    proc = subprocess.run([*base, "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), "optim.base_lrr=1"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2 and "Did you mean 'base_lr'" in proc.stderr
