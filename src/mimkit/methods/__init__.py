@@ -3,10 +3,14 @@
 ``nn.Module`` with ``encoder``, ``forward(images, progress) -> StepOutput`` and ``after_step``."""
 
 from mimkit.methods.base import DecoderConfig, MethodOptions, ModelConfig, Progress, StepOutput
+from mimkit.methods.emae import EMAEOptions, build_emae
 from mimkit.methods.mae import MAE, MAEOptions, build_mae
+from mimkit.methods.sbam import SBAMOptions, build_sbam
 
 METHODS: dict[str, tuple[type, object]] = {
     "mae": (MAEOptions, build_mae),
+    "emae": (EMAEOptions, build_emae),
+    "sbam": (SBAMOptions, build_sbam),
 }
 
 __all__ = [

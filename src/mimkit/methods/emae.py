@@ -1,0 +1,163 @@
+"""EMAE — "Efficient Masked Autoencoders with Self-Consistency" (Li et al., TPAMI 2024), methods_b §4.
+
+MAE with K parallel views per image. The K visible parts form a partition of the image (every token
+is visible in exactly one view, [SLIDES] Algorithm 1) and all views go through the encoder and
+decoder in one pass, stacked in the batch (sequence ``s = b * K + k``). Shapes for B images::
+
+    tokens = encoder.patch_tokens(images)                (B, L, D)      once per image
+    plan   = PartitionMasking(K)(B, L)                   (B*K, n) ids   rotated permutations, §1.2
+    pred   = decoder(encoder(gather(tokens, ids)))       (B*K, L, P)    one forward pass
+    target = norm_pix(patchify(images))                  (B, L, P)      once per image
+    L_whole = mean_k MAE_loss(pred_k, target, m_k)                     MAE's reduction per view
+    L_cons  = consistency(pred, m)                                      positions masked in both views
+    loss    = L_whole + λ L_cons
+
+Which source each choice follows:
+
+* K disjoint covering equal parts, K views in one pass, ``L_whole + L_cons`` with weights 1, 1: [SLIDES].
+* ``L_whole`` **averaged** over views (not summed) so that K = 1 is exactly MAE and λ keeps its
+  meaning across K: [PROPOSAL] (methods_b §4.2 step 6).
+* Consistency on the decoder outputs (normalized-pixel space), only at positions masked in both views
+  of a pair (o_ij = m_i * m_j), per pair normalized by the pair's overlap count: [PROPOSAL]
+  (methods_b §4.3; the paper's distance and stop-gradient were not recovered).
+* Default ``consistency_dist = mse``, ``consistency_mode = pairwise_sym``: the ordered-pair
+  stop-gradient form of methods_b §4.3,
+  ``L_cons = 1/(K(K-1)) sum_{i!=j} sum o_ij d(pred_i, sg(pred_j)) / sum o_ij`` — value *and* gradient.
+  It is computed as the symmetric no-stop-gradient pairwise mean ``v`` (same value, twice the
+  gradient, the §4.3 identity) returned as ``(v + v.detach()) / 2``. For ``mse`` with equal overlap
+  counts for every pair (true for the equal-size partition) it uses the O(K) identity
+  ``sum_{i<j in M} |a_i - a_j|^2 = |M| sum_{i in M} |a_i - mean_M a|^2`` per position; otherwise it
+  loops over the K(K-1)/2 pairs.
+* ``to_detached_mean`` [PROPOSAL]: every prediction of a position masked in >= 2 views is pulled
+  towards the detached mean of those predictions (one-directional, so stop-gradient matters).
+* Masking alternatives (EMAE's ablation arms) through ``method.masking.kind``: ``random_views``
+  ("pure random", K independent masks) and ``complementary`` (two views) — [PROPOSAL] readings of the
+  deck's table (methods_b §4.6).
+
+Cost: ≈ K × MAE per image (encoder and decoder on K·B sequences). Quote images/iter and
+sequences/iter separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mimkit.losses import masked_mse, masked_reduce, per_patch_distance
+from mimkit.masking import MaskingOptions, MaskPlan
+from mimkit.methods.base import ModelConfig
+from mimkit.methods.mae import MAE, MAEOptions
+
+CONSISTENCY_DISTS = ("mse", "l1", "cosine")
+CONSISTENCY_MODES = ("pairwise_sym", "to_detached_mean")
+
+
+@dataclass
+class EMAEOptions(MAEOptions):
+    """EMAE knobs. ``masking.num_views`` is K (4 in the paper; 7 and 14 in its ablations).
+
+    ``consistency_weight`` λ (1 in the deck; 0 turns the term off), ``consistency_dist`` (mse | l1 |
+    cosine), ``consistency_mode`` (pairwise_sym | to_detached_mean), see the module docstring.
+    """
+
+    name: str = "emae"
+    masking: MaskingOptions = field(default_factory=lambda: MaskingOptions(kind="partition", num_views=4))
+    consistency_weight: float = 1.0
+    consistency_dist: str = "mse"
+    consistency_mode: str = "pairwise_sym"
+
+
+def _pair_counts(mask: torch.Tensor) -> torch.Tensor:
+    """``mask (B, K, L)`` -> ``(K, K)`` number of (image, position) pairs masked in both views."""
+    m = mask.float()
+    return torch.einsum("bil,bjl->ij", m, m)
+
+
+def consistency_loss(
+    pred: torch.Tensor, mask: torch.Tensor, dist: str = "mse", mode: str = "pairwise_sym"
+) -> torch.Tensor:
+    """Self-consistency between the K views' predictions of the same positions.
+
+    Args:
+        pred: ``(B, K, L, P)`` decoder outputs of the K views of each image.
+        mask: ``(B, K, L)`` 1 = masked (predicted) in that view.
+        dist: per-patch distance ``mse`` | ``l1`` | ``cosine`` (:func:`mimkit.losses.per_patch_distance`).
+        mode: ``pairwise_sym`` or ``to_detached_mean`` (module docstring).
+    Returns:
+        scalar; 0 when K < 2 or no position is masked in two views.
+    """
+    if dist not in CONSISTENCY_DISTS:
+        raise ValueError(f"unknown consistency_dist {dist!r}; choose one of {', '.join(CONSISTENCY_DISTS)}")
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"unknown consistency_mode {mode!r}; choose one of {', '.join(CONSISTENCY_MODES)}")
+    b, k, length, _ = pred.shape
+    zero = pred.float().sum() * 0.0
+    if k < 2:
+        return zero
+    m = mask.float()
+    n_masked = m.sum(1)  # (B, L): views that predict each position
+    if mode == "to_detached_mean":
+        shared = (n_masked >= 2).float()  # positions predicted by >= 2 views
+        mean = (pred.float() * m[..., None]).sum(1) / n_masked.clamp(min=1)[..., None]  # (B, L, P)
+        d = per_patch_distance(pred, mean.detach()[:, None].expand_as(pred), dist)  # (B, K, L)
+        return masked_reduce(d, m * shared[:, None])
+
+    counts = _pair_counts(m)
+    off = ~torch.eye(k, dtype=torch.bool, device=pred.device)
+    pair_counts = counts[off]
+    if dist == "mse" and bool((pair_counts == pair_counts[0]).all()):
+        # O(K): per position, sum over pairs {i<j} both masking it of |a_i - a_j|^2 / P
+        #       = |M| * sum_{i in M} mean_c (a_i - mean_M)^2
+        if float(pair_counts[0]) == 0.0:
+            return zero
+        p = pred.float()
+        mean = (p * m[..., None]).sum(1, keepdim=True) / n_masked.clamp(min=1)[:, None, :, None]
+        dev = ((p - mean).pow(2).mean(-1) * m).sum(1)  # (B, L)
+        pair_sum = (n_masked * dev).sum()  # sum over unordered pairs and positions
+        v = pair_sum / (pair_counts[0] * (k * (k - 1) / 2))
+    else:
+        terms = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                o = m[:, i] * m[:, j]
+                terms.append(masked_reduce(per_patch_distance(pred[:, i], pred[:, j], dist), o))
+        v = torch.stack(terms).mean()
+    # value of the ordered stop-gradient form with its (half) gradient: methods_b §4.3 identity
+    return 0.5 * (v + v.detach())
+
+
+class EMAE(MAE):
+    """MAE with K parallel views and self-consistency; ``encoder``/``decoder`` are MAE's."""
+
+    def __init__(self, model: ModelConfig | None = None, options: EMAEOptions | None = None):
+        options = options or EMAEOptions()
+        if options.consistency_dist not in CONSISTENCY_DISTS:
+            raise ValueError(f"consistency_dist must be one of {CONSISTENCY_DISTS}, got {options.consistency_dist!r}")
+        if options.consistency_mode not in CONSISTENCY_MODES:
+            raise ValueError(f"consistency_mode must be one of {CONSISTENCY_MODES}, got {options.consistency_mode!r}")
+        super().__init__(model, options)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, dict]:
+        """``pred (B*K, L, P)``, ``target (B, L, P)`` (once per image), ``plan.mask (B*K, L)``."""
+        k = plan.num_views
+        s, length, p = pred.shape
+        if k == 1:  # exactly MAE
+            whole = masked_mse(pred, target, plan.mask)
+            return whole, {"loss_whole": whole.detach()}
+        b = s // k
+        pv = pred.view(b, k, length, p)
+        mv = plan.mask.view(b, k, length)
+        whole = torch.stack([masked_mse(pv[:, v], target, mv[:, v]) for v in range(k)]).mean()
+        metrics = {"loss_whole": whole.detach()}
+        opts = self.options
+        loss = whole
+        if opts.consistency_weight != 0.0:
+            cons = consistency_loss(pv, mv, opts.consistency_dist, opts.consistency_mode)
+            loss = whole + opts.consistency_weight * cons
+            metrics["loss_consistency"] = cons.detach()
+        return loss, metrics
+
+
+def build_emae(model: ModelConfig, options: EMAEOptions) -> EMAE:
+    return EMAE(model, options)
