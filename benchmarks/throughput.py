@@ -1,0 +1,170 @@
+"""Training throughput and peak memory of the standard workload (../shared/ANCHORS.md).
+
+Fashion-MNIST in memory, batch 256, random horizontal flip, ViT 192/6/3 heads (patch 4), decoder
+128/2/4 heads, mask 0.75, norm-pix, AdamW (0.9, 0.95) wd 0.05; one step = batch + flip + forward +
+backward + AdamW step. Reports the median step time after ``--warmup`` steps as images/s.
+
+Peer comparison in the same process (so the ratio holds on a noisy machine): ``--peer-mae DIR``
+points at a checkout of facebookresearch/mae; its ``models_mae.py`` runs with 3-channel input (as
+its patchify requires) under the identical loop. Nothing of it is copied here; it is imported.
+
+    python benchmarks/throughput.py                          # mimkit, fp32, CPU
+    python benchmarks/throughput.py --precision bf16         # bf16 autocast (CPUs with bf16, GPUs)
+    python benchmarks/throughput.py --peer-mae /tmp/mae      # + the official model, interleaved
+    python benchmarks/throughput.py --device cuda --batch 512 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def mimkit_model(in_chans: int):
+    from mimkit.methods import MAE, DecoderConfig, ModelConfig
+    from mimkit.nn import ViTConfig
+
+    enc = ViTConfig(img_size=28, patch_size=4, in_chans=in_chans, embed_dim=192, depth=6, num_heads=3)
+    return MAE(ModelConfig(enc, DecoderConfig(128, 2, 4)))
+
+
+def official_model(repo: str):
+    """facebookresearch/mae's MaskedAutoencoderViT at the workload's shape (timm >= 0.9 shim)."""
+    import functools
+
+    import numpy as np
+    import timm.models.vision_transformer as tv
+
+    if not hasattr(np, "float"):
+        np.float = float  # the official pos_embed.py uses the removed alias
+    if not getattr(tv.Block, "_accepts_qk_scale", False):
+        base = tv.Block
+
+        class Block(base):  # timm >= 0.6 dropped the qk_scale argument the official code passes
+            _accepts_qk_scale = True
+
+            def __init__(self, *a, qk_scale=None, **k):
+                super().__init__(*a, **k)
+
+        tv.Block = Block
+    sys.path.insert(0, repo)
+    import models_mae
+
+    return models_mae.MaskedAutoencoderViT(
+        img_size=28, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
+        decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+        norm_pix_loss=True,
+    )
+
+
+class Runner:
+    def __init__(self, name, model, loader, device, dtype, compile_, three_channels):
+        from mimkit.train.optim import param_groups
+
+        self.name = name
+        self.model = model.to(device)
+        self.loader = loader
+        self.device = device
+        self.dtype = dtype
+        self.three = three_channels
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), fused=fused)
+        self.fwd = torch.compile(self.model) if compile_ else self.model
+        self.it = None
+        self.epoch = 0
+        self.times: list[float] = []
+
+    def _next(self):
+        while True:
+            if self.it is None:
+                self.it = iter(self.loader.iter_from(self.epoch))
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+
+    def step(self, record: bool):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        x, _ = self._next()
+        if self.three:
+            x = x.expand(-1, 3, -1, -1)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.fwd(x) if self.three else self.fwd(x)
+            loss = out[0] if isinstance(out, tuple) else out.loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync()
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer-mae", default=None, help="path of a facebookresearch/mae checkout to compare against")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InMemoryLoader, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split="train")
+
+    def loader(seed):
+        return InMemoryLoader(images, labels, args.batch, device=device, mean=FASHION_MNIST_MEAN,
+                              std=FASHION_MNIST_STD, augment="flip", seed=seed)
+
+    runners = [Runner("mimkit MAE (1-channel)", mimkit_model(1), loader(0), device, dtype, args.compile, False)]
+    if args.peer_mae:
+        runners.append(Runner("official MAE models_mae.py (3-channel)", official_model(args.peer_mae), loader(0),
+                              device, dtype, args.compile, True))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        for r in runners:
+            r.step(record=False)
+    for _ in range(args.steps):  # interleaved so both see the same machine load
+        for r in runners:
+            r.step(record=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    results = []
+    for r in runners:
+        med = statistics.median(r.times)
+        results.append({"code": r.name, "img_per_s": args.batch / med, "median_step_s": med})
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "batch": args.batch,
+        "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+        "peak_rss_gib_process": round(rss, 2),
+        "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "results": results,
+    }
+    if len(results) == 2:
+        info["ratio_mimkit_over_official"] = results[0]["img_per_s"] / results[1]["img_per_s"]
+    print(json.dumps(info, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
