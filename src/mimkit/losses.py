@@ -51,3 +51,36 @@ def average_patch_similarity(x: torch.Tensor, include_diagonal: bool = True) -> 
     if not include_diagonal:
         sim = (n * sim - 1) / max(n - 1, 1)
     return sim.mean()
+
+
+def patch_disc(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.2, std_eps: float = 1e-4) -> torch.Tensor:
+    """Latent MIM's PatchDisc (``infonce_patches``, methods_a §1.2 step 6): InfoNCE among the target
+    patches of one image, negatives are the other targets of the *same* image.
+
+    ``pred, target (B, m, D)`` with row ``k`` of ``pred`` predicting row ``k`` of ``target`` -> scalar
+    ``2 tau * mean_{b,k} CE(P_b Z_b^T / tau, k)``, where ``P`` = predictions standardized across the
+    ``m`` tokens per channel (unbiased std + ``std_eps``) then L2-normalized, ``Z`` = L2-normalized
+    targets (not standardized). Per-image terms averaged over images: independent of batch size.
+    """
+    p = pred.float()
+    p = (p - p.mean(dim=1, keepdim=True)) / (p.std(dim=1, keepdim=True) + std_eps)
+    p = F.normalize(p, dim=-1)
+    z = F.normalize(target.float(), dim=-1)
+    logits = p @ z.transpose(1, 2) / tau  # (B, m, m)
+    b, m, _ = logits.shape
+    labels = torch.arange(m, device=logits.device).expand(b, m)
+    return 2 * tau * F.cross_entropy(logits.reshape(b * m, m), labels.reshape(-1))
+
+
+def latent_regression(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 1.0) -> torch.Tensor:
+    """Regression in latent space for the loss ablation: ``mse`` / ``l1`` / ``huber`` per patch
+    (:func:`per_patch_distance`, mean over channels), averaged over all ``(B, m)`` target patches."""
+    return per_patch_distance(pred, target, kind, huber_delta).mean()
+
+
+def similarity_regularizer(pred: torch.Tensor, visible: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Latent MIM's average-similarity regularizer ``R = (s(pred) - gamma)^2 + (s(visible) - gamma)^2``
+    with ``s`` = :func:`average_patch_similarity` (within-image pairs, diagonal included, batch mean
+    taken before squaring). ``pred (B, m, D)`` decoder predictions, ``visible (B, n, D)`` visible
+    encoder outputs (cls excluded)."""
+    return (average_patch_similarity(pred) - gamma) ** 2 + (average_patch_similarity(visible) - gamma) ** 2

@@ -40,10 +40,18 @@ class EMATarget(nn.Module):
         src = [p.detach() for p in source.parameters()]
         if len(tgt) != len(src):
             raise RuntimeError("EMA target and source have different parameter lists")
-        torch._foreach_lerp_(tgt, src, 1.0 - momentum)
+        if tgt:
+            torch._foreach_lerp_(tgt, src, 1.0 - momentum)
         for bt, bs in zip(self.module.buffers(), source.buffers()):
             bt.copy_(bs)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+def cosine_schedule(start: float, end: float, fraction: float) -> float:
+    """``end + (start - end) * (1 + cos(pi f)) / 2`` for ``f`` clamped to [0, 1]: ``start`` at 0, ``end`` at 1
+    (Latent MIM's regularizer target ``gamma``: 0.75 -> 0.25)."""
+    f = min(max(fraction, 0.0), 1.0)
+    return end + (start - end) * (1 + math.cos(math.pi * f)) / 2

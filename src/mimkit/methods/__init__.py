@@ -4,6 +4,7 @@
 
 from mimkit.methods.base import DecoderConfig, MethodOptions, ModelConfig, Progress, StepOutput
 from mimkit.methods.emae import EMAEOptions, build_emae
+from mimkit.methods.latent_mim import LatentMIMOptions, build_latent_mim
 from mimkit.methods.mae import MAE, MAEOptions, build_mae
 from mimkit.methods.sbam import SBAMOptions, build_sbam
 
@@ -11,6 +12,7 @@ METHODS: dict[str, tuple[type, object]] = {
     "mae": (MAEOptions, build_mae),
     "emae": (EMAEOptions, build_emae),
     "sbam": (SBAMOptions, build_sbam),
+    "latent_mim": (LatentMIMOptions, build_latent_mim),
 }
 
 __all__ = [
