@@ -113,3 +113,15 @@ def test_lr_schedule_warmup_then_cosine():
     assert abs(lr_at(2.0, 1.0, 2, 10) - 1.0) < 1e-12
     assert abs(lr_at(6.0, 1.0, 2, 10, min_lr=0.1) - (0.1 + 0.9 * 0.5)) < 1e-12
     assert abs(lr_at(10.0, 1.0, 2, 10)) < 1e-12
+
+
+def test_latent_mim_optimizer_variants():
+    model = MAE(tiny_model_config())
+    groups = param_groups(model, 0.05, no_decay_keywords=("embed",))
+    no_decay = {id(p) for p in groups[0]["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["encoder.patch_embed.proj.weight"]) in no_decay and id(named["decoder.embed.weight"]) in no_decay
+    assert id(named["encoder.blocks.0.mlp.fc1.weight"]) not in no_decay
+    # warmup from min_lr (Latent MIM) instead of from 0 (MAE)
+    assert lr_at(0.0, 1.0, 2, 10, min_lr=0.25, warmup_from_min_lr=True) == 0.25
+    assert abs(lr_at(1.0, 1.0, 2, 10, min_lr=0.25, warmup_from_min_lr=True) - 0.625) < 1e-12

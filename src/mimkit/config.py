@@ -49,7 +49,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """AdamW with MAE's grouping; ``lr = base_lr * effective_batch / 256`` unless ``lr`` is set.
-    Warmup and cosine are per iteration over fractional epochs (methods_b §2.5)."""
+    Warmup and cosine are per iteration over fractional epochs (methods_b §2.5). MAE warms up from 0;
+    ``warmup_from_min_lr`` starts the warmup at ``min_lr`` instead (Latent MIM's code).
+    ``no_decay_keywords``: parameter-name substrings exempt from weight decay besides 1-D params and
+    biases (Latent MIM: ``[bias, norm, embed]``)."""
 
     base_lr: float = 1.5e-4
     lr: float | None = None
@@ -58,6 +61,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_epochs: float = 40.0
+    warmup_from_min_lr: bool = False
+    no_decay_keywords: tuple[str, ...] = ()
     accum_iter: int = 1
     clip_grad: float | None = None
     fused: bool | None = None

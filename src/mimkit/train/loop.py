@@ -131,7 +131,7 @@ class Trainer:
         self.peak_lr = effective_lr(o.base_lr, self.eff_batch, o.lr)
         fused = o.fused if o.fused is not None else self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=self.peak_lr, betas=o.betas, eps=o.eps, fused=fused
+            param_groups(self.model, o.weight_decay, no_decay_keywords=tuple(o.no_decay_keywords)), lr=self.peak_lr, betas=o.betas, eps=o.eps, fused=fused
         )
         self.step = 0
         self.nonfinite = 0
@@ -242,7 +242,8 @@ class Trainer:
         self.model.train()
         while self.step < stop:
             prog = self.progress()
-            lr = lr_at(prog.epoch, self.peak_lr, cfg.optim.warmup_epochs, cfg.train.epochs, cfg.optim.min_lr)
+            lr = lr_at(prog.epoch, self.peak_lr, cfg.optim.warmup_epochs, cfg.train.epochs, cfg.optim.min_lr,
+                       cfg.optim.warmup_from_min_lr)
             set_lr(self.optimizer, lr)
             loss_sum = torch.zeros((), device=self.device)
             metrics_sum: dict[str, torch.Tensor] = {}
@@ -360,9 +361,10 @@ class Trainer:
 
         d = self.data
         images = d.test_images if d.test_images is not None else d.train_images
-        if images is None:
-            return None
-        path = save_reconstruction(unwrap(self.model), images[:8], d.mean, d.std, self.out_dir / "reconstruction.png",
+        model = unwrap(self.model)
+        if images is None or not hasattr(getattr(model, "options", None), "norm_pix_loss"):
+            return None  # only pixel-target methods have a reconstruction to draw
+        path = save_reconstruction(model, images[:8], d.mean, d.std, self.out_dir / "reconstruction.png",
                                    seed=self.cfg.train.seed)
         print(f"reconstruction picture: {path}", file=sys.stderr)
         return str(path)
