@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer-mae", default=None, help="path of a facebookresearch/mae checkout to compare against")
+    ap.add_argument("--peer-precision", default="fp32", choices=["fp32", "bf16"],
+                    help="the official code has no CPU bf16 path; fp32 is how it runs there")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -133,10 +135,11 @@ def main() -> None:
         return InMemoryLoader(images, labels, args.batch, device=device, mean=FASHION_MNIST_MEAN,
                               std=FASHION_MNIST_STD, augment="flip", seed=seed)
 
-    runners = [Runner("mimkit MAE (1-channel)", mimkit_model(1), loader(0), device, dtype, args.compile, False)]
+    runners = [Runner(f"mimkit MAE (1-channel, {args.precision})", mimkit_model(1), loader(0), device, dtype, args.compile, False)]
     if args.peer_mae:
-        runners.append(Runner("official MAE models_mae.py (3-channel)", official_model(args.peer_mae), loader(0),
-                              device, dtype, args.compile, True))
+        peer_dtype = torch.bfloat16 if args.peer_precision == "bf16" else None
+        runners.append(Runner(f"official MAE models_mae.py (3-channel, {args.peer_precision})",
+                              official_model(args.peer_mae), loader(0), device, peer_dtype, args.compile, True))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):

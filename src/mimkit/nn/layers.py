@@ -9,6 +9,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
+    """``F.scaled_dot_product_attention`` with the kernel chosen for speed.
+
+    On CPU with bf16/fp16 inputs the flash kernel's backward is 3-4x slower than the math kernel at
+    ViT sequence lengths (measured on this project's 2-core CPU: 36 vs 8 ms for (256, 3, 13, 64),
+    87 vs 28 ms for (256, 4, 50, 32), forward + backward), so the math kernel is used there; every
+    other case lets PyTorch pick."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def key_padding_to_attn_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -47,9 +61,7 @@ class Attention(nn.Module):
             attn = logits.softmax(-1)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
             return self.proj_drop(self.proj(out)), attn
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(out))
 
@@ -73,7 +85,7 @@ class CrossAttention(nn.Module):
         nk = memory.shape[1]
         q = self.q(x).reshape(b, nq, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(memory).reshape(b, nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)
+        out = sdpa(q, kv[0], kv[1], attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, nq, d))
 
 
