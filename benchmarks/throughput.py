@@ -35,19 +35,18 @@ def mimkit_model(in_chans: int):
     return MAE(ModelConfig(enc, DecoderConfig(128, 2, 4)))
 
 
-def official_model(repo: str):
-    """facebookresearch/mae's MaskedAutoencoderViT at the workload's shape (timm >= 0.9 shim)."""
-    import functools
-
+def official_model_class(repo: str):
+    """``(MaskedAutoencoderViT, module)`` from a facebookresearch/mae checkout, with shims for current
+    numpy (the removed ``np.float`` alias) and timm >= 0.6 (``Block`` no longer takes ``qk_scale``)."""
     import numpy as np
     import timm.models.vision_transformer as tv
 
     if not hasattr(np, "float"):
-        np.float = float  # the official pos_embed.py uses the removed alias
+        np.float = float
     if not getattr(tv.Block, "_accepts_qk_scale", False):
         base = tv.Block
 
-        class Block(base):  # timm >= 0.6 dropped the qk_scale argument the official code passes
+        class Block(base):
             _accepts_qk_scale = True
 
             def __init__(self, *a, qk_scale=None, **k):
@@ -57,7 +56,15 @@ def official_model(repo: str):
     sys.path.insert(0, repo)
     import models_mae
 
-    return models_mae.MaskedAutoencoderViT(
+    return models_mae.MaskedAutoencoderViT, models_mae
+
+
+def official_model(repo: str):
+    """The official model at the workload's shape."""
+    import functools
+
+    cls, _ = official_model_class(repo)
+    return cls(
         img_size=28, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
         decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
         norm_pix_loss=True,

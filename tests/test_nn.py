@@ -106,3 +106,18 @@ def test_intermediate_block_features():
     first = enc.forward_features(x, norm=False, block=0)
     t = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(2, -1, -1), enc.patch_tokens(x)], 1)
     assert torch.allclose(first, enc.blocks[0](t), atol=1e-6)
+
+
+def test_bf16_cpu_attention_path_matches_fp32():
+    from mimkit.nn.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(8, 13, 32)
+    ref = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attn(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), ref, atol=0.05, rtol=0.05)
+    explicit, weights = attn(x, return_attn=True)
+    assert torch.allclose(explicit, ref, atol=1e-5) and torch.allclose(weights.sum(-1), torch.ones(8, 4, 13))

@@ -54,6 +54,16 @@ def test_resumed_run_continues_with_identical_losses(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_periodic_knn_during_pretraining(tmp_path):
+    result = pretrain(tiny_cfg(tmp_path, "train.epochs=2", "eval.knn_every_epochs=1", "eval.knn_train_limit=256",
+                               "eval.knn_test_limit=128"))
+    hist = result["knn_history"]
+    assert [h["epoch"] for h in hist] == [1.0]
+    assert 0.0 <= hist[0]["top1_cls"] <= 100.0 and hist[0]["n_train"] == 256
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("knn_top1_cls" in rec for rec in logged)
+
+
 def test_gradient_accumulation_matches_lr_scaling(tmp_path):
     cfg = tiny_cfg(tmp_path, "optim.accum_iter=2", "train.epochs=1", "optim.base_lr=1e-3")
     t = Trainer(cfg)
@@ -157,6 +167,12 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
     ck_enc = load_encoder(run / "checkpoint.pt")
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(enc.forward_features(x), ck_enc.forward_features(x))
+    ev = tmp_path / "eval"
+    proc = subprocess.run([*base, "eval", "knn", str(run / "checkpoint.pt"), "--limit-train", "512", "--limit-test",
+                           "256", "--out", str(ev)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((ev / "knn.json").read_text())
+    assert "knn" in json.dumps(res) and (ev / "knn.md").is_file()
     proc = subprocess.run([*base, "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), "optim.base_lrr=1"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2 and "Did you mean 'base_lr'" in proc.stderr

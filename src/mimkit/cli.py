@@ -22,6 +22,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = pretrain(cfg)
+    for h in result.get("knn_history", []):
+        print(f"epoch {h['epoch']:g}: kNN top-1 cls {h['top1_cls']:.2f} %, mean-pooled {h['top1_mean']:.2f} %")
     knn = result.get("knn")
     if knn:
         print(f"kNN top-1 (k={knn['k']}): cls {knn['top1_cls']:.2f} %, mean-pooled {knn['top1_mean']:.2f} %")

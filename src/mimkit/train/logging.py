@@ -59,4 +59,6 @@ def make_progress_bar(total: int, initial: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+    # redirected output (logs, CI) gets a line every 30 s instead of a redraw every second
+    interval = 1.0 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=interval)

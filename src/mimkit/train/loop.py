@@ -350,8 +350,6 @@ class Trainer:
             ftr, fte = extract_features(enc, tr, **kw), extract_features(enc, te, **kw)
             res = {f"top1_{p}": knn_accuracy(ftr[p], trl, fte[p], tel, e.knn_k, e.knn_temperature) for p in ftr}
             res.update(k=e.knn_k, temperature=e.knn_temperature, n_train=len(tr), n_test=len(te))
-            print(f"kNN (k={e.knn_k}) top-1: cls {res['top1_cls']:.2f} %  mean-pooled {res['top1_mean']:.2f} %",
-                  file=sys.stderr)
             (self.out_dir / "knn.json").write_text(json.dumps(res, indent=2))
         barrier(self.info)
         return res
@@ -366,7 +364,6 @@ class Trainer:
             return None  # only pixel-target methods have a reconstruction to draw
         path = save_reconstruction(model, images[:8], d.mean, d.std, self.out_dir / "reconstruction.png",
                                    seed=self.cfg.train.seed)
-        print(f"reconstruction picture: {path}", file=sys.stderr)
         return str(path)
 
 
