@@ -53,3 +53,17 @@ def test_bad_files_get_clear_errors(tmp_path):
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(InteropError, match="not a ViT"):
         load_encoder(tmp_path / "other.pth")
+
+
+def test_timm_state_dict_loads_as_encoder(tmp_path):
+    from mimkit.nn import ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=32, patch_size=8, in_chans=3, embed_dim=192, depth=2, num_heads=3)
+    timm_vit = timm_model_for(cfg).eval()
+    torch.save(timm_vit.state_dict(), tmp_path / "timm_vit.pth")
+    enc = load_encoder(tmp_path / "timm_vit.pth")  # heads inferred from the published width (192 -> 3)
+    assert enc.cfg.depth == 2 and enc.cfg.patch_size == 8 and enc.num_heads == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(enc.forward_features(x), timm_vit.forward_features(x), atol=1e-5)
