@@ -123,8 +123,10 @@ def run_arm(table: str, arm: str, seed: int, args, data: dict) -> dict:
     from mimkit.train import pretrain
 
     path, overrides = TABLES[table][arm]
-    # MAE appears in two tables with the same config: one run serves both
-    out_dir = Path(args.out) / ("mae" if arm == "mae" else f"{table}/{arm}") / f"seed{seed}"
+    # the same configuration in two tables is trained once: MAE, and the loss table's MSE row, which is
+    # the collapse table's EMA row (the slide chain's shared row)
+    run_name = {("loss", "mse"): "collapse/ema"}.get((table, arm), "mae" if arm == "mae" else f"{table}/{arm}")
+    out_dir = Path(args.out) / run_name / f"seed{seed}"
     done = out_dir / "bench.json"
     if done.is_file():
         return {**json.loads(done.read_text()), "table": table, "arm": arm}
@@ -202,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/bench_latent_mim")
     ap.add_argument("--markdown", default=None, help="also write the summary table here")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides for every run")
+    ap.add_argument("--limit-train", type=int, default=None, help="evaluate on this many train images")
+    ap.add_argument("--limit-test", type=int, default=None, help="evaluate on this many test images")
     ap.add_argument("--quick", action="store_true", help="a few steps on a data subset, to check the script")
     args = ap.parse_args(argv)
-    limit_train = limit_test = None
+    limit_train, limit_test = args.limit_train, args.limit_test
+    if limit_train:
+        args.override = args.override + [f"eval.knn_train_limit={limit_train}"]
+    if limit_test:
+        args.override = args.override + [f"eval.knn_test_limit={limit_test}"]
     if args.quick:
         args.seeds, args.epochs, args.probe_epochs = args.seeds[:1], 1.0, 2
         args.out = str(Path(args.out) / "quick")

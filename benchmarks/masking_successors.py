@@ -72,6 +72,10 @@ def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict
     if args.smoke:
         overrides += ["train.max_steps=2", "model.encoder.depth=1", "model.decoder.depth=1",
                       "eval.knn_train_limit=500", "eval.knn_test_limit=200", "data.limit=1024"]
+    if args.limit_train:
+        overrides += [f"eval.knn_train_limit={args.limit_train}"]
+    if args.limit_test:
+        overrides += [f"eval.knn_test_limit={args.limit_test}"]
     overrides += args.override
     cfg = load_config(ROOT / PRESETS[method], overrides)
     t0 = time.perf_counter()
@@ -83,7 +87,7 @@ def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict
            "sequences_per_image": K if method == "emae" else 1,
            "knn_cls": knn.get("top1_cls"), "knn_mean": knn.get("top1_mean")}
     lin = linear_probe(Path(result["out_dir"]), args.probe_epochs, seed,
-                       1000 if args.smoke else None, 500 if args.smoke else None)
+                       1000 if args.smoke else args.limit_train, 500 if args.smoke else args.limit_test)
     rec["linear_cls"] = lin.get("linear_cls")
     rec["linear_mean"] = lin.get("linear_mean")
     return rec
@@ -121,6 +125,8 @@ def main(argv=None) -> None:
     p.add_argument("--probe-epochs", type=int, default=90)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_masking_successors")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides for every run")
+    p.add_argument("--limit-train", type=int, default=None, help="evaluate on this many train images (kNN bank, probe)")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on this many test images")
     p.add_argument("--smoke", action="store_true", help="2 steps, 1-block model, small eval: checks the script")
     args = p.parse_args(argv)
     if args.smoke:

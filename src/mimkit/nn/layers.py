@@ -15,11 +15,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     """``F.scaled_dot_product_attention`` with the kernel chosen for speed.
 
-    On CPU with bf16/fp16 inputs the flash kernel's backward is 3-4x slower than the math kernel at
-    ViT sequence lengths (measured on this project's 2-core CPU: 36 vs 8 ms for (256, 3, 13, 64),
-    87 vs 28 ms for (256, 4, 50, 32), forward + backward), so the math kernel is used there; every
-    other case lets PyTorch pick."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    On CPU with bf16/fp16 inputs that need gradients, the flash kernel's backward is 3-4x slower than
+    the math kernel at ViT sequence lengths (measured on this project's 2-core CPU: 36 vs 8 ms for
+    (256, 3, 13, 64), 87 vs 28 ms for (256, 4, 50, 32), forward + backward), so the math kernel is
+    used there. Without gradients (feature extraction) the flash kernel is faster and is kept, as in
+    every other case, where PyTorch picks."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
