@@ -9,8 +9,8 @@ by default, the MAE preset's budget) for each seed, then three measurements of t
 * **NN** — two numbers: the trainer's DINO kNN (train bank -> test, k=20, T=0.07, cls and mean pools,
   final LN applied) from ``result["knn"]``, and Latent MIM's own protocol, leave-one-out 1-NN within
   the test set on mean-pooled patch tokens without the final LN (methods_a §5.1).
-* **LP** — linear probe (:func:`mimkit.eval.linear.train_linear_probe`, BN + Linear, LARS, MAE's
-  recipe) on cached mean-pooled features (final LN removed), train -> test.
+* **LP** — linear probe, ANCHORS.md's protocol (:func:`mimkit.eval.linear.logistic_probe`:
+  standardized features + logistic regression, C=1) on mean-pooled features (final LN removed).
 
 Arms. Both tables start from the chain start of the slides (methods_a §1.3): MSE loss, mask 0.75,
 gap 0, no regularizer, self-attention decoder, no projector.
@@ -98,18 +98,18 @@ def load_encoder(cfg, out_dir: Path) -> torch.nn.Module:
     return method.encoder.eval()
 
 
-def measure(encoder, data: dict, probe_epochs: int) -> dict:
+def measure(encoder, data: dict) -> dict:
     from mimkit.eval.diagnostics import patch_similarity
     from mimkit.eval.features import extract_features
     from mimkit.eval.knn import loo_1nn_accuracy
-    from mimkit.eval.linear import LinearProbeConfig, train_linear_probe
+    from mimkit.eval.linear import logistic_probe
 
     kw = dict(norm=False, mean=data["mean"], std=data["std"], batch_size=512)
     te_tokens = extract_features(encoder, data["test_x"], pool="all", **kw)  # (N, 1+L, D)
     sim = patch_similarity(te_tokens)
     te = te_tokens[:, 1:].mean(1)
     tr = extract_features(encoder, data["train_x"], pool="mean", **kw)
-    lp = train_linear_probe(tr, data["train_y"], te, data["test_y"], LinearProbeConfig(epochs=probe_epochs, warmup_epochs=min(10, probe_epochs // 9)))
+    lp = logistic_probe(tr, data["train_y"], te, data["test_y"])  # ANCHORS.md's probe
     return {
         "sim": sim["sim"],
         "sim_offdiag": sim["sim_offdiag"],
@@ -138,7 +138,7 @@ def run_arm(table: str, arm: str, seed: int, args, data: dict) -> dict:
     knn = result.get("knn") or {}
     rec = {"table": table, "arm": arm, "seed": seed, "epochs": args.epochs, "overrides": overrides,
            "knn_cls": knn.get("top1_cls"), "knn_mean": knn.get("top1_mean"), "train_s": time.time() - t0}
-    rec.update(measure(load_encoder(cfg, Path(result["out_dir"])), data, args.probe_epochs))
+    rec.update(measure(load_encoder(cfg, Path(result["out_dir"])), data))
     done.write_text(json.dumps(rec, indent=2))
     print(json.dumps(rec), flush=True)
     return rec
@@ -200,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="*", default=None, help="only these arms (default: all of each table)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--probe-epochs", type=int, default=90)
     ap.add_argument("--out", default="runs/bench_latent_mim")
     ap.add_argument("--markdown", default=None, help="also write the summary table here")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides for every run")
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if limit_test:
         args.override = args.override + [f"eval.knn_test_limit={limit_test}"]
     if args.quick:
-        args.seeds, args.epochs, args.probe_epochs = args.seeds[:1], 1.0, 2
+        args.seeds, args.epochs = args.seeds[:1], 1.0
         args.out = str(Path(args.out) / "quick")
         args.override = args.override + ["train.max_steps=3", "data.limit=1024", "data.batch_size=64",
                                           "eval.knn_train_limit=1024", "eval.knn_test_limit=256", "train.tensorboard=false"]

@@ -50,16 +50,20 @@ def arms(epochs: float) -> list[tuple[str, str, float]]:
     ]
 
 
-def linear_probe(out_dir: Path, probe_epochs: int, seed: int, limit_train: int | None, limit_test: int | None) -> dict:
-    """mimkit's linear probe (BN without affine + Linear, LARS) on frozen cls / mean features."""
-    from mimkit.eval.data import load_checkpoint_encoder
-    from mimkit.eval.linear import LinearProbeConfig
-    from mimkit.eval.protocols import EvalContext, EvalOptions, run_linear
+def linear_probe(out_dir: Path, seed: int, limit_train: int | None, limit_test: int | None) -> dict:
+    """ANCHORS.md's linear probe (standardized features + logistic regression) on the frozen encoder's
+    cls token and mean-pooled patches, after the final LayerNorm."""
+    from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from mimkit.eval.features import extract_features
+    from mimkit.eval.linear import logistic_probe
+    from mimkit.interop import load_encoder
 
-    ckpt = load_checkpoint_encoder(out_dir / "checkpoint.pt")
-    opts = EvalOptions(dataset="fashion_mnist", limit_train=limit_train, limit_test=limit_test, seed=seed)
-    cfg = LinearProbeConfig(epochs=probe_epochs, warmup_epochs=min(10.0, probe_epochs / 9), seed=seed)
-    return run_linear(EvalContext(ckpt, opts), cfg)["metrics"]
+    enc = load_encoder(out_dir / "checkpoint.pt")
+    (trx, try_), (tex, tey) = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    trx, try_, tex, tey = trx[:limit_train], try_[:limit_train], tex[:limit_test], tey[:limit_test]
+    kw = dict(pool=["cls", "mean"], mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    ftr, fte = extract_features(enc, trx, **kw), extract_features(enc, tex, **kw)
+    return {f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")}
 
 
 def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict:
@@ -86,7 +90,7 @@ def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict
            "wall_s": round(wall, 1), "steps": result.get("step"),
            "sequences_per_image": K if method == "emae" else 1,
            "knn_cls": knn.get("top1_cls"), "knn_mean": knn.get("top1_mean")}
-    lin = linear_probe(Path(result["out_dir"]), args.probe_epochs, seed,
+    lin = linear_probe(Path(result["out_dir"]), seed,
                        1000 if args.smoke else args.limit_train, 500 if args.smoke else args.limit_test)
     rec["linear_cls"] = lin.get("linear_cls")
     rec["linear_mean"] = lin.get("linear_mean")
@@ -122,7 +126,6 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=float, default=3.0, help="E: epochs of the equal-epochs arms")
     p.add_argument("--methods", nargs="+", default=["mae", "emae", "sbam"], choices=sorted(PRESETS))
     p.add_argument("--skip-equal-compute", action="store_true")
-    p.add_argument("--probe-epochs", type=int, default=90)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_masking_successors")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides for every run")
     p.add_argument("--limit-train", type=int, default=None, help="evaluate on this many train images (kNN bank, probe)")
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="2 steps, 1-block model, small eval: checks the script")
     args = p.parse_args(argv)
     if args.smoke:
-        args.seeds, args.probe_epochs = args.seeds[:1], 2
+        args.seeds = args.seeds[:1]
         args.out = args.out.with_name(args.out.name + "_smoke")
     args.out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -396,3 +396,17 @@ def test_cli_eval_knn_end_to_end(tmp_path):
     table = (rep / "report.md").read_text()
     assert "knn_cls" in table and "fewshot2_mean" in table and " ± " in table
     assert (rep / "accuracy_vs_epoch.png").stat().st_size > 1000
+
+
+def test_logistic_probe_anchor_protocol():
+    from mimkit.eval.linear import logistic_probe
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 5
+    labels = torch.arange(300) % 3
+    feats = centers[labels] + 0.1 * torch.randn(300, 8, generator=g)
+    res = logistic_probe(feats[:200], labels[:200], feats[200:], labels[200:])
+    assert res["top1"] == 100.0 and len(res["per_class"]) == 3
+    shuffled = labels[torch.randperm(300, generator=g)]
+    chance = logistic_probe(feats[:200], shuffled[:200], feats[200:], shuffled[200:])["top1"]
+    assert chance < 60.0

@@ -208,3 +208,31 @@ def linear_probe_augmented(
     out = _result(pred, test_labels, num_classes, cfg, lr, history)
     out["model"] = model
     return out
+
+
+def logistic_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> dict:
+    """The ANCHORS.md linear probe: scikit-learn ``LogisticRegression(C, max_iter)`` (lbfgs) on
+    features standardized with the train set's statistics. A converged convex fit, so it needs no
+    lr/epoch tuning and is comparable with the peers' numbers in ``../shared/ANCHORS.md``.
+
+    ``train_feats (N, D)``, ``test_feats (M, D)``; returns ``{"top1": %, "per_class": [...]}``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_feats.float().numpy())
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    clf.fit(scaler.transform(train_feats.float().numpy()), train_labels.numpy())
+    pred = torch.from_numpy(clf.predict(scaler.transform(test_feats.float().numpy())))
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return {
+        "top1": 100.0 * (pred == test_labels).float().mean().item(),
+        "per_class": per_class_accuracy(pred, test_labels, num_classes),
+        "protocol": f"standardized features + sklearn LogisticRegression(C={C}, max_iter={max_iter})",
+    }
