@@ -157,6 +157,10 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert png.stat().st_size > 1000
+    sal = tmp_path / "s.png"
+    proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--kind", "salience", "--out", str(sal),
+                           "--n", "2"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0 and sal.stat().st_size > 1000, proc.stderr[-3000:]
     st = tmp_path / "enc.safetensors"
     proc = subprocess.run([*base, "export", str(run / "checkpoint.pt"), str(st)], capture_output=True, text=True,
                           env=_env(), timeout=300)

@@ -58,7 +58,23 @@ def _visualize(args: argparse.Namespace) -> int:
     ds = build_dataset(args.dataset, args.split, in_memory_size=None if args.dataset == "fashion_mnist" else enc.img_size,
                        mode="L" if enc.in_chans == 1 else "RGB")
     mean, std = mean or ds.mean, std or ds.std
-    path = save_reconstruction(model, ds.images[args.start : args.start + args.n], mean, std, args.out, seed=args.seed)
+    images = ds.images[args.start : args.start + args.n]
+    if args.kind == "reconstruction":
+        if not hasattr(getattr(model, "options", None), "norm_pix_loss"):
+            print(f"mimkit: error: {type(model).__name__} has latent targets, no pixel reconstruction; "
+                  "use --kind views or --kind salience", file=sys.stderr)
+            return 2
+        path = save_reconstruction(model, images, mean, std, args.out, seed=args.seed)
+    else:
+        import torch
+
+        from mimkit.eval.features import normalize_images
+        from mimkit.viz.masks import emae_parts_picture, sbam_picture
+
+        x = normalize_images(images, mean, std)
+        g = torch.Generator().manual_seed(args.seed)
+        draw = emae_parts_picture if args.kind == "views" else sbam_picture
+        path = draw(model.eval(), x, args.out, max_images=args.n, generator=g)
     print(f"wrote {path}")
     return 0
 
@@ -81,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.base_lr=1e-3 train.epochs=1")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("visualize", help="reconstruction picture from a checkpoint")
+    p = sub.add_parser("visualize", help="reconstruction, mask-plan or salience picture from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--out", default="reconstruction.png")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or an image folder")
@@ -89,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="number of images")
     p.add_argument("--start", type=int, default=0, help="index of the first image")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
+    p.add_argument("--kind", default="reconstruction", choices=["reconstruction", "views", "salience"],
+                   help="reconstruction (pixel methods), views (the model's mask plan: EMAE's K parts), "
+                        "salience (SBAM's salience map and chosen mask)")
     p.set_defaults(func=_visualize)
 
     p = sub.add_parser("export", help="export the encoder to timm-keyed safetensors")
