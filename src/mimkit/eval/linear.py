@@ -26,7 +26,7 @@ from torch import nn
 
 from mimkit.eval.diagnostics import per_class_accuracy
 from mimkit.eval.features import normalize_images, pool_tokens
-from mimkit.eval.optim import LARS, scaled_lr, set_lr, warmup_cosine
+from mimkit.eval.optim import LARS, epoch_means, scaled_lr, scheduled_batches
 
 
 @dataclass
@@ -123,21 +123,16 @@ def train_linear_probe(
     bs = min(cfg.batch_size, len(train_feats))
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, bs)
     opt = make_optimizer(model.parameters(), cfg, lr)
-    iters = max(len(train_feats) // bs, 1)  # drop the last partial batch (BN needs > 1 sample)
     x_all, y_all = train_feats.float().to(device), train_labels.to(device)
-    history = []
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(x_all), generator=gen).to(device)
-        total = 0.0
-        for it in range(iters):
-            set_lr(opt, warmup_cosine(epoch + it / iters, lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr))
-            idx = perm[it * bs : (it + 1) * bs]
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        history.append(total / iters)
+    losses = []
+    for epoch, idx in scheduled_batches(len(x_all), bs, cfg.epochs, opt, lr, cfg.warmup_epochs, cfg.min_lr, gen):
+        idx = idx.to(device)
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append((epoch, loss.item()))
+    history = epoch_means(losses, cfg.epochs)
     pred = predict(model, test_feats.float())
     out = _result(pred, test_labels, num_classes, cfg, lr, history)
     out["model"] = model
@@ -180,26 +175,21 @@ def linear_probe_augmented(
     bs = min(cfg.batch_size, len(train_images))
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, bs)
     opt = make_optimizer(model.parameters(), cfg, lr)
-    iters = max(len(train_images) // bs, 1)
     size = train_images.shape[-1]
-    history = []
+    losses = []
     try:
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(len(train_images), generator=gen)
-            total = 0.0
-            for it in range(iters):
-                set_lr(opt, warmup_cosine(epoch + it / iters, lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr))
-                idx = perm[it * bs : (it + 1) * bs]
-                x = normalize_images(train_images[idx].to(device), mean, std)
-                x = random_resized_crop_flip(x, size, scale=cfg.crop_scale, generator=aug_gen, interpolation="bicubic")
-                with torch.no_grad():
-                    feats = pool_tokens(encoder.forward_features(x, norm=norm, block=block), pool)
-                loss = F.cross_entropy(model(feats), train_labels[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-            history.append(total / iters)
+        batches = scheduled_batches(len(train_images), bs, cfg.epochs, opt, lr, cfg.warmup_epochs, cfg.min_lr, gen)
+        for epoch, idx in batches:
+            x = normalize_images(train_images[idx].to(device), mean, std)
+            x = random_resized_crop_flip(x, size, scale=cfg.crop_scale, generator=aug_gen, interpolation="bicubic")
+            with torch.no_grad():
+                feats = pool_tokens(encoder.forward_features(x, norm=norm, block=block), pool)
+            loss = F.cross_entropy(model(feats), train_labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append((epoch, loss.item()))
+        history = epoch_means(losses, cfg.epochs)
         test_feats = extract_features(encoder, test_images, pool=pool, norm=norm, block=block, mean=mean, std=std,
                                       device=device)
     finally:

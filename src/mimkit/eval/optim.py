@@ -80,3 +80,35 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def scaled_lr(base_lr: float, batch_size: int) -> float:
     """The linear scaling rule ``lr = base_lr × batch / 256``."""
     return base_lr * batch_size / 256
+
+
+def scheduled_batches(
+    num_samples: int,
+    batch_size: int,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    warmup_epochs: float,
+    min_lr: float,
+    generator: torch.Generator,
+):
+    """Shuffled full batches for ``epochs`` epochs (the last partial batch is dropped: BatchNorm needs
+    more than one sample), setting ``optimizer``'s lr by :func:`warmup_cosine` at every iteration.
+
+    Yields ``(epoch, idx)`` with ``idx (batch_size,)`` CPU indices; one ``randperm`` per epoch from
+    ``generator``."""
+    iters = max(num_samples // batch_size, 1)
+    for epoch in range(epochs):
+        perm = torch.randperm(num_samples, generator=generator)
+        for it in range(iters):
+            set_lr(optimizer, warmup_cosine(epoch + it / iters, lr, epochs, warmup_epochs, min_lr))
+            yield epoch, perm[it * batch_size : (it + 1) * batch_size]
+
+
+def epoch_means(losses: list[tuple[int, float]], epochs: int) -> list[float]:
+    """``[(epoch, loss), ...]`` -> mean loss of each epoch."""
+    sums, counts = [0.0] * epochs, [0] * epochs
+    for e, v in losses:
+        sums[e] += v
+        counts[e] += 1
+    return [s / max(c, 1) for s, c in zip(sums, counts)]
