@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimkit.config import load_config
-from mimkit.losses import masked_mse
+from mimkit.losses import consistency_loss, masked_mse
 from mimkit.masking import (
     ComplementaryMasking,
     MaskingOptions,
@@ -18,6 +18,7 @@ from mimkit.masking import (
     RandomMasking,
     RandomViewsMasking,
     SalienceMasking,
+    SalienceOptions,
     adaptive_keep_counts,
     build_mask_generator,
     partition_sizes,
@@ -25,10 +26,10 @@ from mimkit.masking import (
 )
 from mimkit.methods import METHODS
 from mimkit.methods.base import DecoderConfig, ModelConfig, Progress
-from mimkit.methods.emae import EMAE, EMAEOptions, consistency_loss
+from mimkit.methods.emae import EMAE, EMAEOptions
 from mimkit.methods.mae import MAE, MAEOptions
 from mimkit.nn.vit import ViTConfig
-from mimkit.viz.masks import emae_parts_picture, save_emae_parts, save_salience_masks, sbam_picture
+from mimkit.viz.masks import save_emae_parts, save_salience_masks, sbam_picture, views_picture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -259,7 +260,7 @@ def test_sbam_masks_the_most_salient_tokens():
     torch.manual_seed(0)
     tokens = torch.randn(3, 16, 8, requires_grad=True)
     sal = token_salience(tokens)
-    gen = SalienceMasking(0.75, amr_mode="off")
+    gen = SalienceMasking(0.75, SalienceOptions(amr_mode="off"))
     plan = gen(3, 16, noise=torch.zeros(3, 16), tokens=tokens)
     top = torch.topk(sal, 12, dim=1).indices  # 16 - int(16 * 0.25) masked
     expect = torch.zeros(3, 16).scatter_(1, top, 1.0)
@@ -276,7 +277,7 @@ def test_sbam_masks_the_most_salient_tokens():
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_amr_realized_ratio_inside_interval(mode):
     r, dr = 0.75, 0.1
-    gen = SalienceMasking(r, amr_mode=mode, delta_ratio=dr, threshold=0.5)
+    gen = SalienceMasking(r, SalienceOptions(amr_mode=mode, delta_ratio=dr, threshold=0.5))
     g = torch.Generator().manual_seed(0)
     seen = set()
     for length in (16, 49, 196):
@@ -300,7 +301,7 @@ def test_amr_realized_ratio_inside_interval(mode):
 
 
 def test_warm_start_uses_random_masking():
-    gen = SalienceMasking(0.75, start=0.25)
+    gen = SalienceMasking(0.75, SalienceOptions(start=0.25))
     tokens = torch.randn(2, 16, 8)
     noise = torch.rand(2, 16)
     early = gen(2, 16, noise=noise, tokens=tokens, progress=Progress(step=24, total_steps=100))
@@ -316,7 +317,7 @@ def test_sample_amr_padding_equals_each_image_alone():
     """Per-image ratios, padded batch: each image's summed per-patch loss and count match a run of
     that image alone (unpadded), so the batch loss is sum(sums) / sum(counts) of the single runs."""
     torch.manual_seed(0)
-    opts = MAEOptions(masking=MaskingOptions(kind="sbam", amr_mode="sample", amr_delta_ratio=0.25, amr_threshold=0.3))
+    opts = MAEOptions(masking=MaskingOptions(kind="sbam", sbam=SalienceOptions(amr_mode="sample", delta_ratio=0.25, threshold=0.3)))
     model = MAE(tiny_model(), opts)
     images = torch.randn(4, 1, 16, 16)
     images[1] = 0.0
@@ -374,8 +375,7 @@ def test_configs_load(name, method):
 def test_fashion_mnist_presets_run_one_step():
     for name in ("emae_fashion_mnist", "sbam_fashion_mnist"):
         cfg = load_config(CONFIGS / f"{name}.yaml", ["model.encoder.depth=1", "model.decoder.depth=1"])
-        opts_cls, build = METHODS[cfg.method.name]
-        model = build(cfg.model, cfg.method)
+        model = METHODS[cfg.method.name](cfg.model, cfg.method)
         out = model(torch.randn(2, 1, 28, 28), Progress(step=9, total_steps=10))
         assert torch.isfinite(out.loss)
         out.loss.backward()
@@ -385,8 +385,8 @@ def test_pictures(tmp_path):
     torch.manual_seed(0)
     images = torch.randn(3, 1, 16, 16)
     emae = EMAE(tiny_model())
-    p1 = emae_parts_picture(emae, images, tmp_path / "parts.png")
-    sbam = MAE(tiny_model(), MAEOptions(masking=MaskingOptions(kind="sbam", amr_mode="sample")))
+    p1 = views_picture(emae, images, tmp_path / "parts.png")
+    sbam = MAE(tiny_model(), MAEOptions(masking=MaskingOptions(kind="sbam", sbam=SalienceOptions(amr_mode="sample"))))
     p2 = sbam_picture(sbam, images, tmp_path / "sbam.png")
     plan = RandomViewsMasking(3)(3, 16)
     p3 = save_emae_parts(images, plan, tmp_path / "random_views.png", 4)

@@ -13,15 +13,16 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.losses import average_patch_similarity, patch_disc, similarity_regularizer
+from mimkit.masking import MaskingOptions, num_keep
 from mimkit.methods import METHODS, ModelConfig, Progress
 from mimkit.methods.base import DecoderConfig
-from mimkit.methods.latent_mim import LatentMIM, LatentMIMOptions, ProjectorOptions, num_visible
+from mimkit.methods.latent_mim import LatentMIM, LatentMIMOptions, ProjectorOptions
 from mimkit.nn.cross_decoder import CrossDecoder, SelfAttnLatentDecoder
 from mimkit.nn.patch import gapped_patchify, patchify
 from mimkit.nn.pos_embed import sincos_2d
 from mimkit.nn.projector import MLPProjector
 from mimkit.nn.vit import ViTConfig, gather_tokens
-from mimkit.targets import EMATarget, cosine_momentum, cosine_schedule
+from mimkit.targets import LatentTarget, cosine_momentum, cosine_schedule, ema_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,9 @@ def tiny_model(patch: int = 4, dim: int = 32, dec_depth: int = 1) -> ModelConfig
     )
 
 
-def tiny_method(**opts) -> LatentMIM:
+def tiny_method(mask_ratio: float = 0.9, num_keep: int | None = 5, **opts) -> LatentMIM:
     opts.setdefault("projector", ProjectorOptions(hidden_dim=48))
+    opts.setdefault("masking", MaskingOptions(kind="random", ratio=mask_ratio, num_keep=num_keep))
     return LatentMIM(tiny_model(), LatentMIMOptions(**opts))
 
 
@@ -66,68 +68,105 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
 
 
 def _target_params(m: LatentMIM) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in [*m.target_encoder.parameters(), *m.target_projector.parameters()]]
+    return [p.detach().clone() for p in m.target.branch.parameters()]
 
 
 def _online_params(m: LatentMIM) -> list[torch.Tensor]:
     return [p.detach().clone() for p in [*m.encoder.parameters(), *m.projector.parameters()]]
 
 
-def test_ema_update_exact_once_per_step_and_before_target_forward():
+def test_ema_update_exact_once_per_step_after_it():
     m = tiny_method(patch_gap=0)
     # starts as an exact copy, frozen
-    for t, s in zip(_target_params(m), _online_params(m)):
+    for t, s in zip(_target_params(m), _online_params(m), strict=True):
         assert torch.equal(t, s)
-    assert not any(p.requires_grad for p in m.target_encoder.parameters())
-    assert not any(p.requires_grad for p in m.target_projector.parameters())
+    assert not any(p.requires_grad for p in m.target.branch.parameters())
 
     _perturb(m.encoder, 1)
     _perturb(m.projector, 2)
     old_t, online = _target_params(m), _online_params(m)
     x = torch.randn(2, 1, 28, 28)
-    prog = Progress(step=5, total_steps=10)
+    # forward passes (micro-batches, eval, no progress) never touch the target
+    m(x, Progress(step=4, total_steps=10))
+    m(x, Progress(step=4, total_steps=10))
+    m(x)
+    for a, b in zip(old_t, _target_params(m)):
+        assert torch.equal(a, b)
+    # the trainer's after_step after optimizer step 5: momentum at progress 5/10
     mom = cosine_momentum(0.99, 0.5)
-    out = m(x, prog)
+    m.after_step(Progress(step=5, total_steps=10))
     new_t = _target_params(m)
-    assert len(new_t) == len(online)
-    for t0, s, t1 in zip(old_t, online, new_t):
+    for t0, s, t1 in zip(old_t, online, new_t, strict=True):
         expect = mom * t0.double() + (1 - mom) * s.double()
         torch.testing.assert_close(t1.double(), expect, rtol=0, atol=2e-7)  # fp32 rounding of lerp
-    # the target forward used the *updated* weights: recompute z_T with them
+    # the next forward's targets come from the updated branch
+    out = m(x, Progress(step=5, total_steps=10))
     ids = out.plan.ids_masked()
     pix = patchify(x, 4)
     with torch.no_grad():
-        tgt = m.target_encoder.module
-        z = m.target_projector.module(tgt.forward_tokens(tgt.pixel_tokens(gather_tokens(pix, ids), ids)))[:, 1:]
+        tgt = m.target.branch["encoder"]
+        z = m.target.branch["projector"](tgt.forward_tokens(tgt.pixel_tokens(gather_tokens(pix, ids), ids)))[:, 1:]
     torch.testing.assert_close(out.target, z)
 
-    # a second micro-batch of the same optimizer step does not update again (gradient accumulation)
-    m(x, prog)
-    for a, b in zip(new_t, _target_params(m)):
-        assert torch.equal(a, b)
-    # eval mode and calls without progress never update
-    m.eval()
-    m(x, Progress(step=6, total_steps=10))
-    m.train()
-    m(x)
-    for a, b in zip(new_t, _target_params(m)):
-        assert torch.equal(a, b)
-    # the next optimizer step does
-    m(x, Progress(step=6, total_steps=10))
-    assert any(not torch.equal(a, b) for a, b in zip(new_t, _target_params(m)))
 
-
-def test_ema_target_generic_update():
+def test_ema_update_matches_by_name_and_copies_buffers():
     src = torch.nn.Linear(3, 2)
-    ema = EMATarget(src)
+    tgt = torch.nn.Linear(3, 2)
     with torch.no_grad():
         src.weight.fill_(1.0)
         src.bias.fill_(-1.0)
-        ema.module.weight.fill_(3.0)
-        ema.module.bias.fill_(0.0)
-    ema.update(src, 0.75)
-    torch.testing.assert_close(ema.module.weight, torch.full((2, 3), 0.75 * 3 + 0.25 * 1.0))
-    torch.testing.assert_close(ema.module.bias, torch.full((2,), -0.25))
+        tgt.weight.fill_(3.0)
+        tgt.bias.fill_(0.0)
+    ema_update(tgt, src, 0.75)
+    torch.testing.assert_close(tgt.weight, torch.full((2, 3), 0.75 * 3 + 0.25 * 1.0))
+    torch.testing.assert_close(tgt.bias, torch.full((2,), -0.25))
+    with pytest.raises(RuntimeError, match="no match"):
+        ema_update(torch.nn.Linear(3, 4), src, 0.5)
+
+
+def test_latent_target_arms():
+    online = torch.nn.Linear(3, 3)
+    x = torch.randn(4, 3)
+    for kind in ("naive", "stopgrad", "separate", "ema"):
+        t = LatentTarget(kind, online)
+        y = t(lambda m: m(x))
+        torch.testing.assert_close(y, online(x))  # every arm starts equal to the online branch
+        assert y.requires_grad == (kind in ("naive", "separate"))
+        assert (t.branch is None) == (kind in ("naive", "stopgrad"))
+        if kind == "separate":
+            assert t.branch.weight is not online.weight and t.branch.weight.requires_grad
+        assert t.update(Progress(1, 2)) == (cosine_momentum(0.99, 0.5) if kind == "ema" else None)
+    with pytest.raises(ValueError, match="unknown target"):
+        LatentTarget("bogus", online)
+
+
+def test_shallower_target_and_unmasked_target_options():
+    m = tiny_method(target_depth=1, patch_gap=0)
+    assert len(m.target.branch["encoder"].blocks) == 1 and len(m.encoder.blocks) == 2
+    _perturb(m.encoder, 3)
+    before = {k: v.detach().clone() for k, v in m.target.branch["encoder"].named_parameters()}
+    online = dict(m.encoder.named_parameters())
+    m.after_step(Progress(1, 2))  # name-matched EMA over the first block, the norm and the projector
+    mom = cosine_momentum(0.99, 0.5)
+    for name, p in m.target.branch["encoder"].named_parameters():
+        expect = mom * before[name].double() + (1 - mom) * online[name].detach().double()
+        torch.testing.assert_close(p.double(), expect, rtol=0, atol=2e-7)
+    assert not torch.equal(before["norm.weight"], m.target.branch["encoder"].norm.weight)
+    out = m(torch.randn(2, 1, 28, 28), Progress(0, 4))
+    assert out.target.shape == (2, 44, 32)
+    with pytest.raises(ValueError, match="target_depth"):
+        tiny_method(target_depth=3)
+    # mask_target=False: the target encoder sees all 49 patches; the targets are its last 44 outputs
+    m = tiny_method(mask_target=False, patch_gap=0, target="stopgrad")
+    x = torch.randn(2, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    plan = m.make_plan(x, None, g)
+    out = m(x, plan=plan)
+    pix = patchify(x, 4)
+    ids = plan.perm
+    with torch.no_grad():
+        z = m.projector(m.encoder.forward_tokens(m.encoder.pixel_tokens(gather_tokens(pix, ids), ids)))[:, 1:]
+    torch.testing.assert_close(out.target, z[:, 5:])
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -251,7 +290,7 @@ def test_gap_zero_equals_patchify_and_encoder_paths_agree():
     assert torch.equal(gapped_patchify(x, 4, 0), patchify(x, 4))
     m = LatentMIM(
         ModelConfig(ViTConfig(img_size=12, patch_size=4, in_chans=2, embed_dim=16, depth=1, num_heads=2), DecoderConfig(16, 1, 2)),
-        LatentMIMOptions(patch_gap=0, projector=ProjectorOptions(kind="none")),
+        LatentMIMOptions(patch_gap=0, projector=ProjectorOptions(kind="none"), masking=MaskingOptions(ratio=0.5, num_keep=None)),
     )
     ids = torch.arange(9).expand(3, 9)
     # the Linear on pre-cut patches equals the conv patch embedding used at evaluation
@@ -304,8 +343,8 @@ ARMS = [
     dict(target="naive", loss="mse", patch_gap=0, reg_weight=0.0, decoder="self_attn", projector=ProjectorOptions(kind="none")),
     dict(target="separate", loss="mse"),
     dict(target="stopgrad", loss="l1", decoder="cross_attn"),
-    dict(target="ema", loss="huber", decoder="self_attn", mask_ratio=0.75),
-    dict(target="ema", loss="patchdisc", decoder="cross_attn_cues", num_vis=10, patch_gap=2),
+    dict(target="ema", loss="huber", decoder="self_attn", mask_ratio=0.75, num_keep=None),
+    dict(target="ema", loss="patchdisc", decoder="cross_attn_cues", num_keep=10, patch_gap=2),
     dict(target="stopgrad", loss="patchdisc", projector=ProjectorOptions(kind="none"), reg_weight=0.0),
 ]
 
@@ -317,7 +356,8 @@ def test_each_arm_forward_backward(arm):
     out = m(torch.randn(3, 1, 28, 28), Progress(1, 10))
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    n_vis = m.num_vis
+    n_vis = out.plan.n_keep
+    assert n_vis == num_keep(49, arm.get("mask_ratio", 0.9), arm.get("num_keep", 5))
     assert out.pred.shape == out.target.shape == (3, 49 - n_vis, 32)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder.parameters() if p.requires_grad)
     assert all(p.grad is not None for p in m.decoder.parameters() if p.requires_grad)
@@ -327,11 +367,11 @@ def test_each_arm_forward_backward(arm):
     assert ("loss_reg" in out.metrics) == (m.options.reg_weight > 0)
     target = m.options.target
     if target == "separate":
-        assert all(p.grad is not None for p in m.target_encoder.parameters() if p.requires_grad)
+        assert all(p.grad is not None for p in m.target.branch.parameters() if p.requires_grad)
     if target == "ema":
-        assert all(p.grad is None for p in m.target_encoder.parameters())
+        assert all(p.grad is None for p in m.target.branch.parameters())
     if target in ("naive", "stopgrad"):
-        assert m.target_encoder is None  # shared weights (see test_naive_gradient_flows_through_target_branch)
+        assert m.target.branch is None  # shared weights (see test_naive_gradient_flows_through_target_branch)
     m.after_step(Progress(2, 10))
 
 
@@ -341,34 +381,60 @@ def test_naive_gradient_flows_through_target_branch():
     for target in ("naive", "stopgrad"):
         torch.manual_seed(0)
         m = tiny_method(target=target, loss="mse", reg_weight=0.0)
-        plan = m.make_plan(2, "cpu", torch.Generator().manual_seed(1))
+        plan = m.make_plan(x, None, torch.Generator().manual_seed(1))
         m(x, Progress(0, 10), plan=plan, generator=torch.Generator().manual_seed(2)).loss.backward()
         grads[target] = m.encoder.blocks[0].mlp.fc1.weight.grad.clone()
     assert not torch.allclose(grads["naive"], grads["stopgrad"])
 
 
 def test_visible_count_and_registration():
-    assert num_visible(196, 0.9) == 20  # the official num_vis
-    assert num_visible(49, 0.9) == 5
-    assert num_visible(196, 0.9, num_vis=30) == 30
+    assert num_keep(196, 0.9) == 19  # MAE's floor rule; the presets set the official num_vis
+    assert num_keep(196, 0.9, 20) == 20 and num_keep(49, 0.9) == 4 and num_keep(49, 0.9, 5) == 5
     with pytest.raises(ValueError):
-        num_visible(49, 0.9, num_vis=49)
-    assert METHODS["latent_mim"][0] is LatentMIMOptions
+        num_keep(49, 0.9, 50)
+    with pytest.raises(ValueError, match="at least one target"):
+        tiny_method(num_keep=49)
+    assert METHODS["latent_mim"] is LatentMIM and LatentMIM.options_class is LatentMIMOptions
     with pytest.raises(ValueError):
         tiny_method(target="bogus")
+    with pytest.raises(ValueError, match="amr_mode"):
+        from mimkit.masking import SalienceOptions
+
+        tiny_method(masking=MaskingOptions(kind="sbam", sbam=SalienceOptions(amr_mode="sample")))
+    with pytest.raises(ValueError, match="masking kind"):
+        tiny_method(masking=MaskingOptions(kind="partition"))
+
+
+def test_sbam_masking_on_latent_mim_masks_the_most_salient_gapped_tokens():
+    from mimkit.masking import SalienceOptions, token_salience
+
+    m = tiny_method(patch_gap=1, masking=MaskingOptions(kind="sbam", ratio=0.75, sbam=SalienceOptions(amr_mode="off", noise=0.0)))
+    x = torch.randn(3, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    out = m(x, Progress(9, 10), generator=g)
+    assert out.plan.n_keep == num_keep(49, 0.75)
+    g = torch.Generator().manual_seed(0)
+    pix = gapped_patchify(m.prepare_images(x), 4, 1, g)
+    sal = token_salience(m.encoder.pixel_tokens(pix, torch.arange(49).expand(3, 49)))
+    # without noise, every masked token is at least as salient as every visible one
+    vis = torch.gather(sal, 1, out.plan.ids_keep)
+    tgt = torch.gather(sal, 1, out.plan.target_ids())
+    assert bool((vis.amax(1) <= tgt.amin(1)).all())
+    assert "salience" in m.capabilities.pictures
 
 
 def test_configs_load_and_build():
     base = load_config(ROOT / "configs/latent_mim_vit_base_imagenet.yaml")
     o = base.method
-    assert (o.name, o.target, o.loss, o.tau, o.num_vis, o.patch_gap, o.reg_weight, o.reg_gamma, o.decoder) == (
+    assert (o.name, o.target, o.loss, o.tau, o.masking.num_keep, o.patch_gap, o.reg_weight, o.reg_gamma, o.decoder) == (
         "latent_mim", "ema", "patchdisc", 0.2, 20, 4, 0.1, (0.75, 0.25), "cross_attn_cues",
     )
     assert (o.momentum, o.projector.kind, o.projector.depth, o.projector.hidden_dim) == (0.99, "mlp", 3, 4096)
     assert (base.model.decoder.embed_dim, base.model.decoder.depth, base.model.decoder.num_heads) == (512, 3, 16)
     small = load_config(ROOT / "configs/latent_mim_fashion_mnist.yaml", ["method.target=naive", "method.decoder=self_attn"])
-    m = METHODS[small.method.name][1](small.model, small.method)
-    assert (m.num_vis, m.train_size, m.options.target) == (5, 35, "naive")
+    assert base.optim.min_lr_ratio == 0.25 and small.optim.min_lr_ratio == 0.25
+    m = METHODS[small.method.name](small.model, small.method)
+    assert (m.options.masking.num_keep, m.train_size, m.options.target) == (5, 35, "naive")
     out = m(torch.randn(2, 1, 28, 28), Progress(0, 10))
     assert torch.isfinite(out.loss)
 
@@ -398,7 +464,7 @@ def _train_collapse_arm(target: str, x: torch.Tensor, steps: int) -> tuple[float
     m = LatentMIM(
         tiny_model(patch=7),
         LatentMIMOptions(
-            target=target, loss="mse", mask_ratio=0.75, patch_gap=0, reg_weight=0.0,
+            target=target, loss="mse", masking=MaskingOptions(ratio=0.75, num_keep=None), patch_gap=0, reg_weight=0.0,
             decoder="self_attn", projector=ProjectorOptions(kind="none"),
         ),
     )

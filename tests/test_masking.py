@@ -53,7 +53,7 @@ def test_views_expand_per_image_tensors():
 def test_block_masking_exact_count_and_blocks(ratio):
     gen = BlockMasking(ratio)
     m = gen.boolean_mask(16, (14, 14), generator=torch.Generator().manual_seed(0))
-    target = round(196 * ratio)
+    target = 196 - num_keep(196, ratio)  # masked count = L - the one keep-count rule
     assert torch.all(m.sum(1) == target)
     # block-wise: masked patches have far more masked 4-neighbours than random masking would give
     g = m.view(16, 14, 14).float()

@@ -157,10 +157,14 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert png.stat().st_size > 1000
-    sal = tmp_path / "s.png"
-    proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--kind", "salience", "--out", str(sal),
+    views = tmp_path / "views.png"
+    proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--kind", "views", "--out", str(views),
                            "--n", "2"], capture_output=True, text=True, env=_env(), timeout=300)
-    assert proc.returncode == 0 and sal.stat().st_size > 1000, proc.stderr[-3000:]
+    assert proc.returncode == 0 and views.stat().st_size > 1000, proc.stderr[-3000:]
+    # an MAE with random masking declares no salience picture: one-line error naming the kinds it draws
+    proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--kind", "salience", "--out",
+                           str(tmp_path / "s.png")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2 and "reconstruction or --kind views" in proc.stderr and not (tmp_path / "s.png").exists()
     st = tmp_path / "enc.safetensors"
     proc = subprocess.run([*base, "export", str(run / "checkpoint.pt"), str(st)], capture_output=True, text=True,
                           env=_env(), timeout=300)

@@ -45,36 +45,28 @@ def _load_method(path: str):
         cfg = config_from_dict(state["config"])
         model = build_method(cfg)
         model.load_state_dict(state["model"])
+        model.eval()
         return model, tuple(cfg.data.mean or ()), tuple(cfg.data.std or ())
     return mae_from_official(path), None, None
 
 
 def _visualize(args: argparse.Namespace) -> int:
     from mimkit.data import build_dataset
-    from mimkit.viz.reconstruction import save_reconstruction
+    from mimkit.viz import draw_picture
 
     model, mean, std = _load_method(args.checkpoint)
+    pics = model.capabilities.pictures
+    kind = args.kind or ("reconstruction" if "reconstruction" in pics else pics[0])
+    if kind not in pics:
+        print(f"mimkit: error: {type(model).__name__} does not draw '{kind}' pictures; use --kind "
+              f"{' or --kind '.join(pics)}", file=sys.stderr)
+        return 2
     enc = model.encoder
-    ds = build_dataset(args.dataset, args.split, in_memory_size=None if args.dataset == "fashion_mnist" else enc.img_size,
+    ds = build_dataset(args.dataset, args.split, in_memory_size=None if args.dataset == "fashion_mnist" else enc.cfg.img_size,
                        mode="L" if enc.in_chans == 1 else "RGB")
     mean, std = mean or ds.mean, std or ds.std
     images = ds.images[args.start : args.start + args.n]
-    if args.kind == "reconstruction":
-        if not hasattr(getattr(model, "options", None), "norm_pix_loss"):
-            print(f"mimkit: error: {type(model).__name__} has latent targets, no pixel reconstruction; "
-                  "use --kind views or --kind salience", file=sys.stderr)
-            return 2
-        path = save_reconstruction(model, images, mean, std, args.out, seed=args.seed)
-    else:
-        import torch
-
-        from mimkit.eval.features import normalize_images
-        from mimkit.viz.masks import emae_parts_picture, sbam_picture
-
-        x = normalize_images(images, mean, std)
-        g = torch.Generator().manual_seed(args.seed)
-        draw = emae_parts_picture if args.kind == "views" else sbam_picture
-        path = draw(model.eval(), x, args.out, max_images=args.n, generator=g)
+    path = draw_picture(kind, model, images, mean, std, args.out, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -105,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="number of images")
     p.add_argument("--start", type=int, default=0, help="index of the first image")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
-    p.add_argument("--kind", default="reconstruction", choices=["reconstruction", "views", "salience"],
-                   help="reconstruction (pixel methods), views (the model's mask plan: EMAE's K parts), "
-                        "salience (SBAM's salience map and chosen mask)")
+    from mimkit.methods import PICTURES
+
+    p.add_argument("--kind", default=None, choices=list(PICTURES),
+                   help="picture kind (default: reconstruction when the method predicts pixels, else its first "
+                        "kind): reconstruction, views (the mask plan; EMAE's K parts), salience (SBAM), mixing "
+                        "(MixedAE), teacher_drops (PCAE), regressor (CAE); the method's checkpoint says which it draws")
     p.set_defaults(func=_visualize)
 
     p = sub.add_parser("export", help="export the encoder to timm-keyed safetensors")

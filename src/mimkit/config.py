@@ -51,12 +51,15 @@ class OptimConfig:
     """AdamW with MAE's grouping; ``lr = base_lr * effective_batch / 256`` unless ``lr`` is set.
     Warmup and cosine are per iteration over fractional epochs (methods_b §2.5). MAE warms up from 0;
     ``warmup_from_min_lr`` starts the warmup at ``min_lr`` instead (Latent MIM's code).
+    ``min_lr_ratio``: the floor as a fraction of the peak lr (Latent MIM's ``min_lr_frac`` 0.25, so it
+    follows the batch-scaled lr); wins over ``min_lr``.
     ``no_decay_keywords``: parameter-name substrings exempt from weight decay besides 1-D params and
     biases (Latent MIM: ``[bias, norm, embed]``)."""
 
     base_lr: float = 1.5e-4
     lr: float | None = None
     min_lr: float = 0.0
+    min_lr_ratio: float | None = None
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -108,7 +111,7 @@ class EvalConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodOptions = field(default_factory=lambda: METHODS["mae"][0]())
+    method: MethodOptions = field(default_factory=lambda: METHODS["mae"].options_class())
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -210,7 +213,7 @@ def _method_from_dict(data: dict) -> MethodOptions:
     name = data.get("name", "mae")
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'.{_suggest(name, list(METHODS))}")
-    return from_dict(METHODS[name][0], data, "method")
+    return from_dict(METHODS[name].options_class, data, "method")
 
 
 def config_from_dict(data: dict) -> Config:

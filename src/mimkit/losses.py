@@ -84,3 +84,66 @@ def similarity_regularizer(pred: torch.Tensor, visible: torch.Tensor, gamma: flo
     taken before squaring). ``pred (B, m, D)`` decoder predictions, ``visible (B, n, D)`` visible
     encoder outputs (cls excluded)."""
     return (average_patch_similarity(pred) - gamma) ** 2 + (average_patch_similarity(visible) - gamma) ** 2
+
+
+CONSISTENCY_DISTS = ("mse", "l1", "cosine")
+CONSISTENCY_MODES = ("pairwise_sym", "to_detached_mean")
+
+
+def _pair_counts(mask: torch.Tensor) -> torch.Tensor:
+    """``mask (B, K, L)`` -> ``(K, K)`` number of (image, position) pairs masked in both views."""
+    m = mask.float()
+    return torch.einsum("bil,bjl->ij", m, m)
+
+
+def consistency_loss(
+    pred: torch.Tensor, mask: torch.Tensor, dist: str = "mse", mode: str = "pairwise_sym"
+) -> torch.Tensor:
+    """Self-consistency between the K views' predictions of the same positions.
+
+    Args:
+        pred: ``(B, K, L, P)`` decoder outputs of the K views of each image.
+        mask: ``(B, K, L)`` 1 = masked (predicted) in that view.
+        dist: per-patch distance ``mse`` | ``l1`` | ``cosine`` (:func:`mimkit.losses.per_patch_distance`).
+        mode: ``pairwise_sym`` or ``to_detached_mean`` (module docstring).
+    Returns:
+        scalar; 0 when K < 2 or no position is masked in two views.
+    """
+    if dist not in CONSISTENCY_DISTS:
+        raise ValueError(f"unknown consistency_dist {dist!r}; choose one of {', '.join(CONSISTENCY_DISTS)}")
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"unknown consistency_mode {mode!r}; choose one of {', '.join(CONSISTENCY_MODES)}")
+    b, k, length, _ = pred.shape
+    zero = pred.float().sum() * 0.0
+    if k < 2:
+        return zero
+    m = mask.float()
+    n_masked = m.sum(1)  # (B, L): views that predict each position
+    if mode == "to_detached_mean":
+        shared = (n_masked >= 2).float()  # positions predicted by >= 2 views
+        mean = (pred.float() * m[..., None]).sum(1) / n_masked.clamp(min=1)[..., None]  # (B, L, P)
+        d = per_patch_distance(pred, mean.detach()[:, None].expand_as(pred), dist)  # (B, K, L)
+        return masked_reduce(d, m * shared[:, None])
+
+    counts = _pair_counts(m)
+    off = ~torch.eye(k, dtype=torch.bool, device=pred.device)
+    pair_counts = counts[off]
+    if dist == "mse" and bool((pair_counts == pair_counts[0]).all()):
+        # O(K): per position, sum over pairs {i<j} both masking it of |a_i - a_j|^2 / P
+        #       = |M| * sum_{i in M} mean_c (a_i - mean_M)^2
+        if float(pair_counts[0]) == 0.0:
+            return zero
+        p = pred.float()
+        mean = (p * m[..., None]).sum(1, keepdim=True) / n_masked.clamp(min=1)[:, None, :, None]
+        dev = ((p - mean).pow(2).mean(-1) * m).sum(1)  # (B, L)
+        pair_sum = (n_masked * dev).sum()  # sum over unordered pairs and positions
+        v = pair_sum / (pair_counts[0] * (k * (k - 1) / 2))
+    else:
+        terms = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                o = m[:, i] * m[:, j]
+                terms.append(masked_reduce(per_patch_distance(pred[:, i], pred[:, j], dist), o))
+        v = torch.stack(terms).mean()
+    # value of the ordered stop-gradient form with its (half) gradient: methods_b §4.3 identity
+    return 0.5 * (v + v.detach())

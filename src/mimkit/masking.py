@@ -4,29 +4,50 @@ All masking reduces to "a score per token -> argsort -> permutation -> slices" (
 the first ``n_keep`` ids of a sequence's permutation are visible, the rest are masked. Views (EMAE)
 are flattened into the batch axis: sequence ``s = b * num_views + v`` belongs to image ``b``.
 
-Conventions (shared by every method):
+The generator protocol (:class:`MaskGenerator`) is one call with explicit keywords, so a misspelt
+keyword is a ``TypeError``::
 
-* ``ids_keep (S, n_keep)``: visible token ids, in permutation order (not sorted).
-* ``ids_restore (S, L)``: ``argsort(perm)``; gathering ``[kept tokens, mask tokens]`` with it
-  restores grid order (MAE's decoder un-shuffle).
-* ``mask (S, L)``: float, ``1`` = masked (a prediction target), ``0`` = visible.
-* ``keep_valid (S, n_keep)``: bool, ``False`` marks padding when sequences keep different numbers of
-  tokens (SBAM/AMR per-sample mode); ``None`` when all lengths are equal.
-* ``scores``: a per-token score kept for pictures and diagnostics: the ranked noise ``(B, L)`` (or
-  ``(S, L)`` when every view has its own noise), SBAM's salience before noise ``(B, L)``; ``groups``: optional per-sequence group ids (MixedAE mixing groups).
+    plan = gen(batch_size, num_tokens, device, generator=None, noise=None, tokens=None, progress=None, grid=None)
+
+Each generator has a small options dataclass beside it (:class:`BlockOptions`, :class:`SalienceOptions`);
+:class:`MaskingOptions` (``method.masking.*`` in configs) selects the kind and holds them. The visible
+count follows one rule everywhere, :func:`num_keep`: MAE's ``int(L * (1 - ratio))`` (floor), or an
+explicit ``num_keep`` that wins over the ratio.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class MaskPlan:
-    """Which tokens each encoder sequence sees and which are prediction targets (see module doc)."""
+    """Which tokens each encoder sequence sees and which are prediction targets.
+
+    Shapes: ``S`` sequences (``S = B * num_views``; sequence ``s = b * num_views + v``), ``L`` tokens
+    per image, ``n = n_keep`` visible slots, ``m`` target slots.
+
+    * ``ids_keep (S, n)`` long: visible token ids in permutation order (not sorted).
+    * ``ids_restore (S, L)`` long: ``argsort(perm)``; gathering ``[kept tokens, mask tokens]`` with it
+      restores grid order (MAE's decoder un-shuffle).
+    * ``mask (S, L)`` float: ``1`` = masked (not seen by the encoder), ``0`` = visible.
+    * ``keep_valid (S, n)`` bool or ``None``: ``False`` marks padding slots when sequences keep
+      different numbers of tokens (SBAM/AMR per-sample mode, uneven EMAE parts); padded ids count as
+      masked. ``None`` when every slot is real.
+    * ``ids_target (S, m)`` long or ``None``: the positions a method predicts, when they are not
+      simply the masked ids in permutation order (:meth:`target_ids`). Every target id is masked.
+    * ``source (S, L)`` long or ``None``: for sequences that mix several images (MixedAE), the index
+      ``0 .. group_size - 1`` of the image that owns each position.
+    * ``scores``: a per-token score kept for pictures and diagnostics (the ranked noise ``(B, L)`` or
+      ``(S, L)``, SBAM's salience ``(B, L)``).
+
+    Invariants (checked by :meth:`validate`): each row of :attr:`perm` is a permutation of
+    ``0..L-1``; ``mask`` is 0 exactly at the valid visible ids; ``ids_target`` holds distinct masked
+    ids; ``source`` lies in ``[0, group_size)``.
+    """
 
     ids_keep: torch.Tensor
     ids_restore: torch.Tensor
@@ -34,7 +55,9 @@ class MaskPlan:
     num_views: int = 1
     keep_valid: torch.Tensor | None = None
     scores: torch.Tensor | None = None
-    groups: torch.Tensor | None = None
+    ids_target: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    group_size: int = 1
 
     @property
     def num_seqs(self) -> int:
@@ -61,20 +84,66 @@ class MaskPlan:
         """``(S, L - n_keep)`` ids after the kept block, in permutation order."""
         return self.perm[:, self.n_keep :]
 
+    def target_ids(self) -> torch.Tensor:
+        """``(S, m)`` the positions to predict: ``ids_target`` when set, else :meth:`ids_masked`."""
+        return self.ids_target if self.ids_target is not None else self.ids_masked()
+
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """Repeat a per-image tensor ``(B, ...)`` for every view -> ``(B * V, ...)``."""
         if self.num_views == 1:
             return x
         return x.repeat_interleave(self.num_views, dim=0)
 
+    def replace(self, **changes) -> MaskPlan:
+        """A copy with some fields changed (e.g. ``plan.replace(ids_target=ids)``)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
     def to(self, device: torch.device | str) -> MaskPlan:
         def mv(t):
-            return None if t is None else t.to(device)
+            return t.to(device) if isinstance(t, torch.Tensor) else t
 
-        return MaskPlan(
-            mv(self.ids_keep), mv(self.ids_restore), mv(self.mask), self.num_views,
-            mv(self.keep_valid), mv(self.scores), mv(self.groups),
-        )
+        import dataclasses
+
+        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def validate(self) -> MaskPlan:
+        """Check the invariants of the class docstring; raise ``ValueError`` naming the first broken one."""
+        s, n = self.ids_keep.shape
+        if self.ids_restore.shape[0] != s or self.mask.shape != self.ids_restore.shape:
+            raise ValueError(f"ids_restore {tuple(self.ids_restore.shape)} and mask {tuple(self.mask.shape)} "
+                             f"do not match ids_keep {tuple(self.ids_keep.shape)}")
+        length = self.num_tokens
+        if s % self.num_views:
+            raise ValueError(f"{s} sequences are not a multiple of num_views={self.num_views}")
+        ar = torch.arange(length, device=self.ids_restore.device).expand(s, length)
+        if not torch.equal(torch.sort(self.ids_restore, dim=1).values, ar):
+            raise ValueError("ids_restore rows are not permutations of 0..L-1")
+        if not torch.equal(self.perm[:, :n], self.ids_keep):
+            raise ValueError("ids_keep is not the first n_keep entries of the permutation")
+        valid = torch.ones_like(self.ids_keep, dtype=torch.bool) if self.keep_valid is None else self.keep_valid
+        if valid.shape != self.ids_keep.shape:
+            raise ValueError(f"keep_valid {tuple(valid.shape)} does not match ids_keep {tuple(self.ids_keep.shape)}")
+        expect = torch.ones(s, length, device=self.mask.device)
+        expect.scatter_(1, self.ids_keep, (~valid).float())
+        if not torch.equal(self.mask.float(), expect):
+            raise ValueError("mask is not 0 exactly at the valid visible ids")
+        if self.ids_target is not None:
+            t = self.ids_target
+            if t.shape[0] != s:
+                raise ValueError(f"ids_target has {t.shape[0]} rows, expected {s}")
+            if not bool(torch.gather(self.mask, 1, t).eq(1).all()):
+                raise ValueError("ids_target contains visible ids")
+            st = torch.sort(t, dim=1).values
+            if t.shape[1] > 1 and bool((st[:, 1:] == st[:, :-1]).any()):
+                raise ValueError("ids_target repeats an id")
+        if self.source is not None:
+            if self.source.shape[1] != length:
+                raise ValueError(f"source has {self.source.shape[1]} columns, expected {length}")
+            if bool((self.source < 0).any()) or bool((self.source >= self.group_size).any()):
+                raise ValueError(f"source ids must lie in [0, {self.group_size})")
+        return self
 
     @classmethod
     def from_permutation(
@@ -109,8 +178,16 @@ class MaskPlan:
         return cls(ids_keep, ids_restore, mask, num_views, keep_valid, scores)
 
 
-def num_keep(num_tokens: int, mask_ratio: float) -> int:
-    """MAE's ``int(L * (1 - ratio))`` (floor, pitfall 2.9.4), at least 1."""
+def num_keep(num_tokens: int, mask_ratio: float, count: int | None = None) -> int:
+    """The one keep-count rule: ``count`` when given (``1 <= count <= L``), else MAE's
+    ``int(L * (1 - ratio))`` (floor, methods_b pitfall 2.9.4), at least 1.
+
+    At ``L = 49``, ratio 0.9 this keeps 4 tokens; Latent MIM's presets set ``num_keep`` (5 of 49,
+    20 of 196, the official ``num_vis``) explicitly."""
+    if count is not None:
+        if not 1 <= count <= num_tokens:
+            raise ValueError(f"num_keep must be in [1, {num_tokens}], got {count}")
+        return int(count)
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     return max(1, int(num_tokens * (1 - mask_ratio)))
@@ -120,43 +197,66 @@ def _uniform(shape, device, generator) -> torch.Tensor:
     return torch.rand(shape, device=device, generator=generator)
 
 
-class RandomMasking:
-    """MAE's random masking: argsort of uniform noise, keep the first ``int(L(1-r))``.
+def _check_noise(noise, shape) -> None:
+    if noise is not None and tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
 
-    Every generator is called as ``gen(batch_size, num_tokens, device, generator=..., noise=...,
-    **context)``; ``context`` may carry ``tokens (B, L, D)``, ``progress`` and ``grid`` for
-    generators that need them (salience-based masking, schedules, block masking) and is ignored
-    by the others.
+
+class MaskGenerator:
+    """The protocol every generator follows (subclass it and implement :meth:`__call__`).
+
+    ``gen(batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+    progress=None, grid=None) -> MaskPlan``
+
+    * ``generator``: a ``torch.Generator`` for reproducible draws (the global RNG when ``None``).
+    * ``noise``: explicit uniform noise (shape :meth:`noise_shape`) to reproduce a masking exactly.
+    * ``tokens (B, L, D)``: the layer-0 tokens, for generators with ``needs_tokens`` (salience).
+    * ``progress``: :class:`mimkit.methods.Progress`, for schedules (SBAM's warm start).
+    * ``grid (h, w)``: the token grid, for spatial generators (block masking).
+
+    ``num_views``: sequences per image in the returned plan.
+    """
+
+    num_views: int = 1
+    needs_tokens: bool = False
+
+    def __call__(
+        self, batch_size: int, num_tokens: int, device: torch.device | str = "cpu", *,
+        generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None, progress=None, grid: tuple[int, int] | None = None,
+    ) -> MaskPlan:
+        raise NotImplementedError
+
+    def noise_shape(self, batch_size: int, num_tokens: int) -> tuple[int, ...]:
+        """Shape of the ``noise`` argument this generator accepts."""
+        return (batch_size, num_tokens)
+
+
+class RandomMasking(MaskGenerator):
+    """MAE's random masking: argsort of uniform noise, keep the first :func:`num_keep` ids.
 
     Pass ``noise (B, L)`` to reproduce a given masking exactly (as the official ``random_masking``
     would with the same noise).
     """
 
-    def __init__(self, mask_ratio: float = 0.75):
+    def __init__(self, mask_ratio: float = 0.75, count: int | None = None):
         self.mask_ratio = mask_ratio
+        self.count = count
 
-    def __call__(
-        self,
-        batch_size: int,
-        num_tokens: int,
-        device: torch.device | str = "cpu",
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        **context,
-    ) -> MaskPlan:
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
         if noise is None:
             noise = _uniform((batch_size, num_tokens), device, generator)
-        elif noise.shape != (batch_size, num_tokens):
-            raise ValueError(f"noise must have shape {(batch_size, num_tokens)}, got {tuple(noise.shape)}")
+        _check_noise(noise, (batch_size, num_tokens))
         perm = torch.argsort(noise, dim=1)
-        return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio), scores=noise)
+        return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio, self.count), scores=noise)
 
 
-def plan_from_mask(mask: torch.Tensor, generator: torch.Generator | None = None) -> MaskPlan:
+def plan_from_mask(mask: torch.Tensor) -> MaskPlan:
     """Plan from an explicit boolean/0-1 mask ``(B, L)`` (1 = masked) with equal counts per row.
 
     Visible ids are kept in raster order (CAE's convention for boolean masks), masked ids follow in
-    raster order.
+    raster order, so :meth:`MaskPlan.ids_masked` is the masked ids in raster order.
     """
     m = mask.bool()
     counts = m.sum(1)
@@ -170,30 +270,42 @@ def plan_from_mask(mask: torch.Tensor, generator: torch.Generator | None = None)
     return MaskPlan.from_permutation(perm, n_keep)
 
 
-class BlockMasking:
-    """BEiT/CAE block-wise masking with an exact masked count.
+@dataclass
+class BlockOptions:
+    """Block-wise masking knobs (BEiT's ``MaskingGenerator``; CAE: min 16 patches at 14x14, aspect 0.3).
 
-    Rectangles of area in ``[min_num_patches, remaining]`` and aspect ratio log-uniform in
-    ``[min_aspect, 1/min_aspect]`` are added until ``num_masked = round(L * mask_ratio)`` patches are
-    covered (BEiT's ``MaskingGenerator``; rectangles that would add nothing or overshoot are
-    rejected). As in CAE's generator, the count is then made exact: missing patches are added at
-    random, surplus ones removed at random. Vectorised over the batch: each round proposes one
-    rectangle for every image.
+    ``min_patches``: smallest rectangle; ``max_patches``: largest (default: the whole masked count);
+    ``min_aspect``: aspect ratios log-uniform in ``[min_aspect, 1/min_aspect]``."""
+
+    min_patches: int = 4
+    max_patches: int | None = None
+    min_aspect: float = 0.3
+
+
+class BlockMasking(MaskGenerator):
+    """BEiT/CAE block-wise masking with an exact masked count ``L - num_keep(L, ratio, count)``.
+
+    Rectangles of area in ``[min_patches, remaining]`` and aspect ratio log-uniform in
+    ``[min_aspect, 1/min_aspect]`` are added until the masked count is reached (BEiT's
+    ``MaskingGenerator``; rectangles that would add nothing or overshoot are rejected). As in CAE's
+    generator, the count is then made exact: missing patches are added at random, surplus ones
+    removed at random. Vectorised over the batch: each round proposes one rectangle for every image.
+    Visible and masked ids are in raster order (:func:`plan_from_mask`).
     """
 
-    def __init__(
-        self,
-        mask_ratio: float = 0.5,
-        min_num_patches: int = 4,
-        max_num_patches: int | None = None,
-        min_aspect: float = 0.3,
-        max_rounds: int = 200,
-    ):
+    def __init__(self, mask_ratio: float = 0.5, options: BlockOptions | None = None, count: int | None = None,
+                 max_rounds: int = 200):
         self.mask_ratio = mask_ratio
-        self.min_num_patches = min_num_patches
-        self.max_num_patches = max_num_patches
-        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+        self.options = options or BlockOptions()
+        self.count = count
+        o = self.options
+        if o.min_patches < 1 or not 0 < o.min_aspect <= 1:
+            raise ValueError(f"block masking needs min_patches >= 1 and 0 < min_aspect <= 1, got {o}")
+        self.log_aspect = (math.log(o.min_aspect), math.log(1 / o.min_aspect))
         self.max_rounds = max_rounds
+
+    def num_masked(self, num_tokens: int) -> int:
+        return num_tokens - num_keep(num_tokens, self.mask_ratio, self.count)
 
     def boolean_mask(
         self,
@@ -202,21 +314,22 @@ class BlockMasking:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``(B, L)`` bool with exactly ``round(L * mask_ratio)`` True per row."""
+        """``(B, L)`` bool with exactly :meth:`num_masked` True per row."""
         gh, gw = grid
         length = gh * gw
-        target = int(round(length * self.mask_ratio))
-        max_area = self.max_num_patches or target
+        target = self.num_masked(length)
+        min_p = self.options.min_patches
+        max_area = self.options.max_patches or target
         m = torch.zeros(batch_size, gh, gw, dtype=torch.bool, device=device)
         rows = torch.arange(gh, device=device)[None, :, None]
         cols = torch.arange(gw, device=device)[None, None, :]
         for _ in range(self.max_rounds):
             count = m.flatten(1).sum(1)
             remaining = target - count
-            if not bool((remaining >= self.min_num_patches).any()):
+            if not bool((remaining >= min_p).any()):
                 break
             hi = remaining.clamp(max=max_area).float()
-            area = self.min_num_patches + _uniform((batch_size,), device, generator) * (hi - self.min_num_patches).clamp(min=0)
+            area = min_p + _uniform((batch_size,), device, generator) * (hi - min_p).clamp(min=0)
             log_ar = self.log_aspect[0] + _uniform((batch_size,), device, generator) * (self.log_aspect[1] - self.log_aspect[0])
             ar = torch.exp(log_ar)
             h = torch.round(torch.sqrt(area * ar)).long().clamp(min=1)
@@ -229,7 +342,7 @@ class BlockMasking:
                 & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
             )
             new = (rect & ~m).flatten(1).sum(1)
-            accept = ok & (new > 0) & (new <= remaining) & (remaining >= self.min_num_patches)
+            accept = ok & (new > 0) & (new <= remaining) & (remaining >= min_p)
             m = m | (rect & accept[:, None, None])
         # exact count (CAE): rank by (in a block) + noise, take the top `target`
         score = m.flatten(1).float() + _uniform((batch_size, length), device, generator) * 0.5
@@ -238,21 +351,17 @@ class BlockMasking:
         exact.scatter_(1, top_ids, True)
         return exact
 
-    def __call__(
-        self,
-        batch_size: int,
-        num_tokens: int,
-        device: torch.device | str = "cpu",
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-        **context,
-    ) -> MaskPlan:
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
+        if noise is not None:
+            raise ValueError("block masking draws its own rectangles; it takes a generator, not noise")
         if grid is None:
             side = int(round(num_tokens**0.5))
             if side * side != num_tokens:
                 raise ValueError("block masking needs grid=(h, w) for a non-square token grid")
             grid = (side, side)
+        if grid[0] * grid[1] != num_tokens:
+            raise ValueError(f"grid {grid} does not hold {num_tokens} tokens")
         return plan_from_mask(self.boolean_mask(batch_size, grid, device, generator))
 
 
@@ -290,12 +399,20 @@ def partition_sizes(num_tokens: int, num_parts: int) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
-def _check_noise(noise, shape) -> None:
-    if noise is not None and tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+def partition_slots(perm: torch.Tensor, num_parts: int) -> torch.Tensor:
+    """Which part owns each position: ``perm (B, L)`` -> ``(B, L)`` long in ``0..K-1``; part ``k`` is
+    the ``k``-th consecutive block of ``perm`` with the sizes of :func:`partition_sizes`. Used to mix
+    images (MixedAE: the part index is the source image within the group)."""
+    b, length = perm.shape
+    sizes = partition_sizes(length, num_parts)
+    part_of_rank = torch.repeat_interleave(torch.arange(num_parts, device=perm.device),
+                                           torch.tensor(sizes, device=perm.device))
+    slots = torch.empty_like(perm)
+    slots.scatter_(1, perm, part_of_rank.expand(b, length).contiguous())
+    return slots
 
 
-class PartitionMasking:
+class PartitionMasking(MaskGenerator):
     """EMAE's parallel masks (methods_b §4.1, [SLIDES] Algorithm 1): the ``L`` tokens of an image are
     split into ``K`` disjoint random parts that cover the image; view ``k`` sees part ``k`` only, so
     each view masks ``(K-1)/K`` of the image and every token is visible in exactly one view.
@@ -303,14 +420,16 @@ class PartitionMasking:
     One noise vector per image: ``perm = argsort(noise)``, part ``k`` = a consecutive block of
     ``perm``. When ``K`` does not divide ``L`` (e.g. 49 Fashion-MNIST patches, K = 4) the parts differ
     in size by one and the shorter views are padded ([PROPOSAL]; the paper requires ``K | L``; set
-    ``strict=True`` to refuse). ``noise (B, L)``. Returns ``B * K`` sequences.
+    ``strict=True`` to refuse). ``noise (B, L)``. Returns ``B * K`` sequences; ``plan.source (B*K, L)``
+    holds the part that owns each position (the same for the K views of an image).
     """
 
     def __init__(self, num_views: int = 4, strict: bool = False):
         self.num_views = num_views
         self.strict = strict
 
-    def __call__(self, batch_size, num_tokens, device="cpu", generator=None, noise=None, **context) -> MaskPlan:
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
         if self.strict and num_tokens % self.num_views:
             raise ValueError(f"num_views {self.num_views} does not divide the {num_tokens} tokens")
         _check_noise(noise, (batch_size, num_tokens))
@@ -319,19 +438,27 @@ class PartitionMasking:
         perm = torch.argsort(noise, dim=1)
         sizes = partition_sizes(num_tokens, self.num_views)
         starts = [sum(sizes[:k]) for k in range(self.num_views)]
-        return _rotated_views(perm, starts, sizes, scores=noise)
+        plan = _rotated_views(perm, starts, sizes, scores=noise)
+        plan.source = partition_slots(perm, self.num_views).repeat_interleave(self.num_views, dim=0)
+        plan.group_size = self.num_views
+        return plan
 
 
-class RandomViewsMasking:
+class RandomViewsMasking(MaskGenerator):
     """EMAE's "pure random" ablation arm ([PROPOSAL] reading of the deck, methods_b §4.6): ``K``
     independent MAE masks per image at ``mask_ratio``, same compute as the partition but no coverage
     guarantee. ``noise (B, K, L)`` or ``(B*K, L)``. Returns ``B * K`` sequences."""
 
-    def __init__(self, num_views: int = 4, mask_ratio: float = 0.75):
+    def __init__(self, num_views: int = 4, mask_ratio: float = 0.75, count: int | None = None):
         self.num_views = num_views
         self.mask_ratio = mask_ratio
+        self.count = count
 
-    def __call__(self, batch_size, num_tokens, device="cpu", generator=None, noise=None, **context) -> MaskPlan:
+    def noise_shape(self, batch_size: int, num_tokens: int) -> tuple[int, ...]:
+        return (batch_size * self.num_views, num_tokens)
+
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
         s = batch_size * self.num_views
         if noise is None:
             noise = _uniform((s, num_tokens), device, generator)
@@ -341,24 +468,28 @@ class RandomViewsMasking:
         _check_noise(noise, (s, num_tokens))
         perm = torch.argsort(noise, dim=1)
         return MaskPlan.from_permutation(
-            perm, num_keep(num_tokens, self.mask_ratio), num_views=self.num_views, scores=noise
+            perm, num_keep(num_tokens, self.mask_ratio, self.count), num_views=self.num_views, scores=noise
         )
 
 
-class ComplementaryMasking:
+class ComplementaryMasking(MaskGenerator):
     """EMAE's "complementary" ablation arm ([PROPOSAL] reading, methods_b §4.6): two views per image,
     view 0 is an MAE mask at ``mask_ratio`` (25 % visible at 0.75) and view 1 sees exactly the tokens
     view 0 masks (75 % visible). View 0 is padded to view 1's length. ``noise (B, L)``."""
 
-    def __init__(self, mask_ratio: float = 0.75):
-        self.mask_ratio = mask_ratio
+    num_views = 2
 
-    def __call__(self, batch_size, num_tokens, device="cpu", generator=None, noise=None, **context) -> MaskPlan:
+    def __init__(self, mask_ratio: float = 0.75, count: int | None = None):
+        self.mask_ratio = mask_ratio
+        self.count = count
+
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
         _check_noise(noise, (batch_size, num_tokens))
         if noise is None:
             noise = _uniform((batch_size, num_tokens), device, generator)
         perm = torch.argsort(noise, dim=1)
-        n0 = num_keep(num_tokens, self.mask_ratio)
+        n0 = num_keep(num_tokens, self.mask_ratio, self.count)
         if n0 >= num_tokens:
             raise ValueError("complementary masking needs at least one masked token in view 0")
         return _rotated_views(perm, [0, n0], [n0, num_tokens - n0], scores=noise)
@@ -412,76 +543,92 @@ def adaptive_keep_counts(
     return n.clamp(1, max(1, length - 1)).long()
 
 
-class SalienceMasking:
+AMR_MODES = ("off", "batch", "sample")
+
+
+@dataclass
+class SalienceOptions:
+    """SBAM/AMR knobs (``method.masking.sbam.*``; defaults: methods_b §5.5).
+
+    ``amr_mode``: ``off`` | ``batch`` (official: one ratio per batch) | ``sample`` (one per image,
+    padded); ``delta_ratio`` Δr and ``threshold`` δ of AMR; ``noise``: the score adds
+    ``U[0, noise)`` (official 0.5); ``temperature`` divides ``X X^T`` (1 = official); ``start``:
+    fraction of training with MAE's random masking first (warm start)."""
+
+    amr_mode: str = "batch"
+    delta_ratio: float = 0.1
+    threshold: float = 0.5
+    noise: float = 0.5
+    temperature: float = 1.0
+    start: float = 0.25
+
+
+class SalienceMasking(MaskGenerator):
     """SBAM: mask the most salient tokens, with an adaptive ratio (methods_b §5).
 
-    ``score = S + noise_scale * U[0, 1)`` with ``S`` = :func:`token_salience` of ``tokens`` (the
-    official noise is ``U[0, 0.5)``); ``argsort(score)`` ascending, keep the first ``n`` (low-salience
-    tokens stay visible, the high-salience ones become targets).
+    ``score = S + noise * U[0, 1)`` with ``S`` = :func:`token_salience` of ``tokens`` (the official
+    noise is ``U[0, 0.5)``); ``argsort(score)`` ascending, keep the first ``n`` (low-salience tokens
+    stay visible, the high-salience ones become targets).
 
-    ``amr_mode``: ``off`` (``n = int(L (1 - r))``), ``batch`` (official [CODE]: one ratio per batch),
-    ``sample`` ([PROPOSAL]: one ratio per image, shorter sequences padded; the plan's ``keep_valid``
-    becomes the encoder's key-padding mask and padded slots count as masked in the loss).
+    ``amr_mode`` (:class:`SalienceOptions`): ``off`` (``n =`` :func:`num_keep`), ``batch`` (official
+    [CODE]: one ratio per batch), ``sample`` ([PROPOSAL]: one ratio per image, shorter sequences padded;
+    the plan's ``keep_valid`` becomes the encoder's key-padding mask and padded slots count as masked
+    in the loss).
 
     Warm start ([CODE] README resumes from a 100-epoch "warmup checkpoint"; [PROPOSAL] random MAE
     masking before it): while ``progress.fraction < start`` the plan is MAE's random masking at ``r``.
     Without ``progress`` (pictures, evaluation) the salience path is used.
 
-    Call: ``gen(B, L, device, generator=, noise=(B, L) U[0,1), tokens=(B, L, D), progress=)``.
+    A degenerate salience (every token equal, e.g. all-zero layer-0 tokens at ViT-B initialisation,
+    where the range is 0 and AMR falls to ``r - Δr``) is counted in :attr:`degenerate_count` and
+    reported once with a warning.
     """
 
-    def __init__(
-        self,
-        mask_ratio: float = 0.75,
-        amr_mode: str = "batch",
-        delta_ratio: float = 0.1,
-        threshold: float = 0.5,
-        noise_scale: float = 0.5,
-        temperature: float = 1.0,
-        start: float = 0.25,
-    ):
-        if amr_mode not in ("off", "batch", "sample"):
-            raise ValueError(f"amr_mode must be off, batch or sample, got {amr_mode!r}")
+    needs_tokens = True
+
+    def __init__(self, mask_ratio: float = 0.75, options: SalienceOptions | None = None, count: int | None = None):
+        self.options = o = options or SalienceOptions()
+        if o.amr_mode not in AMR_MODES:
+            raise ValueError(f"amr_mode must be off, batch or sample, got {o.amr_mode!r}")
         self.mask_ratio = mask_ratio
-        self.amr_mode = amr_mode
-        self.delta_ratio = delta_ratio
-        self.threshold = threshold
-        self.noise_scale = noise_scale
-        self.temperature = temperature
-        self.start = start
+        self.count = count
+        self.degenerate_count = 0
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
 
     def active(self, progress=None) -> bool:
         """Whether salience drives the masking at ``progress`` (False during the warm start)."""
-        return progress is None or progress.fraction >= self.start
+        return progress is None or progress.fraction >= self.options.start
 
-    def __call__(
-        self,
-        batch_size,
-        num_tokens,
-        device="cpu",
-        generator=None,
-        noise=None,
-        tokens: torch.Tensor | None = None,
-        progress=None,
-        **context,
-    ) -> MaskPlan:
+    def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
+                 progress=None, grid=None) -> MaskPlan:
+        o = self.options
         _check_noise(noise, (batch_size, num_tokens))
         if not self.active(progress):
-            return RandomMasking(self.mask_ratio)(batch_size, num_tokens, device, generator=generator, noise=noise)
+            return RandomMasking(self.mask_ratio, self.count)(
+                batch_size, num_tokens, device, generator=generator, noise=noise)
         if tokens is None:
             raise ValueError("salience-based masking needs tokens=(B, L, D) (the layer-0 embeddings)")
         if noise is None:
             noise = _uniform((batch_size, num_tokens), tokens.device, generator)
-        salience = token_salience(tokens, self.temperature)
-        scores = salience + self.noise_scale * noise.float()
+        salience = token_salience(tokens, o.temperature)
+        if self.degenerate_count == 0 and bool((salience.amax(1) == 0).any()):
+            import warnings
+
+            warnings.warn("SBAM: the layer-0 salience is constant for some images (e.g. all-zero tokens at "
+                          "initialisation); AMR falls to ratio - delta_ratio there. Consider a warm start "
+                          "(method.masking.sbam.start) or a saliency temperature.", stacklevel=2)
+        self.degenerate_count += int((salience.amax(1) == 0).sum())
+        scores = salience + o.noise * noise.float()
         perm = torch.argsort(scores, dim=1)
-        if self.amr_mode == "off":
-            return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio), scores=salience)
-        counts = adaptive_keep_counts(
-            salience, self.mask_ratio, self.delta_ratio, self.threshold, per_sample=self.amr_mode == "sample"
-        )
+        if o.amr_mode == "off":
+            return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio, self.count), scores=salience)
+        counts = adaptive_keep_counts(salience, self.mask_ratio, o.delta_ratio, o.threshold,
+                                      per_sample=o.amr_mode == "sample")
         n_max = int(counts.max())
-        lengths = counts if self.amr_mode == "sample" else None
+        lengths = counts if o.amr_mode == "sample" else None
         return MaskPlan.from_permutation(perm, n_max, keep_lengths=lengths, scores=salience)
 
 
@@ -495,47 +642,40 @@ MASKING_KINDS = ("random", "block", "partition", "random_views", "complementary"
 class MaskingOptions:
     """Which generator a method uses and its knobs (``method.masking.*`` in configs).
 
-    ``kind``: ``random`` (MAE), ``block`` (BEiT/CAE, exact count), ``partition`` (EMAE's K disjoint
-    covering parts, one view each; ``ratio`` is ignored, each view masks ``(K-1)/K``),
+    ``kind``: ``random`` (MAE), ``block`` (BEiT/CAE, exact count; ``block.*``), ``partition`` (EMAE's
+    K disjoint covering parts, one view each; ``ratio`` is ignored, each view masks ``(K-1)/K``),
     ``random_views`` (K independent MAE masks at ``ratio``: EMAE's "pure random" arm),
     ``complementary`` (two views, an MAE mask at ``ratio`` and its complement: EMAE's arm), ``sbam``
-    (salience-based masking with the adaptive ratio; ``ratio`` is the base ratio r).
+    (salience-based masking with the adaptive ratio; ``ratio`` is the base ratio r; ``sbam.*``).
 
-    ``num_views``: K for ``partition`` / ``random_views``; ``partition_strict``: refuse K not dividing L.
-    SBAM: ``amr_mode`` (off | batch | sample), ``amr_delta_ratio`` (Δr), ``amr_threshold`` (δ),
-    ``saliency_noise`` (noise U[0, saliency_noise)), ``saliency_temperature`` (1 = official),
-    ``saliency_start`` (fraction of training with random masking first).
+    ``ratio``: the mask ratio; ``num_keep``: the visible count, wins over ``ratio`` (one rule:
+    :func:`num_keep`). ``num_views``: K for ``partition`` / ``random_views``; ``partition_strict``:
+    refuse K not dividing L.
     """
 
     kind: str = "random"
     ratio: float = 0.75
-    block_min_patches: int = 4
-    block_min_aspect: float = 0.3
+    num_keep: int | None = None
     num_views: int = 4
     partition_strict: bool = False
-    amr_mode: str = "batch"
-    amr_delta_ratio: float = 0.1
-    amr_threshold: float = 0.5
-    saliency_noise: float = 0.5
-    saliency_temperature: float = 1.0
-    saliency_start: float = 0.25
+    block: BlockOptions = field(default_factory=BlockOptions)
+    sbam: SalienceOptions = field(default_factory=SalienceOptions)
 
 
-def build_mask_generator(opts: MaskingOptions):
-    """A generator instance for ``opts`` (see :class:`RandomMasking` for the call signature)."""
+def build_mask_generator(opts: MaskingOptions) -> MaskGenerator:
+    """The generator for ``opts``."""
+    if not 0.0 <= opts.ratio < 1.0:
+        raise ValueError(f"method.masking.ratio must be in [0, 1), got {opts.ratio}")
     if opts.kind == "random":
-        return RandomMasking(opts.ratio)
+        return RandomMasking(opts.ratio, opts.num_keep)
     if opts.kind == "block":
-        return BlockMasking(opts.ratio, opts.block_min_patches, min_aspect=opts.block_min_aspect)
+        return BlockMasking(opts.ratio, opts.block, opts.num_keep)
     if opts.kind == "partition":
         return PartitionMasking(opts.num_views, strict=opts.partition_strict)
     if opts.kind == "random_views":
-        return RandomViewsMasking(opts.num_views, opts.ratio)
+        return RandomViewsMasking(opts.num_views, opts.ratio, opts.num_keep)
     if opts.kind == "complementary":
-        return ComplementaryMasking(opts.ratio)
+        return ComplementaryMasking(opts.ratio, opts.num_keep)
     if opts.kind == "sbam":
-        return SalienceMasking(
-            opts.ratio, opts.amr_mode, opts.amr_delta_ratio, opts.amr_threshold,
-            opts.saliency_noise, opts.saliency_temperature, opts.saliency_start,
-        )
+        return SalienceMasking(opts.ratio, opts.sbam, opts.num_keep)
     raise ValueError(f"unknown masking kind {opts.kind!r}; choose one of: {', '.join(MASKING_KINDS)}")

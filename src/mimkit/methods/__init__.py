@@ -1,20 +1,42 @@
-"""Methods: one file each, composed from the shared parts. ``METHODS`` maps a config name to
-``(options dataclass, builder)``; the builder takes ``(ModelConfig, options)`` and returns an
-``nn.Module`` with ``encoder``, ``forward(images, progress) -> StepOutput`` and ``after_step``."""
+"""Methods: one file each, composed from the shared parts, each a :class:`~mimkit.methods.base.Method`.
 
-from mimkit.methods.base import DecoderConfig, MethodOptions, ModelConfig, Progress, StepOutput
-from mimkit.methods.emae import EMAEOptions, build_emae
-from mimkit.methods.latent_mim import LatentMIMOptions, build_latent_mim
-from mimkit.methods.mae import MAE, MAEOptions, build_mae
-from mimkit.methods.sbam import SBAMOptions, build_sbam
+``METHODS`` maps a config name (``method.name``) to the method class; ``cls.options_class`` is its
+options dataclass and ``cls(model_config, options)`` builds it. A plain dict: add a line to register.
+"""
 
-METHODS: dict[str, tuple[type, object]] = {
-    "mae": (MAEOptions, build_mae),
-    "emae": (EMAEOptions, build_emae),
-    "sbam": (SBAMOptions, build_sbam),
-    "latent_mim": (LatentMIMOptions, build_latent_mim),
+from mimkit.methods.base import (
+    PICTURES,
+    Capabilities,
+    DecoderConfig,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    Progress,
+    Reconstruction,
+    StepOutput,
+)
+from mimkit.methods.emae import EMAE, EMAEOptions
+from mimkit.methods.latent_mim import LatentMIM, LatentMIMOptions
+from mimkit.methods.mae import MAE, MAEOptions
+from mimkit.methods.sbam import SBAM, SBAMOptions
+
+METHODS: dict[str, type[Method]] = {
+    "mae": MAE,
+    "emae": EMAE,
+    "sbam": SBAM,
+    "latent_mim": LatentMIM,
 }
 
+
+def build_method(model: ModelConfig, options: MethodOptions) -> Method:
+    """The method named ``options.name``, built from ``model`` shapes and its ``options``."""
+    if options.name not in METHODS:
+        raise ValueError(f"unknown method {options.name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[options.name](model, options)
+
+
 __all__ = [
-    "METHODS", "MAE", "MAEOptions", "DecoderConfig", "MethodOptions", "ModelConfig", "Progress", "StepOutput",
+    "METHODS", "PICTURES", "Capabilities", "Method", "Reconstruction", "build_method", "MAE", "MAEOptions", "EMAE",
+    "EMAEOptions", "SBAM", "SBAMOptions", "LatentMIM", "LatentMIMOptions", "DecoderConfig", "MethodOptions",
+    "ModelConfig", "Progress", "StepOutput",
 ]

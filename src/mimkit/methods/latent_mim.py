@@ -18,10 +18,13 @@ Ablation arms (methods_a §1.3) are options of :class:`LatentMIMOptions`: ``targ
 online encoder with gradients through both branches; ``separate``: a second encoder + projector
 trained jointly by back-prop, initialised as a copy of the online one; ``stopgrad``: the online
 encoder under ``no_grad``; ``ema``), ``loss`` (``patchdisc``, ``mse``, ``l1``, ``huber``),
-``mask_ratio`` / ``num_vis``, ``patch_gap``, ``reg_weight`` (0 = regularizer off), ``decoder``
+``masking`` (``ratio`` / ``num_keep``, or another kind such as ``sbam``), ``patch_gap``, ``reg_weight`` (0 = regularizer off), ``decoder``
 (``self_attn``, ``cross_attn``, ``cross_attn_cues``; depth and width from ``model.decoder``) and
 ``projector.kind`` (``none``, ``mlp``). The chain start of the slide tables is ``loss=mse
-mask_ratio=0.75 patch_gap=0 reg_weight=0 decoder=self_attn projector.kind=none``.
+masking.ratio=0.75 masking.num_keep=null patch_gap=0 reg_weight=0 decoder=self_attn projector.kind=none``.
+The official options ``mask_target=False`` (the target encoder sees all patches, in permuted order,
+and its last ``m`` outputs are the targets) and ``target_depth`` (a shallower target encoder: the
+first ``target_depth`` blocks of the copy, then its final LN and projector) are options too.
 
 Images: the trainer feeds images of the encoder's ``img_size`` (the evaluation size, e.g. 224).
 With ``patch_gap > 0`` the method resizes them to ``G*(p+gap)`` (224 -> 280 at ViT-B/16, gap 4;
@@ -32,15 +35,20 @@ view (slightly softer pixels), and keeps a single data pipeline for every method
 have size ``G*(p+gap)`` are used as they are. The same encoder evaluates at gap 0 on ``img_size``
 images: its conv patch embedding equals the Linear on pre-cut patches used here.
 
-EMA timing: the update runs inside :meth:`LatentMIM.forward`, *before* the target forward, as in the
-official code, and at most once per optimizer step: it is skipped when ``progress.step`` equals the
-step of the last update, so gradient-accumulation micro-batches (same ``progress.step``) do not
-update twice. Not in eval mode or without ``progress``. :meth:`after_step` does nothing.
+Masking goes through the shared generators (``method.masking``, :mod:`mimkit.masking`): uniform
+random by default with the visible count of :func:`mimkit.masking.num_keep` (the presets set
+``num_keep`` to the official ``num_vis``: 20 of 196, 5 of 49), ``block``, or ``sbam`` (salience of the
+layer-0 tokens of the gapped patches the encoder sees; ``sbam.amr_mode=sample`` is refused because
+PatchDisc needs the same target count in every image).
+
+EMA timing: the target branch (:class:`mimkit.targets.LatentTarget`) is updated in
+:meth:`LatentMIM.after_step`, once per optimizer step, with the momentum at the progress after the
+step. The official code updates before the next step's target forward with the same momentum and the
+same online weights, so the numbers are equal.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -48,16 +56,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.losses import average_patch_similarity, latent_regression, patch_disc, similarity_regularizer
-from mimkit.masking import MaskPlan
-from mimkit.methods.base import MethodOptions, ModelConfig, Progress, StepOutput
+from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator, num_keep
+from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, StepOutput, draw_plan
 from mimkit.nn.cross_decoder import DECODERS, build_latent_decoder
 from mimkit.nn.patch import gapped_patchify
 from mimkit.nn.projector import MLPProjector
 from mimkit.nn.vit import ViTEncoder, gather_tokens
-from mimkit.targets import EMATarget, cosine_momentum, cosine_schedule
+from mimkit.targets import LATENT_TARGETS, LatentTarget, MomentumSchedule, cosine_schedule
 
-TARGETS = ("naive", "separate", "stopgrad", "ema")
+TARGETS = LATENT_TARGETS
 LOSSES = ("patchdisc", "mse", "l1", "huber")
+MASKING_KINDS = ("random", "block", "sbam")
 
 
 @dataclass
@@ -75,12 +84,14 @@ class LatentMIMOptions(MethodOptions):
     """Latent MIM knobs; defaults = the published ViT-B / IN-1K recipe (methods_a §1.4).
 
     * ``target``: ``ema`` | ``naive`` | ``separate`` | ``stopgrad``; ``momentum`` -> ``momentum_final``
-      along a cosine over training (0.99 -> 1.0).
+      along a cosine over training (0.99 -> 1.0). ``target_depth``: blocks of the target encoder
+      (``None`` = all, the official ``target_depth: 12``). ``mask_target``: the target encoder sees only
+      the masked patches (official default) or, when false, all patches.
     * ``loss``: ``patchdisc`` (``tau`` 0.2, x 2 tau) | ``mse`` | ``l1`` | ``huber`` (elementwise,
       ``huber_delta``; the slides give no delta). For the regression losses ``norm_target`` normalizes
       each target token over its channels (LN without affine, the official ``norm_l2``).
-    * ``mask_ratio``: visible count ``round(L (1 - ratio))`` (196 tokens, 0.9 -> 20 visible, the official
-      ``num_vis=20``); ``num_vis`` sets the count directly and wins over the ratio.
+    * ``masking``: the shared masking options; ratio 0.9 with ``num_keep`` = the official ``num_vis``
+      (20 at 196 tokens; ``None`` uses MAE's floor rule, 19 at 196).
     * ``patch_gap``: pixels between patch cells (4 at p=16); offsets drawn in ``[0, gap-1]``.
       ``resize``: interpolation used to bring images to ``G*(p+gap)`` (module docstring).
     * ``reg_weight``: lambda of the similarity regularizer (0.1 in the README command; 0 = off);
@@ -92,26 +103,19 @@ class LatentMIMOptions(MethodOptions):
     target: str = "ema"
     momentum: float = 0.99
     momentum_final: float = 1.0
+    target_depth: int | None = None
+    mask_target: bool = True
     loss: str = "patchdisc"
     tau: float = 0.2
     huber_delta: float = 1.0
     norm_target: bool = True
-    mask_ratio: float = 0.9
-    num_vis: int | None = None
+    masking: MaskingOptions = field(default_factory=lambda: MaskingOptions(kind="random", ratio=0.9, num_keep=20))
     patch_gap: int = 4
     resize: str = "bicubic"
     reg_weight: float = 0.1
     reg_gamma: tuple[float, float] = (0.75, 0.25)
     decoder: str = "cross_attn_cues"
     projector: ProjectorOptions = field(default_factory=ProjectorOptions)
-
-
-def num_visible(num_tokens: int, mask_ratio: float, num_vis: int | None = None) -> int:
-    """Visible count: ``num_vis`` if given, else ``round(L (1 - mask_ratio))``, at least 1, below ``L``."""
-    n = num_vis if num_vis is not None else max(1, round(num_tokens * (1 - mask_ratio)))
-    if not 0 < n < num_tokens:
-        raise ValueError(f"visible count must be in [1, {num_tokens - 1}], got {n} (mask_ratio={mask_ratio}, num_vis={num_vis})")
-    return n
 
 
 def build_projector(dim: int, opts: ProjectorOptions) -> nn.Module:
@@ -122,46 +126,58 @@ def build_projector(dim: int, opts: ProjectorOptions) -> nn.Module:
     raise ValueError(f"unknown projector {opts.kind!r}; choose none or mlp")
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, EMATarget) else module
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
-class LatentMIM(nn.Module):
-    """``encoder`` (:class:`ViTEncoder`, the exported backbone), ``projector``, ``decoder``, and for the
-    ``ema``/``separate`` arms ``target_encoder`` + ``target_projector`` (for ``ema`` these are
-    :class:`EMATarget` wrappers whose parameters do not require gradients)."""
+class LatentMIM(Method):
+    """``encoder`` (:class:`ViTEncoder`, the exported backbone), ``projector``, ``decoder``, and
+    ``target`` (:class:`~mimkit.targets.LatentTarget` over the encoder + projector; for ``ema`` and
+    ``separate`` it holds the copy)."""
+
+    options_class = LatentMIMOptions
 
     def __init__(self, model: ModelConfig | None = None, options: LatentMIMOptions | None = None):
         super().__init__()
         model = model or ModelConfig()
         opts = self.options = options or LatentMIMOptions()
-        if opts.target not in TARGETS:
-            raise ValueError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
-        if opts.loss not in LOSSES:
-            raise ValueError(f"unknown loss {opts.loss!r}; choose one of: {', '.join(LOSSES)}")
-        if opts.decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {opts.decoder!r}; choose one of: {', '.join(DECODERS)}")
+        _check_choice("target", opts.target, TARGETS)
+        _check_choice("loss", opts.loss, LOSSES)
+        _check_choice("decoder", opts.decoder, DECODERS)
+        _check_choice("masking kind for latent_mim", opts.masking.kind, MASKING_KINDS)
+        if opts.masking.kind == "sbam" and opts.masking.sbam.amr_mode == "sample":
+            raise ValueError("latent_mim needs the same number of targets in every image (PatchDisc); "
+                             "use method.masking.sbam.amr_mode=batch or off")
         if opts.patch_gap < 0:
             raise ValueError(f"patch_gap must be >= 0, got {opts.patch_gap}")
         self.encoder = ViTEncoder(model.encoder)
         dim = self.encoder.embed_dim
-        self.num_vis = num_visible(self.encoder.num_patches, opts.mask_ratio, opts.num_vis)
+        depth = len(self.encoder.blocks)
+        if opts.target_depth is not None and not 1 <= opts.target_depth <= depth:
+            raise ValueError(f"target_depth must be in [1, {depth}], got {opts.target_depth}")
+        if opts.target_depth is not None and opts.target in ("naive", "stopgrad"):
+            raise ValueError("target_depth needs a separate target encoder (target=ema or separate)")
+        self.masking = build_mask_generator(opts.masking)
+        if opts.masking.kind == "random":
+            n = num_keep(self.encoder.num_patches, opts.masking.ratio, opts.masking.num_keep)
+            if n >= self.encoder.num_patches:
+                raise ValueError(f"latent_mim needs at least one target; method.masking keeps all {n} tokens")
         self.projector = build_projector(dim, opts.projector)
         d = model.decoder
         self.decoder = build_latent_decoder(
             opts.decoder, dim, dim, self.encoder.grid_size, d.embed_dim, d.depth, d.num_heads, d.mlp_ratio
         )
-        self.target_encoder: nn.Module | None = None
-        self.target_projector: nn.Module | None = None
-        if opts.target == "ema":
-            self.target_encoder = EMATarget(self.encoder)
-            # an identity projector has no parameters to average (EMATarget needs at least one)
-            has_params = any(True for _ in self.projector.parameters())
-            self.target_projector = EMATarget(self.projector) if has_params else nn.Identity()
-        elif opts.target == "separate":
-            self.target_encoder = copy.deepcopy(self.encoder)
-            self.target_projector = copy.deepcopy(self.projector)
-        self._ema_step: int | None = None  # progress.step of the last EMA update
+        online = nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
+        self.target = LatentTarget(opts.target, online, MomentumSchedule(opts.momentum, opts.momentum_final))
+        if opts.target_depth is not None:
+            branch = self.target.branch["encoder"]
+            branch.blocks = branch.blocks[: opts.target_depth]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        pics = ("views",) + (("salience",) if self.options.masking.kind == "sbam" else ())
+        return Capabilities(pictures=pics, find_unused_parameters=False, masking_kinds=MASKING_KINDS)
 
     # -- pieces ---------------------------------------------------------------------------------
     @property
@@ -182,45 +198,38 @@ class LatentMIM(nn.Module):
         return F.interpolate(images, size=(size, size), mode=self.options.resize, align_corners=False)
 
     @staticmethod
-    def _encode(encoder: ViTEncoder, projector: nn.Module, patches: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Pixel patches ``(B, k, P)`` at grid ids ``(B, k)`` -> ``(B, 1+k, D)``: embed + positions, cls,
-        blocks, final LN, projector (cls included)."""
-        return projector(encoder.forward_tokens(encoder.pixel_tokens(patches, ids)))
+    def _encode(branch: nn.Module, patches: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Pixel patches ``(B, k, P)`` at grid ids ``(B, k)`` through ``branch`` (encoder + projector) ->
+        ``(B, 1+k, D)``: embed + positions, cls, blocks, final LN, projector (cls included)."""
+        enc = branch["encoder"]
+        return branch["projector"](enc.forward_tokens(enc.pixel_tokens(patches, ids)))
 
-    def encode_target(self, patches: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Target latents ``(B, k, D)`` of the patches ``(B, k, P)`` (cls dropped), per ``options.target``."""
-        t = self.options.target
-        if t == "naive":
-            z = self._encode(self.encoder, self.projector, patches, ids)
-        elif t == "stopgrad":
-            with torch.no_grad():
-                z = self._encode(self.encoder, self.projector, patches, ids)
-        elif t == "separate":
-            z = self._encode(self.target_encoder, self.target_projector, patches, ids)
-        else:  # ema
-            with torch.no_grad():
-                z = self._encode(_unwrap(self.target_encoder), _unwrap(self.target_projector), patches, ids)
-        return z[:, 1:]
-
-    def momentum(self, progress: Progress) -> float:
-        return cosine_momentum(self.options.momentum, progress.fraction, self.options.momentum_final)
+    def encode_target(self, pix: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """Target latents ``(B, m, D)`` of the target ids (cls dropped), per ``options.target`` and
+        ``mask_target``; rows in the order of ``plan.target_ids()``."""
+        tgt_ids = plan.target_ids()
+        ids = tgt_ids if self.options.mask_target else torch.cat([plan.ids_keep, tgt_ids], dim=1)
+        z = self.target(lambda branch: self._encode(branch, gather_tokens(pix, ids), ids))
+        return z[:, -tgt_ids.shape[1]:]
 
     def gamma(self, progress: Progress | None) -> float:
         start, end = self.options.reg_gamma
         return cosine_schedule(start, end, progress.fraction if progress is not None else 0.0)
 
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """``theta_T <- m theta_T + (1 - m) theta`` over encoder and projector (EMA arm only)."""
-        if self.options.target == "ema":
-            self.target_encoder.update(self.encoder, momentum)
-            if isinstance(self.target_projector, EMATarget):
-                self.target_projector.update(self.projector, momentum)
+    def make_plan(self, images: torch.Tensor, progress: Progress | None = None,
+                  generator: torch.Generator | None = None, *, tokens: torch.Tensor | None = None) -> MaskPlan:
+        """Masking for ``images``; salience-based kinds score the layer-0 tokens of the gapped patches
+        (drawn with ``generator`` when ``tokens`` is not given)."""
+        if tokens is None and self.masking.needs_tokens:
+            pix = gapped_patchify(self.prepare_images(images), self.encoder.patch_size, self.options.patch_gap, generator)
+            tokens = self._layer0(pix)
+        if tokens is not None:
+            return draw_plan(self.masking, self.encoder, None, progress, generator, tokens=tokens)
+        return draw_plan(self.masking, self.encoder, images, progress, generator)
 
-    def make_plan(self, batch_size: int, device, generator: torch.Generator | None = None) -> MaskPlan:
-        """Uniform random masking: the first ``num_vis`` ids of a random permutation are visible."""
-        noise = torch.rand(batch_size, self.encoder.num_patches, device=device, generator=generator)
-        return MaskPlan.from_permutation(torch.argsort(noise, dim=1), self.num_vis, scores=noise)
+    def _layer0(self, pix: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(pix.shape[1], device=pix.device).expand(pix.shape[0], -1)
+        return self.encoder.pixel_tokens(pix, ids)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         o = self.options
@@ -235,29 +244,28 @@ class LatentMIM(nn.Module):
         self,
         images: torch.Tensor,
         progress: Progress | None = None,
+        *,
         plan: MaskPlan | None = None,
         generator: torch.Generator | None = None,
     ) -> StepOutput:
         """``images (B, C, S, S)`` -> :class:`StepOutput` with ``pred``/``target`` ``(B, m, D)`` in the
-        order of ``plan.ids_masked()``. ``generator`` drives the mask and the gap offsets."""
+        order of ``plan.target_ids()``. ``generator`` drives the mask and the gap offsets."""
         o = self.options
         images = self.prepare_images(images)
         pix = gapped_patchify(images, self.encoder.patch_size, o.patch_gap, generator)  # (B, L, P)
         if plan is None:
-            plan = self.make_plan(pix.shape[0], pix.device, generator)
-        vis_ids, tgt_ids = plan.ids_keep, plan.ids_masked()  # both in permutation order (pitfall 1)
+            tokens = self._layer0(pix) if self.masking.needs_tokens else None
+            plan = self.make_plan(images, progress, generator, tokens=tokens)
+        if plan.num_views != 1 or plan.keep_valid is not None:
+            raise ValueError("latent_mim takes one view per image with equal visible counts")
+        vis_ids, tgt_ids = plan.ids_keep, plan.target_ids()  # both in permutation order (pitfall 1)
 
         metrics: dict[str, torch.Tensor | float] = {}
         if o.target == "ema":
-            m = self.momentum(progress) if progress is not None else o.momentum
-            # before the target forward, once per optimizer step (first micro-batch of a group)
-            if self.training and progress is not None and progress.step != self._ema_step:
-                self.update_target(m)
-                self._ema_step = progress.step
-            metrics["ema_momentum"] = m
+            metrics["ema_momentum"] = self.target.momentum(progress)
 
-        z_t = self.encode_target(gather_tokens(pix, tgt_ids), tgt_ids)  # (B, m, D)
-        z_v = self._encode(self.encoder, self.projector, gather_tokens(pix, vis_ids), vis_ids)  # (B, 1+n, D)
+        z_t = self.encode_target(pix, plan)  # (B, m, D)
+        z_v = self._encode(self.target.online, gather_tokens(pix, vis_ids), vis_ids)  # (B, 1+n, D)
         pred = self.decoder(z_v, vis_ids, tgt_ids)  # (B, m, D)
 
         main = self.loss(pred, z_t)
@@ -279,8 +287,5 @@ class LatentMIM(nn.Module):
         return StepOutput(loss, metrics, pred=pred, target=z_t, plan=plan)
 
     def after_step(self, progress: Progress) -> None:
-        """Nothing: the EMA update happens in :meth:`forward` before the target forward (module doc)."""
-
-
-def build_latent_mim(model: ModelConfig, options: LatentMIMOptions) -> LatentMIM:
-    return LatentMIM(model, options)
+        """EMA update of the target branch (``target=ema``), once per optimizer step (module doc)."""
+        self.target.update(progress)

@@ -17,14 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from mimkit.losses import masked_mse
-from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator
-from mimkit.methods.base import MethodOptions, ModelConfig, Progress, StepOutput
+from mimkit.masking import MASKING_KINDS, MaskingOptions, MaskPlan, build_mask_generator
+from mimkit.methods.base import (
+    Capabilities,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    Progress,
+    Reconstruction,
+    StepOutput,
+    draw_plan,
+)
 from mimkit.nn.decoder import MAEDecoder
 from mimkit.nn.vit import ViTEncoder, gather_tokens
-from mimkit.targets import pixel_targets
+from mimkit.targets import PixelTarget
 
 
 @dataclass
@@ -36,13 +44,15 @@ class MAEOptions(MethodOptions):
     masking: MaskingOptions = field(default_factory=MaskingOptions)
 
 
-class MAE(nn.Module):
+class MAE(Method):
     """Masked autoencoder: ``encoder`` (ViT on visible tokens) + ``decoder`` (:class:`MAEDecoder`)."""
+
+    options_class = MAEOptions
 
     def __init__(self, model: ModelConfig | None = None, options: MAEOptions | None = None):
         super().__init__()
         model = model or ModelConfig()
-        self.options = options or MAEOptions()
+        self.options = options or self.options_class()
         self.encoder = ViTEncoder(model.encoder)
         enc = self.encoder
         d = model.decoder
@@ -50,6 +60,12 @@ class MAE(nn.Module):
             enc.embed_dim, enc.grid_size, enc.patch_size**2 * enc.in_chans, d.embed_dim, d.depth, d.num_heads, d.mlp_ratio
         )
         self.masking = build_mask_generator(self.options.masking)
+        self.target = PixelTarget(enc.patch_size, self.options.norm_pix_loss)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        pics = ("reconstruction", "views") + (("salience",) if self.options.masking.kind == "sbam" else ())
+        return Capabilities(pictures=pics, masking_kinds=MASKING_KINDS)
 
     @property
     def patch_size(self) -> int:
@@ -57,17 +73,16 @@ class MAE(nn.Module):
 
     def make_plan(
         self,
-        tokens: torch.Tensor,
+        images: torch.Tensor,
         progress: Progress | None = None,
-        noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        tokens: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> MaskPlan:
-        """Masking for ``tokens (B, L, D)``; ``noise (B, L)`` reproduces a given random masking."""
-        b, length, _ = tokens.shape
-        return self.masking(
-            b, length, tokens.device, generator=generator, noise=noise,
-            tokens=tokens, progress=progress, grid=self.encoder.grid_size,
-        )
+        """Masking for ``images (B, C, H, W)`` (or their layer-0 ``tokens (B, L, D)``); ``noise``
+        reproduces a given random masking (shape ``masking.noise_shape(B, L)``)."""
+        return draw_plan(self.masking, self.encoder, images, progress, generator, tokens=tokens, noise=noise)
 
     def predict(self, tokens: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         """Encoder on each sequence's visible tokens + decoder -> ``(S, L, P)``."""
@@ -76,7 +91,7 @@ class MAE(nn.Module):
         return self.decoder(latent, plan.ids_restore, plan.keep_valid)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        return pixel_targets(images, self.patch_size, self.options.norm_pix_loss)
+        return self.target(images)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, dict]:
         loss = masked_mse(pred, plan.expand(target), plan.mask)
@@ -86,22 +101,23 @@ class MAE(nn.Module):
         self,
         images: torch.Tensor,
         progress: Progress | None = None,
-        noise: torch.Tensor | None = None,
+        *,
         plan: MaskPlan | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """``images (B, C, H, W)`` -> :class:`StepOutput` with ``pred (S, L, P)``, ``target (B, L, P)``."""
         tokens = self.encoder.patch_tokens(images)
         if plan is None:
-            plan = self.make_plan(tokens, progress, noise)
+            plan = self.make_plan(images, progress, generator, tokens=tokens, noise=noise)
         pred = self.predict(tokens, plan)
         target = self.targets(images)
         loss, metrics = self.loss(pred, target, plan)
         metrics = {"mask_ratio": plan.mask.mean().detach(), **metrics}
         return StepOutput(loss, metrics, pred=pred, target=target, plan=plan)
 
-    def after_step(self, progress: Progress) -> None:
-        """MAE has no per-step state (EMA methods override this)."""
-
-
-def build_mae(model: ModelConfig, options: MAEOptions) -> MAE:
-    return MAE(model, options)
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, plan: MaskPlan) -> Reconstruction:
+        out = self(images, plan=plan)
+        v = plan.num_views
+        return Reconstruction(out.pred[::v].float(), plan.mask[::v].float(), self.options.norm_pix_loss, plan)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mimkit.masking import MaskingOptions
-from mimkit.methods.base import ModelConfig
 from mimkit.methods.mae import MAE, MAEOptions
 
 
@@ -28,6 +27,7 @@ class SBAMOptions(MAEOptions):
     masking: MaskingOptions = field(default_factory=lambda: MaskingOptions(kind="sbam"))
 
 
-def build_sbam(model: ModelConfig, options: SBAMOptions) -> MAE:
-    """An :class:`~mimkit.methods.mae.MAE` with salience-based adaptive masking."""
-    return MAE(model, options)
+class SBAM(MAE):
+    """An :class:`~mimkit.methods.mae.MAE` whose options default to salience-based adaptive masking."""
+
+    options_class = SBAMOptions

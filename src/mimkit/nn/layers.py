@@ -1,7 +1,8 @@
 """Transformer layers with timm's parameter names (``qkv``, ``proj``, ``fc1``, ``fc2``, ``ls1.gamma``).
 
 Attention runs through ``F.scaled_dot_product_attention``; an explicit-logits path exists only for
-callers that need the attention weights (pictures, diagnostics).
+callers that need the attention weights (pictures, diagnostics) or a TopK-before-softmax attention
+(MixedAE's homologous attention). Without those the block runs plain SDPA: no slowdown.
 """
 
 from __future__ import annotations
@@ -26,13 +27,6 @@ def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
-def key_padding_to_attn_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """``valid (B, N)`` bool (True = real token) -> SDPA boolean mask ``(B, 1, 1, N)``."""
-    if valid is None:
-        return None
-    return valid[:, None, None, :]
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (scale ``head_dim ** -0.5``)."""
 
@@ -47,21 +41,34 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_attn: bool = False):
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_attn: bool = False, topk: int | None = None
+    ):
         """``x (B, N, D)``; ``attn_mask`` boolean, broadcastable to ``(B, H, N, N)`` (True = attend).
+
+        ``topk``: keep only each query's ``topk`` largest logits (per head) before the softmax, the rest
+        set to ``-inf`` (MixedAE's homologous attention, ``softmax(TopK(q k^T / sqrt(d)))``; ties at the
+        threshold may keep a few more). Explicit logits in fp32; ``topk >= N`` equals plain attention.
+        Dropped entries have probability exactly 0.
 
         Returns ``(B, N, D)``, or ``(out, attn (B, H, N, N))`` when ``return_attn``.
         """
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if return_attn:
+        if return_attn or (topk is not None and topk < n):
             logits = (q.float() @ k.float().transpose(-2, -1)) * self.head_dim**-0.5
             if attn_mask is not None:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
+            if topk is not None and topk < n:
+                thr = logits.topk(topk, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < thr, float("-inf"))
             attn = logits.softmax(-1)
+            if self.training and self.attn_drop > 0:
+                attn = F.dropout(attn, self.attn_drop)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
-            return self.proj_drop(self.proj(out)), attn
+            out = self.proj_drop(self.proj(out))
+            return (out, attn) if return_attn else out
         out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(out))
@@ -156,9 +163,18 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, topk: int | None = None, return_attn: bool = False
+    ):
+        """``x (B, N, D)`` -> ``(B, N, D)`` (and the attention ``(B, H, N, N)`` when ``return_attn``);
+        ``attn_mask`` and ``topk`` as in :class:`Attention`."""
+        if return_attn:
+            a, attn = self.attn(self.norm1(x), attn_mask, return_attn=True, topk=topk)
+        else:
+            a, attn = self.attn(self.norm1(x), attn_mask, topk=topk), None
+        x = x + self.drop_path1(self.ls1(a))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attn else x
 
 
 class CrossBlock(nn.Module):

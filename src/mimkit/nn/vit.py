@@ -33,6 +33,16 @@ class ViTConfig:
     norm_eps: float = 1e-6
 
 
+@dataclass
+class BlocksOutput:
+    """:meth:`ViTEncoder.run_blocks` result: ``x (B, P + n', D)``, the grid ``ids (B, n')`` of the patch
+    tokens that remain (``None`` when not given), and the kept block outputs."""
+
+    x: torch.Tensor
+    ids: torch.Tensor | None
+    intermediates: list
+
+
 class PatchEmbed(nn.Module):
     """``Conv2d(C, D, p, stride=p)``: ``(B, C, H, W)`` -> ``(B, L, D)`` row-major."""
 
@@ -133,21 +143,72 @@ class ViTEncoder(nn.Module):
         Returns:
             ``(B, 1+n, D)``, or ``(out, [block outputs])`` when ``return_blocks`` is given.
         """
-        b = tokens.shape[0]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        out = self.run_blocks(self.with_cls(tokens), valid=valid, return_blocks=return_blocks)
+        x = self.norm(out.x) if norm else out.x
+        return (x, out.intermediates) if return_blocks is not None else x
+
+    def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D)`` -> ``(B, 1+n, D)``: the cls token (+ its position) prepended."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+        num_prefix: int = 1,
+        select=None,
+        topk: int | None = None,
+        topk_blocks=None,
+        attn_callback=None,
+        return_blocks=None,
+    ) -> BlocksOutput:
+        """The encoder blocks on a prepared sequence, with the hooks methods need (no final norm).
+
+        Args:
+            x: ``(B, P + n, D)`` with ``P = num_prefix`` prefix tokens (cls: 1; none: 0) then patch tokens.
+            valid: ``(B, n)`` bool key-padding mask for the patch tokens (prefix always valid).
+            ids: ``(B, n)`` grid ids of the patch tokens, carried through token selection.
+            select: token-selection callback ``select(i, x, ids) -> (x, ids) | None`` called after
+                block ``i`` (0-based); it may drop or reorder patch tokens (it must keep the ``P``
+                prefix tokens first) and returns the new ``x``/``ids``, or ``None`` for no change
+                (PCAE's token-dropping teacher). Not combined with ``valid``.
+            topk: TopK-before-softmax attention (:class:`~mimkit.nn.layers.Attention`) in the blocks
+                listed in ``topk_blocks`` (default: every block); plain SDPA elsewhere and when ``None``.
+            attn_callback: ``attn_callback(i, attn (B, H, N, N))`` after each TopK block (or every block
+                when ``topk`` is ``None``): the explicit attention, for diagnostics; forces explicit logits.
+            return_blocks: indices of blocks whose outputs to keep (un-normalized).
+        Returns:
+            :class:`BlocksOutput` ``(x, ids, intermediates)``.
+        """
+        b = x.shape[0]
         attn_mask = None
         if valid is not None:
-            full = torch.cat([valid.new_ones(b, 1), valid], dim=1)
+            if select is not None:
+                raise ValueError("token selection and a key-padding mask cannot be combined")
+            full = torch.cat([valid.new_ones(b, num_prefix), valid], dim=1)
             attn_mask = full[:, None, None, :]
+        depth = len(self.blocks)
+        topk_set = set(range(depth)) if topk_blocks is None else {i % depth for i in topk_blocks}
+        keep = set() if return_blocks is None else {i % depth for i in return_blocks}
         saved = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn_mask)
-            if return_blocks is not None and i in return_blocks:
+            k = topk if (topk is not None and i in topk_set) else None
+            want_attn = attn_callback is not None and (topk is None or k is not None)
+            if want_attn:
+                x, attn = blk(x, attn_mask, topk=k, return_attn=True)
+                attn_callback(i, attn)
+            else:
+                x = blk(x, attn_mask, topk=k)
+            if i in keep:
                 saved.append(x)
-        if norm:
-            x = self.norm(x)
-        return (x, saved) if return_blocks is not None else x
+            if select is not None:
+                res = select(i, x, ids)
+                if res is not None:
+                    x, ids = res
+        return BlocksOutput(x, ids, saved)
 
     def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encode only the tokens ``ids_keep (B, n)`` -> ``(B, 1+n, D)``."""
@@ -163,6 +224,48 @@ class ViTEncoder(nn.Module):
         _, saved = self.forward_tokens(tokens, norm=False, return_blocks=[idx])
         return self.norm(saved[0]) if norm else saved[0]
 
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """timm's ``VisionTransformer.forward_intermediates`` on all tokens (no masking).
+
+        ``indices``: an int ``n`` takes the last ``n`` blocks, a list takes those blocks (negative
+        counts from the end), ``None`` every block. ``norm`` applies the final LayerNorm to each
+        intermediate. ``output_fmt``: ``NCHW`` (patch tokens as ``(B, D, h, w)``) or ``NLC``
+        (``(B, L, D)``). ``return_prefix_tokens`` pairs each with its cls token ``(B, 1, D)``.
+        Returns ``(final (B, 1+L, D) after the final norm, [intermediates])``, or only the list when
+        ``intermediates_only``.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            idx = list(range(depth))
+        elif isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices={indices}: take between 1 and {depth} blocks")
+            idx = list(range(depth - indices, depth))
+        else:
+            idx = sorted({i % depth for i in indices})
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        out = self.run_blocks(self.with_cls(self.patch_tokens(images)), return_blocks=idx)
+        inter = []
+        h, w = self.grid_size
+        for t in out.intermediates:
+            t = self.norm(t) if norm else t
+            prefix, patches = t[:, :1], t[:, 1:]
+            if output_fmt == "NCHW":
+                patches = patches.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2)
+            inter.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return inter
+        return self.norm(out.x), inter
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)
 
@@ -173,12 +276,3 @@ class ViTEncoder(nn.Module):
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``x (B, L, D)``, ``ids (B, n)`` -> ``(B, n, D)``."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-VIT_SIZES = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
-}

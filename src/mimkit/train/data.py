@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from mimkit.config import Config
 from mimkit.data import build_dataset, build_loader
 from mimkit.data.errors import DataError
 from mimkit.train.distributed import DistInfo
 
 
-def build_train_data(cfg: Config, info: DistInfo):
-    from mimkit.train.loop import TrainData
+@dataclass
+class TrainData:
+    """What the loop needs from a data set: a batch loader and, for kNN/pictures, raw uint8 arrays."""
 
+    loader: object
+    in_chans: int
+    mean: tuple
+    std: tuple
+    train_images: torch.Tensor | None = None
+    train_labels: torch.Tensor | None = None
+    test_images: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+
+def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     d, enc = cfg.data, cfg.model.encoder
     mode = "L" if enc.in_chans == 1 else "RGB"
     ds = build_dataset(d.dataset, "train", root=d.root, in_memory_size=enc.img_size if (

@@ -11,12 +11,12 @@ functions of (seed, epoch, batch index) and the RNG states are restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from mimkit.config import Config, save_config, to_dict
-from mimkit.methods import METHODS, Progress
+from mimkit.methods import Method, Progress
+from mimkit.methods import build_method as _build_method
 from mimkit.train import checkpoint as ckpt
-from mimkit.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from mimkit.train.data import build_train_data
+from mimkit.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from mimkit.train.logging import MetricLogger, make_progress_bar
 from mimkit.train.optim import effective_lr, lr_at, param_groups, set_lr
 
@@ -35,9 +37,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses; the message names the step and what to change."""
 
 
-def build_method(cfg: Config) -> nn.Module:
-    opts_cls, builder = METHODS[cfg.method.name]
-    return builder(cfg.model, cfg.method)
+def build_method(cfg: Config) -> Method:
+    """The method of ``cfg`` (``cfg.method.name``), built from ``cfg.model`` and ``cfg.method``."""
+    return _build_method(cfg.model, cfg.method)
 
 
 def cpu_has_bf16() -> bool:
@@ -70,26 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class TrainData:
-    """What the loop needs from a data set: a batch loader and, for kNN/pictures, raw uint8 arrays."""
-
-    loader: object
-    in_chans: int
-    mean: tuple
-    std: tuple
-    train_images: torch.Tensor | None = None
-    train_labels: torch.Tensor | None = None
-    test_images: torch.Tensor | None = None
-    test_labels: torch.Tensor | None = None
-
-
-def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
-    from mimkit.train.data import build_train_data as _build
-
-    return _build(cfg, info)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -129,6 +111,7 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.eff_batch = cfg.data.batch_size * o.accum_iter * info.world_size
         self.peak_lr = effective_lr(o.base_lr, self.eff_batch, o.lr)
+        self.min_lr = o.min_lr_ratio * self.peak_lr if o.min_lr_ratio is not None else o.min_lr
         fused = o.fused if o.fused is not None else self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay, no_decay_keywords=tuple(o.no_decay_keywords)), lr=self.peak_lr, betas=o.betas, eps=o.eps, fused=fused
@@ -143,7 +126,7 @@ class Trainer:
             train_model = nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(self.model, "ddp_find_unused_parameters", False),
+                find_unused_parameters=self.model.capabilities.find_unused_parameters,
             )
         if cfg.train.compile:
             train_model = torch.compile(train_model)
@@ -242,7 +225,7 @@ class Trainer:
         self.model.train()
         while self.step < stop:
             prog = self.progress()
-            lr = lr_at(prog.epoch, self.peak_lr, cfg.optim.warmup_epochs, cfg.train.epochs, cfg.optim.min_lr,
+            lr = lr_at(prog.epoch, self.peak_lr, cfg.optim.warmup_epochs, cfg.train.epochs, self.min_lr,
                        cfg.optim.warmup_from_min_lr)
             set_lr(self.optimizer, lr)
             loss_sum = torch.zeros((), device=self.device)
@@ -250,7 +233,7 @@ class Trainer:
             for micro in range(accum):
                 images, _ = next(batches)
                 sync = micro == accum - 1 or not info.enabled
-                ctx = self.train_model.no_sync() if (not sync and hasattr(self.train_model, "no_sync")) else _null()
+                ctx = self.train_model.no_sync() if (not sync and info.enabled) else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                         enabled=self.amp_dtype is not None):
@@ -355,24 +338,19 @@ class Trainer:
         return res
 
     def picture(self) -> str | None:
-        from mimkit.viz.reconstruction import save_reconstruction
+        """The end-of-run picture: a reconstruction for pixel methods, else the method's first picture."""
+        from mimkit.viz import draw_picture
 
         d = self.data
         images = d.test_images if d.test_images is not None else d.train_images
         model = unwrap(self.model)
-        if images is None or not hasattr(getattr(model, "options", None), "norm_pix_loss"):
-            return None  # only pixel-target methods have a reconstruction to draw
-        path = save_reconstruction(model, images[:8], d.mean, d.std, self.out_dir / "reconstruction.png",
-                                   seed=self.cfg.train.seed)
+        pics = model.capabilities.pictures
+        if images is None or not pics:
+            return None
+        kind = "reconstruction" if "reconstruction" in pics else pics[0]
+        name = "reconstruction.png" if kind == "reconstruction" else f"{kind}.png"
+        path = draw_picture(kind, model, images[:8], d.mean, d.std, self.out_dir / name, seed=self.cfg.train.seed)
         return str(path)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def pretrain(cfg: Config) -> dict:

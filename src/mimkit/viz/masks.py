@@ -6,7 +6,7 @@ Each ``save_*`` function writes one PNG with matplotlib's Agg backend and return
         # input | which view sees each patch | view 1 | ... | view K (masked patches greyed out)
     save_salience_masks(images, salience, plan.mask, "sbam.png", 4)     # rows: images; columns:
         # input | salience (0..1) | masked input (realized ratio in the title)
-    emae_parts_picture(model, images, path)   # draws a plan with the model's own masking
+    views_picture(model, images, path)        # draws a plan with the model's own masking
     sbam_picture(model, images, path)         # salience from the model's layer-0 tokens
 
 Images are the normalized model inputs ``(B, C, H, W)``; each is min-max scaled for display.
@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mimkit.masking import MaskPlan, SalienceMasking, token_salience  # noqa: E402
+from mimkit.masking import MaskPlan, SalienceMasking  # noqa: E402
 
 MASK_GREY = 0.5
 
@@ -128,30 +128,29 @@ def save_salience_masks(
 
 
 @torch.no_grad()
-def emae_parts_picture(
+def views_picture(
     model, images: torch.Tensor, path: str | Path, max_images: int = 4, generator: torch.Generator | None = None
 ) -> Path:
-    """Draw a plan with ``model``'s masking (any method with ``encoder`` and ``make_plan``) and save
-    it with :func:`save_emae_parts`."""
+    """Draw a plan from ``model.make_plan`` (any method: one view for MAE-like masking, K for EMAE) and
+    save it with :func:`save_emae_parts`. ``images``: normalized ``(B, C, H, W)``."""
     images = images[:max_images]
-    tokens = model.encoder.patch_tokens(images)
-    plan = model.make_plan(tokens, generator=generator)
+    plan = model.make_plan(images, None, generator)
     return save_emae_parts(images, plan, path, model.encoder.patch_size, max_images)
+
+
+emae_parts_picture = views_picture
 
 
 @torch.no_grad()
 def sbam_picture(
     model, images: torch.Tensor, path: str | Path, max_images: int = 8, generator: torch.Generator | None = None
 ) -> Path:
-    """Salience of ``model``'s layer-0 tokens and the mask SBAM chooses for them (the model's own
-    :class:`~mimkit.masking.SalienceMasking` if it has one, else SBAM's defaults), saved with
-    :func:`save_salience_masks`. The warm start is ignored (no ``progress``)."""
+    """Salience of ``model``'s layer-0 tokens and the mask its :class:`~mimkit.masking.SalienceMasking`
+    chooses (via ``model.make_plan``; the warm start is ignored without ``progress``), saved with
+    :func:`save_salience_masks`. Only for methods whose masking is ``sbam``."""
     images = images[:max_images]
-    tokens = model.encoder.patch_tokens(images)
     gen = getattr(model, "masking", None)
     if not isinstance(gen, SalienceMasking):
-        gen = SalienceMasking()
-    b, length, _ = tokens.shape
-    plan = gen(b, length, tokens.device, generator=generator, tokens=tokens)
-    salience = token_salience(tokens, gen.temperature)
-    return save_salience_masks(images, salience, plan.mask, path, model.encoder.patch_size, max_images)
+        raise ValueError(f"{type(model).__name__} does not use salience-based masking (method.masking.kind=sbam)")
+    plan = model.make_plan(images, None, generator)
+    return save_salience_masks(images, plan.scores, plan.mask, path, model.encoder.patch_size, max_images)

@@ -17,34 +17,30 @@ from mimkit.nn.patch import patch_stats, patchify, unpatchify
 
 
 @torch.no_grad()
-def reconstruct(
-    model, images: torch.Tensor, seed: int = 0, noise: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0
-) -> dict[str, torch.Tensor]:
-    """Run a pixel-target method on normalized ``images (B, C, H, W)`` with a seeded mask.
+def reconstruct(model, images: torch.Tensor, seed: int = 0, plan=None, fill: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:
+    """Run a pixel-prediction method (``"reconstruction"`` in its capabilities) on normalized
+    ``images (B, C, H, W)`` with a mask drawn by ``model.make_plan`` from a generator seeded with
+    ``seed`` (or the given ``plan``).
 
     Returns normalized-space tensors ``(B, C, H, W)``: ``original``, ``masked`` (masked patches set
-    to the minimum value), ``pred`` (prediction in pixel space), ``pasted`` (prediction with the
-    visible patches of the original pasted back), and ``mask (B, L)``. Only the first view is used
-    for multi-view methods.
+    to ``fill``), ``pred`` (prediction in pixel space), ``pasted`` (prediction with the visible patches
+    of the original pasted back), and ``mask (B, L)``. Only the first view is used for multi-view
+    methods.
     """
     was = model.training
     model.eval()
     try:
-        b = images.shape[0]
-        tokens = model.encoder.patch_tokens(images)
-        if noise is None:
+        if plan is None:
             g = torch.Generator(device=images.device).manual_seed(seed)
-            noise = torch.rand(b, tokens.shape[1], generator=g, device=images.device)
-        out = model(images, noise=noise)
+            plan = model.make_plan(images, None, g)
+        rec = model.reconstruct(images, plan)
     finally:
         model.train(was)
     p, c = model.encoder.patch_size, model.encoder.in_chans
-    plan = out.plan
-    v = getattr(plan, "num_views", 1)
-    pred = out.pred[::v].float()
-    mask = plan.mask[::v].float()
+    pred = rec.pred.float()
+    mask = rec.mask.float()
     target_px = patchify(images.float(), p)
-    if getattr(model.options, "norm_pix_loss", False):
+    if rec.norm_pix:
         mean, std = patch_stats(target_px)
         pred = pred * std + mean  # each patch back with its own statistics
     m = mask[..., None]
@@ -57,6 +53,7 @@ def reconstruct(
         "pred": unpatchify(pred, p, c, grid),
         "pasted": unpatchify(target_px * (1 - m) + pred * m, p, c, grid),
         "mask": mask,
+        "norm_pix": rec.norm_pix,
     }
 
 
@@ -81,7 +78,7 @@ def save_reconstruction(model, images: torch.Tensor, mean, std, path: str | Path
     x = normalize_images(images.to(device), mean, std)
     grey_fill = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
     r = reconstruct(model, x, seed=seed, fill=grey_fill.to(device))
-    norm_pix = getattr(model.options, "norm_pix_loss", False)
+    norm_pix = r["norm_pix"]
     cols = [
         ("original", "original"),
         ("masked", f"masked ({r['mask'].mean().item():.0%}, grey)"),
