@@ -15,9 +15,13 @@ from mimkit.methods.base import (
     Reconstruction,
     StepOutput,
 )
+from mimkit.methods.cae import CAE, CAEOptions
+from mimkit.methods.cae_v2 import CAEv2, CAEv2Options
 from mimkit.methods.emae import EMAE, EMAEOptions
 from mimkit.methods.latent_mim import LatentMIM, LatentMIMOptions
 from mimkit.methods.mae import MAE, MAEOptions
+from mimkit.methods.mixedae import MixedAE, MixedAEOptions
+from mimkit.methods.pcae import PCAE, PCAEOptions
 from mimkit.methods.sbam import SBAM, SBAMOptions
 
 METHODS: dict[str, type[Method]] = {
@@ -25,6 +29,10 @@ METHODS: dict[str, type[Method]] = {
     "emae": EMAE,
     "sbam": SBAM,
     "latent_mim": LatentMIM,
+    "mixedae": MixedAE,
+    "cae": CAE,
+    "cae_v2": CAEv2,
+    "pcae": PCAE,
 }
 
 
@@ -37,6 +45,7 @@ def build_method(model: ModelConfig, options: MethodOptions) -> Method:
 
 __all__ = [
     "METHODS", "PICTURES", "Capabilities", "Method", "Reconstruction", "build_method", "MAE", "MAEOptions", "EMAE",
-    "EMAEOptions", "SBAM", "SBAMOptions", "LatentMIM", "LatentMIMOptions", "DecoderConfig", "MethodOptions",
+    "EMAEOptions", "SBAM", "SBAMOptions", "LatentMIM", "LatentMIMOptions", "MixedAE", "MixedAEOptions", "CAE",
+    "CAEOptions", "CAEv2", "CAEv2Options", "PCAE", "PCAEOptions", "DecoderConfig", "MethodOptions",
     "ModelConfig", "Progress", "StepOutput",
 ]

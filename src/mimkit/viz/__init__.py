@@ -30,10 +30,31 @@ def _salience(model, x, path, seed, mean, std):
     return sbam_picture(model, x, path, max_images=len(x), generator=torch.Generator(x.device).manual_seed(seed))
 
 
+def _mixing(model, x, path, seed, mean, std):
+    from mimkit.viz.mixing import mixing_picture
+
+    return mixing_picture(model, x, path, seed=seed, mean=mean, std=std)
+
+
+def _teacher_drops(model, x, path, seed, mean, std):
+    from mimkit.viz.teacher import teacher_drops_picture
+
+    return teacher_drops_picture(model, x, path, seed=seed, mean=mean, std=std)
+
+
+def _regressor(model, x, path, seed, mean, std):
+    from mimkit.viz.regressor import regressor_picture
+
+    return regressor_picture(model, x, path, seed=seed, mean=mean, std=std)
+
+
 DRAWERS = {
     "reconstruction": _reconstruction,
     "views": _views,
     "salience": _salience,
+    "mixing": _mixing,  # MixedAE: mixed input and unmixed reconstructions
+    "teacher_drops": _teacher_drops,  # PCAE: teacher tokens kept after each drop stage
+    "regressor": _regressor,  # CAE: regressor predictions vs the alignment target
 }
 
 
