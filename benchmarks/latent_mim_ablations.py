@@ -48,7 +48,8 @@ MAE_CONFIG = ROOT / "configs/mae_fashion_mnist.yaml"
 # the chain start of the slide tables (methods_a §1.3)
 CHAIN_START = [
     "method.loss=mse",
-    "method.mask_ratio=0.75",
+    "method.masking.ratio=0.75",
+    "method.masking.num_keep=null",
     "method.patch_gap=0",
     "method.reg_weight=0.0",
     "method.decoder=self_attn",

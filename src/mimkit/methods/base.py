@@ -6,6 +6,7 @@ A method is an ``nn.Module`` subclass of :class:`Method`::
     plan  = model.make_plan(images, progress, generator)  # MaskPlan for images (B, C, H, W)
     out   = model(images, progress, plan=None, generator=None)   # StepOutput(loss, metrics, ...)
     model.after_step(progress)                            # once per optimizer step (EMA, schedules)
+    model.check_batch_size(n)                             # ValueError naming the fix, before any data
     model.encoder                                         # the ViT that is evaluated and exported
     model.capabilities                                    # Capabilities(pictures, find_unused_parameters)
     model.reconstruct(images, plan)                       # Reconstruction, when "reconstruction" in pictures
@@ -138,6 +139,11 @@ class Method(nn.Module):
 
     def after_step(self, progress: Progress) -> None:
         """Called by the trainer once per optimizer step, after it (EMA updates, schedules)."""
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ``ValueError`` (naming the fix) when the method cannot train on batches of ``batch_size``
+        images per process (e.g. MixedAE needs a multiple of its group size). The trainer calls it
+        before loading any data."""
 
     def reconstruct(self, images: torch.Tensor, plan) -> Reconstruction:
         """Pixel predictions for a reconstruction picture (methods declaring ``reconstruction``)."""

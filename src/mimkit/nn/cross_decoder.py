@@ -24,26 +24,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mimkit.nn.decoder import DecoderBase
 from mimkit.nn.layers import Block, CrossBlock, init_mae_weights
-from mimkit.nn.pos_embed import sincos_2d
 
 
-class _LatentDecoderBase(nn.Module):
-    """``embed (D -> d)``, ``mask_token (1,1,d)`` (zeros), fixed ``pos_embed (1+L, d)``, ``norm``, ``pred (d -> out)``."""
+class _LatentDecoderBase(DecoderBase):
+    """:class:`~mimkit.nn.decoder.DecoderBase` with the head built first and a zero mask token (official)."""
 
     def __init__(self, embed_dim: int, out_dim: int, grid_size: tuple[int, int], decoder_dim: int, norm_eps: float):
-        super().__init__()
-        self.decoder_dim = decoder_dim
-        self.embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        pos = sincos_2d(decoder_dim, *grid_size, cls_token=True)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # (1+L, d), row 0 = cls (zeros)
-        self.norm = nn.LayerNorm(decoder_dim, eps=norm_eps)
-        self.pred = nn.Linear(decoder_dim, out_dim)
-
-    def positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Grid ids ``(B, k)`` -> position embeddings ``(B, k, d)``."""
-        return self.pos_embed[1:][ids]
+        super().__init__(embed_dim, grid_size, decoder_dim)
+        self._add_head(out_dim, norm_eps)
 
 
 class CrossDecoder(_LatentDecoderBase):
@@ -98,7 +88,7 @@ class CrossDecoder(_LatentDecoderBase):
         e = self.embed(latent)  # (B, 1+n, d)
         b = e.shape[0]
         p_v = self.positions(vis_ids)
-        memory = e + torch.cat([self.pos_embed[:1].expand(b, 1, -1), p_v], dim=1)  # cls gets the zero row
+        memory = e + torch.cat([self.pos_embed[:, :1].expand(b, 1, -1), p_v], dim=1)  # cls gets the zero row
         q = self.mask_token + self.positions(tgt_ids)  # (B, m, d)
         w = None
         if self.visual_cues:
@@ -107,7 +97,7 @@ class CrossDecoder(_LatentDecoderBase):
         x = torch.cat([self.cls_query.expand(b, -1, -1).to(q.dtype), q], dim=1)  # (B, 1+m, d)
         for blk in self.blocks:
             x = blk(x, memory)
-        out = self.pred(self.norm(x))[:, 1:]
+        out = self.head(x)[:, 1:]
         return (out, w) if return_cues else out
 
 
@@ -138,7 +128,7 @@ class SelfAttnLatentDecoder(_LatentDecoderBase):
         x = torch.cat([e[:, :1], vis, q.to(e.dtype)], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.pred(self.norm(x))[:, n1:]
+        return self.head(x)[:, n1:]
 
 
 DECODERS = ("self_attn", "cross_attn", "cross_attn_cues")

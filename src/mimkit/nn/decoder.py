@@ -13,7 +13,35 @@ from mimkit.nn.layers import Block, init_mae_weights
 from mimkit.nn.pos_embed import sincos_2d
 
 
-class MAEDecoder(nn.Module):
+class DecoderBase(nn.Module):
+    """What every decoder shares: ``embed (D -> d)``, ``mask_token (1, 1, d)``, a fixed sin-cos
+    ``pos_embed (1, 1+L, d)`` (cls row zero), and the head ``norm`` + ``pred (d -> out)``.
+
+    Subclasses add their blocks; they call :meth:`_add_head` before or after them, which fixes the
+    module order (and so the initialisation order) of the official code each decoder follows."""
+
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], decoder_dim: int):
+        super().__init__()
+        self.decoder_dim = decoder_dim
+        self.num_patches = grid_size[0] * grid_size[1]
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        pos = sincos_2d(decoder_dim, *grid_size, cls_token=True)[None]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+
+    def _add_head(self, out_dim: int, norm_eps: float) -> None:
+        self.norm = nn.LayerNorm(self.decoder_dim, eps=norm_eps)
+        self.pred = nn.Linear(self.decoder_dim, out_dim)
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Grid ids ``(B, k)`` -> position embeddings ``(B, k, d)``."""
+        return self.pos_embed[0, 1:][ids]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pred(self.norm(x))
+
+
+class MAEDecoder(DecoderBase):
     """``embed (D -> Dd)``, ``mask_token``, fixed ``pos_embed (1, 1+L, Dd)``, ``blocks``, ``norm``,
     ``pred (Dd -> out_dim)``. Official-checkpoint names map as ``decoder_embed -> embed`` etc.
     (see :mod:`mimkit.interop`)."""
@@ -29,15 +57,9 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-6,
     ):
-        super().__init__()
-        self.num_patches = grid_size[0] * grid_size[1]
-        self.embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        pos = sincos_2d(decoder_dim, *grid_size, cls_token=True)[None]
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        super().__init__(embed_dim, grid_size, decoder_dim)
         self.blocks = nn.ModuleList(Block(decoder_dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth))
-        self.norm = nn.LayerNorm(decoder_dim, eps=norm_eps)
-        self.pred = nn.Linear(decoder_dim, out_dim)
+        self._add_head(out_dim, norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,4 +92,4 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.pred(self.norm(x))[:, 1:]
+        return self.head(x)[:, 1:]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mimkit.config import Config, save_config, to_dict
+from mimkit.config import Config, ConfigError, save_config, to_dict
 from mimkit.methods import Method, Progress
 from mimkit.methods import build_method as _build_method
 from mimkit.train import checkpoint as ckpt
@@ -93,9 +93,16 @@ class Trainer:
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        self.data = build_train_data(cfg, info)
         self.device = info.device
-        self.model = build_method(cfg).to(self.device)
+        try:  # option errors of the method become one-line config errors, before the data is loaded
+            model = build_method(cfg)
+            model.check_batch_size(cfg.data.batch_size)
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"method '{cfg.method.name}': {e}") from e
+        self.data = build_train_data(cfg, info)
+        self.model = model.to(self.device)
         self.method = self.model
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)

@@ -93,7 +93,7 @@ def save_reconstruction(model, images: torch.Tensor, mean, std, path: str | Path
         for j, (key, title) in enumerate(cols):
             ax = axes[i][j]
             img = shown[key][i]
-            ax.imshow(img[..., 0] if grey else img.numpy(), cmap="gray" if grey else None, vmin=0, vmax=1)
+            ax.imshow(img[..., 0].numpy() if grey else img.numpy(), cmap="gray" if grey else None, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
