@@ -12,6 +12,12 @@ its patchify requires) under the identical loop. Nothing of it is copied here; i
     python benchmarks/throughput.py --precision bf16         # bf16 autocast (CPUs with bf16, GPUs)
     python benchmarks/throughput.py --peer-mae /tmp/mae      # + the official model, interleaved
     python benchmarks/throughput.py --device cuda --batch 512 --compile
+    python benchmarks/throughput.py --hooks-peer             # + the same model without the encoder hooks
+
+``--hooks-peer`` measures what the method-contract hooks cost when unused (token selection, TopK
+attention, attention callbacks in ``ViTEncoder.run_blocks`` / ``Block`` / ``Attention``): a second copy of
+the same MAE (same weights, same data) whose blocks and encoder loop are replaced by a minimal
+SDPA forward with no hook arguments, interleaved step by step with the library model.
 """
 
 from __future__ import annotations
@@ -71,6 +77,40 @@ def official_model(repo: str):
     )
 
 
+def plain_copy(model):
+    """The same model with hook-free forwards: each ``Block`` runs ``x + attn(norm1(x)); x + mlp(norm2(x))``
+    with SDPA directly, and the encoder's ``forward_tokens`` is a plain loop over the blocks."""
+    import copy
+    import types
+
+    from mimkit.nn.layers import Block, sdpa
+
+    m = copy.deepcopy(model)
+
+    def block_forward(self, x, attn_mask=None, topk=None, return_attn=False):
+        a = self.attn
+        b, n, d = x.shape
+        q, k, v = a.qkv(self.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = sdpa(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, d)
+        x = x + self.drop_path1(self.ls1(a.proj(o)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_tokens(self, tokens, valid=None, norm=True, return_blocks=None):
+        x = self.with_cls(tokens)
+        mask = None
+        if valid is not None:
+            mask = torch.cat([valid.new_ones(x.shape[0], 1), valid], dim=1)[:, None, None, :]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.norm(x) if norm else x
+
+    for mod in m.modules():
+        if isinstance(mod, Block):
+            mod.forward = types.MethodType(block_forward, mod)
+    m.encoder.forward_tokens = types.MethodType(forward_tokens, m.encoder)
+    return m
+
+
 class Runner:
     def __init__(self, name, model, loader, device, dtype, compile_, three_channels):
         from mimkit.train.optim import param_groups
@@ -127,6 +167,8 @@ def main() -> None:
     ap.add_argument("--peer-mae", default=None, help="path of a facebookresearch/mae checkout to compare against")
     ap.add_argument("--peer-precision", default="fp32", choices=["fp32", "bf16"],
                     help="the official code has no CPU bf16 path; fp32 is how it runs there")
+    ap.add_argument("--hooks-peer", action="store_true",
+                    help="also run the same model with hook-free block/encoder forwards (cost of unused hooks)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -142,11 +184,22 @@ def main() -> None:
         return InMemoryLoader(images, labels, args.batch, device=device, mean=FASHION_MNIST_MEAN,
                               std=FASHION_MNIST_STD, augment="flip", seed=seed)
 
-    runners = [Runner(f"mimkit MAE (1-channel, {args.precision})", mimkit_model(1), loader(0), device, dtype, args.compile, False)]
+    model = mimkit_model(1)
+    runners = [Runner(f"mimkit MAE (1-channel, {args.precision})", model, loader(0), device, dtype, args.compile, False)]
+    if args.hooks_peer:
+        runners.append(Runner(f"mimkit MAE, hook-free blocks ({args.precision})", plain_copy(model), loader(0), device,
+                              dtype, args.compile, False))
     if args.peer_mae:
         peer_dtype = torch.bfloat16 if args.peer_precision == "bf16" else None
         runners.append(Runner(f"official MAE models_mae.py (3-channel, {args.peer_precision})",
                               official_model(args.peer_mae), loader(0), device, peer_dtype, args.compile, True))
+    if args.hooks_peer:  # the hook-free copy computes the same numbers
+        x = images[:8].float().div(255).sub(FASHION_MNIST_MEAN[0]).div(FASHION_MNIST_STD[0]).to(device)
+        noise = torch.rand(8, 49, device=device)
+        with torch.no_grad():
+            same = torch.equal(runners[0].model(x, noise=noise).loss, runners[1].model(x, noise=noise).loss)
+        if not same:
+            raise SystemExit("the hook-free copy does not reproduce the library model's loss")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -168,8 +221,10 @@ def main() -> None:
         "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "results": results,
     }
-    if len(results) == 2:
-        info["ratio_mimkit_over_official"] = results[0]["img_per_s"] / results[1]["img_per_s"]
+    if args.peer_mae:
+        info["ratio_mimkit_over_official"] = results[0]["img_per_s"] / results[-1]["img_per_s"]
+    if args.hooks_peer:
+        info["ratio_with_hooks_over_hook_free"] = results[0]["img_per_s"] / results[1]["img_per_s"]
     print(json.dumps(info, indent=2))
     if args.json:
         with open(args.json, "w") as f:
