@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_OK = 0
+EXIT_ERROR = 2
+"""A config, data, checkpoint, run-directory, non-finite-loss or file-system error (one line on stderr)."""
+EXIT_INTERRUPTED = 75
+"""``pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint: rerun to resume."""
+EXIT_KEYBOARD = 130
+"""Interrupted where no checkpoint could be saved (before training started, or a second Ctrl-C)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,17 +138,36 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.data.errors import DataError
     from mimkit.interop import InteropError
     from mimkit.train.checkpoint import CheckpointError
-    from mimkit.train.loop import NonFiniteLossError
+    from mimkit.train.loop import NonFiniteLossError, TrainingInterrupted
 
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as e:
+        print(f"mimkit: {_one_line(e)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, DataError, CheckpointError, InteropError, NonFiniteLossError) as e:
-        print(f"mimkit: error: {e}", file=sys.stderr)
-        return 2
+        print(f"mimkit: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mimkit: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
+        return EXIT_KEYBOARD
+    except OSError as e:  # the file system: a full disk, a missing or unwritable path
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"mimkit: error: {e.strerror or _one_line(e)}{where}; free space or fix the path, then rerun "
+              "(a pretraining run resumes from its last checkpoint)", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as e:
+        import torch.distributed as dist
+
+        if isinstance(e, getattr(dist, "DistError", ())) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+            print(f"mimkit: error: a distributed collective failed ({_one_line(e)[:300]}); another rank stopped or "
+                  "crashed (see its log) or train.dist_timeout_minutes passed", file=sys.stderr)
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "Path"]
+__all__ = ["main", "build_parser", "Path", "EXIT_OK", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_KEYBOARD"]

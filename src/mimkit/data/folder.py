@@ -5,7 +5,8 @@ Layouts understood by :class:`ImageFolder`::
     root/dog/001.jpg, root/cat/x/002.png, ...   labeled: label = index of the sorted class folder
     root/001.jpg, root/sub/002.png, ...         unlabeled: label = -1 (MIM pretraining needs none)
 
-Images are decoded with PIL and converted to ``mode`` (``"RGB"`` or ``"L"``). Unreadable files raise
+Images are decoded with PIL and converted to ``mode`` (``"RGB"`` or ``"L"``; 16-bit and float images
+are scaled to 8 bits, not clipped: :func:`convert_image`). Unreadable files raise
 :class:`~mimkit.data.errors.DataError` naming the file, or are skipped with ``skip_corrupt=True``.
 """
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["IMG_EXTENSIONS", "ImageFolder", "load_folder_to_tensor"]
+__all__ = ["IMG_EXTENSIONS", "ImageFolder", "convert_image", "load_folder_to_tensor"]
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -64,14 +65,39 @@ def _scan(folder: Path, exts: tuple[str, ...]) -> list[Path]:
     return found
 
 
+def convert_image(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in ``mode`` (``"RGB"`` or ``"L"``), scaling high-bit-depth pixels instead of clipping.
+
+    PIL's own ``convert`` saturates 16-bit grey-scale (``I;16*``, and ``I``) at 255, so those are
+    scaled to 8 bits (``v / 257``, 65535 -> 255); 32-bit float images (``F``) are read as ``[0, 1]``
+    when their maximum is at most 1, else as ``[0, 255]``. Modes PIL cannot convert directly (e.g.
+    ``La``, ``LAB`` -> ``L``) go through RGB(A). Alpha is dropped (PIL's behaviour)."""
+    m = im.mode
+    if m.startswith("I;16") or m == "I":
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)).convert(mode)
+    if m == "F":
+        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)).convert(mode)
+    if m == mode:
+        return im.copy()
+    try:
+        return im.convert(mode)
+    except ValueError:
+        via = "RGBA" if ("A" in m or "a" in m) else "RGB"
+        return im.convert(via).convert(mode)
+
+
 def _open_image(path: Path, mode: str) -> Image.Image:
-    """Decode ``path`` fully and convert it to ``mode``; :class:`DataError` if that fails."""
+    """Decode ``path`` fully and convert it to ``mode`` (see :func:`convert_image`); :class:`DataError`
+    if that fails."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return im.convert(mode)
+                return convert_image(im, mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(
             f"corrupt or unreadable image: {path} ({type(e).__name__}: {e}). Delete or replace the "

@@ -315,24 +315,63 @@ class _SeededSampler(torch.utils.data.Sampler):
 
 
 class _SeededDataset(torch.utils.data.Dataset):
-    """Applies ``transform`` with the torch RNG seeded per sample (reproducible across workers)."""
+    """Applies ``transform`` with the torch RNG seeded per sample (reproducible across workers).
 
-    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]):
+    Items are ``(image, label, note)``: ``note`` is ``""``, ``"skipped:<path>..."`` (corrupt files
+    skipped while loading this sample, with ``skip_corrupt``) or ``"error:<message>"`` (a corrupt
+    file without ``skip_corrupt``; the image is then zeros). Notes travel back from worker
+    processes, whose copies of the folder's counters the main process never sees."""
+
+    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor],
+                 shape: tuple[int, int, int]):
         self.folder = folder
         self.transform = transform
+        self.shape = shape
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
         index, sample_seed = key
-        image, label = self.folder.load(index)
+        before = len(self.folder.bad_files)
+        try:
+            image, label = self.folder.load(index)
+        except DataError as e:
+            return torch.zeros(self.shape), -1, "error:" + str(e)
+        new = self.folder.bad_files[before:]
+        note = "skipped:" + "\n".join(str(p) for p in new) if new else ""
         if torch.utils.data.get_worker_info() is not None:
             torch.manual_seed(sample_seed)  # a worker's global RNG belongs to the loader
-            return self.transform(image), label
+            return self.transform(image), label, note
         with torch.random.fork_rng(devices=[]):  # main process: leave the caller's RNG alone
             torch.manual_seed(sample_seed)
-            return self.transform(image), label
+            return self.transform(image), label, note
+
+
+WORKER_TERM_GRACE_S = 30
+"""Seconds a DataLoader worker keeps serving batches after a SIGTERM (see :func:`_worker_signals`)."""
+
+
+def _deferred_exit(signum, frame) -> None:
+    import signal
+
+    signal.alarm(WORKER_TERM_GRACE_S)  # SIGALRM's default action ends the worker then
+
+
+def _worker_signals(_worker_id: int) -> None:
+    """Stop signals are the main process's business: it finishes its step, saves a checkpoint and
+    stops (the workers follow it). Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole
+    process group) and SIGUSR1 (SLURM's early warning); a SIGTERM (SLURM signals every process of a
+    job step) ends a worker only after :data:`WORKER_TERM_GRACE_S` seconds, so the main process can
+    still finish its step. A worker killed mid-step would break the main process's loader."""
+    import signal
+
+    for name in ("SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGTERM, _deferred_exit)
 
 
 def folder_transform(
@@ -390,6 +429,11 @@ class FolderLoader:
     augmentation does not depend on ``num_workers`` or on where iteration started.
     ``iter_from(epoch, start_batch)`` skips batches by slicing the index list (nothing is decoded
     for the skipped part).
+
+    A corrupt file raises :class:`DataError` naming it in the main process (not a worker traceback);
+    with ``skip_corrupt`` the skipped files, from every worker, collect in :attr:`skipped`. Workers
+    leave stop signals to the main process (:func:`_worker_signals`) so that the trainer can save a
+    checkpoint on them. :meth:`close` ends persistent workers.
     """
 
     def __init__(
@@ -428,18 +472,20 @@ class FolderLoader:
         self.drop_last = drop_last
         self.sampler = _SeededSampler(len(folder), shuffle, drop_last, seed, rank, world_size)
         transform = folder_transform(out_size, mean, std, augment, scale, ratio, flip_p)
+        self.skipped: dict[str, None] = {}  # corrupt files skipped so far (ordered set), all workers
         if pin_memory is None:
             pin_memory = self.device.type == "cuda"
         self.pin_memory = pin_memory
         workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = torch.utils.data.DataLoader(
-            _SeededDataset(folder, transform),
+            _SeededDataset(folder, transform, (folder.in_chans, out_size, out_size)),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
             generator=torch.Generator().manual_seed(seed),  # worker base seeds; not the global RNG
+            worker_init_fn=_worker_signals if num_workers > 0 else None,
             **(workers if num_workers > 0 else {}),
         )
         if len(self) == 0:
@@ -450,6 +496,13 @@ class FolderLoader:
 
     def __len__(self) -> int:
         return _num_batches(self.sampler.num_samples, self.batch_size, self.drop_last)
+
+    def close(self) -> None:
+        """End the worker processes now (persistent workers otherwise live as long as the loader)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch ``__iter__`` plays."""
@@ -467,7 +520,12 @@ class FolderLoader:
         self.sampler.epoch = int(epoch)
         self.sampler.start = start_batch * self.batch_size
         non_blocking = self.pin_memory and self.device.type == "cuda"
-        for x, y in self.loader:  # the sampler is read here, in the main process
+        for x, y, notes in self.loader:  # the sampler is read here, in the main process
+            for note in notes:
+                if note.startswith("error:"):
+                    raise DataError(note[len("error:"):])
+                if note.startswith("skipped:"):
+                    self.skipped.update(dict.fromkeys(note[len("skipped:"):].split("\n")))
             yield (
                 x.to(self.device, non_blocking=non_blocking),
                 y.to(self.device, torch.int64, non_blocking=non_blocking),
@@ -501,6 +559,8 @@ class DatasetInfo:
         mean, std: normalization statistics to use.
         image_size: ``H`` (= ``W``) of in-memory images; ``None`` for folders.
         classes: class names (empty when unlabeled).
+        skipped: corrupt files left out while decoding into memory (``skip_corrupt``); streamed
+            folders report theirs through :attr:`FolderLoader.skipped` as they meet them.
     """
 
     name: str
@@ -514,6 +574,7 @@ class DatasetInfo:
     folder: ImageFolder | None = None
     image_size: int | None = None
     classes: tuple[str, ...] = field(default_factory=tuple)
+    skipped: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def in_memory(self) -> bool:
@@ -537,6 +598,7 @@ def build_dataset(
     skip_corrupt: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    limit: int | None = None,
 ) -> DatasetInfo:
     """Open a data set by name or folder path.
 
@@ -552,6 +614,8 @@ def build_dataset(
         labeled, mode, skip_corrupt: folders only, see :class:`~mimkit.data.ImageFolder`.
         mean, std: override the normalization statistics (defaults: Fashion-MNIST's own; ImageNet's
             for RGB folders; ``(0.5,)`` for grey-scale folders).
+        limit: use only the first ``limit`` images (Fashion-MNIST's order; a folder's sorted file
+            list, applied before decoding, in memory or streamed). ``None``: all; must be >= 1.
 
     Returns:
         :class:`DatasetInfo`; pass it to :func:`build_loader`.
@@ -560,8 +624,12 @@ def build_dataset(
         DataError: unknown name / missing folder / missing or corrupt files.
     """
     name = str(source)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of images or None (all), got {limit!r}")
     if name.lower() in _FASHION_NAMES:
         images, labels = load_fashion_mnist(root, split)  # type: ignore[arg-type]
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
         return DatasetInfo(
             name="fashion_mnist",
             split=split,
@@ -583,6 +651,8 @@ def build_dataset(
     if (path / split).is_dir():
         path = path / split
     folder = ImageFolder(path, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt)
+    if limit is not None:
+        folder.samples = folder.samples[:limit]
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if mode == "RGB" else ((0.5,), (0.5,))
     info = DatasetInfo(
         name=str(path),
@@ -598,6 +668,7 @@ def build_dataset(
         info.images, info.labels = load_folder_to_tensor(folder, in_memory_size)
         info.folder = None
         info.image_size = in_memory_size
+        info.skipped = tuple(str(p) for p in folder.bad_files)
     return info
 
 

@@ -1,28 +1,67 @@
-"""Atomic, full-state checkpoints.
+"""Atomic, verified, full-state checkpoints and the run-directory lock.
 
 A checkpoint is one ``torch.save`` file holding ``model`` (the method's state dict, decoder
 included), ``optimizer``, ``scaler``, ``step``, ``rng`` (per rank: python, numpy, torch CPU, CUDA),
-``config`` (the resolved config dict) and ``extra`` counters. It is written to a temporary file in
-the same directory, flushed to disk and renamed over the old one, so an interruption or a full disk
-never leaves a broken or missing latest checkpoint.
+``config`` (the resolved config dict), ``extra`` counters and ``checksum`` (a BLAKE2b digest of
+everything else, tensor bytes included; :func:`load_checkpoint` verifies it).
+
+Writing (:func:`atomic_save`): the free space is checked first (nothing is touched when it is too
+small), then the state goes to a hidden temporary file in the same directory, is flushed to disk and
+renamed over the old file. Any failure (a full disk, which ``torch.save`` reports as a
+``RuntimeError``; an interrupt) removes the temporary file and leaves the previous checkpoint as it
+was. Step-numbered copies ``checkpoint-<step>.pt`` are byte copies of the latest file made the same
+way, pruned by step number. :func:`resume_candidates` / :func:`load_for_resume` fall back to the
+newest good numbered copy when ``checkpoint.pt`` is missing or corrupt.
+
+:class:`RunLock` keeps two runs out of one directory: an ``flock`` on ``.mimkit.lock`` (released by
+the kernel when the owner dies) whose content names the owner's PID and host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 LATEST = "checkpoint.pt"
+LOCK_NAME = ".mimkit.lock"
+NUMBERED_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+CHECKSUM_ALGO = "blake2b-tree-v1"
+_MIB = 2**20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which file and what to do."""
+
+
+class DiskFullError(CheckpointError):
+    """Not enough space for a checkpoint; nothing was changed."""
+
+
+class RunLockedError(CheckpointError):
+    """Another live run owns the run directory."""
+
+
+def numbered_name(step: int) -> str:
+    return f"checkpoint-{step:08d}.pt"
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG
 
 
 def rng_state() -> dict:
@@ -44,60 +83,408 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def atomic_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
+# --------------------------------------------------------------------------------------------------
+# content checksum
+
+
+def _digest_into(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"N{obj.dtype.str}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).view(np.uint8).reshape(-1))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _digest_into(h, k)
+            _digest_into(h, v)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest_into(h, v)
+    elif isinstance(obj, np.generic):
+        _digest_into(h, obj.item())
+    elif obj is None or isinstance(obj, bool | int | float | str | bytes):
+        h.update(f"S{type(obj).__name__}:{obj!r}".encode())
+    else:
+        h.update(f"O{type(obj).__name__}:{obj!r}".encode())
+
+
+def state_digest(state: dict) -> str:
+    """BLAKE2b over the checkpoint's content (every key but ``checksum``; tensors by their bytes)."""
+    h = hashlib.blake2b(digest_size=32)
+    _digest_into(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def with_checksum(state: dict) -> dict:
+    return {**state, "checksum": {"algorithm": CHECKSUM_ALGO, "digest": state_digest(state)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# space, writing
+
+
+def estimate_bytes(obj) -> int:
+    """A slight over-estimate of ``torch.save(obj)``'s size: tensor bytes + 1 MiB + 2 %."""
+    total = 0
+    seen: set[int] = set()
+
+    def walk(o):
+        nonlocal total
+        if isinstance(o, torch.Tensor):
+            key = id(o)
+            if key not in seen:
+                seen.add(key)
+                total += o.numel() * o.element_size() + 64
+        elif isinstance(o, np.ndarray):
+            total += o.nbytes + 64
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list | tuple):
+            for v in o:
+                walk(v)
+        else:
+            total += 16
+
+    walk(obj)
+    return int(total * 1.02) + _MIB
+
+
+def free_bytes(directory: str | Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def check_space(directory: Path, need: int, what: str) -> None:
+    """Raise :class:`DiskFullError` when ``directory`` has less than ``need`` bytes free."""
+    free = free_bytes(directory)
+    if free < need:
+        raise DiskFullError(
+            f"not enough space for {what}: it needs about {need / _MIB:.1f} MiB, {directory} has "
+            f"{free / _MIB:.1f} MiB free; nothing was changed (the previous checkpoint is intact). Free "
+            "space or set train.out_dir to a larger disk, then rerun to resume"
+        )
+
+
+def _is_disk_full(e: BaseException, directory: Path, need: int) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e).lower()
+    if "no space" in text or "quota" in text:
+        return True
+    # torch.save reports a failed write as RuntimeError("... file write failed"); ask the disk
+    try:
+        return free_bytes(directory) < need
+    except OSError:
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_atomically(path: Path, write: Callable, need: int, what: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    check_space(path.parent, need, what)
+    tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(
-                f"disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free); the previous "
-                "checkpoint is intact. Free space or set train.out_dir to a larger disk, then rerun to resume."
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError | RuntimeError):
+            raise  # KeyboardInterrupt, SystemExit: the partial file is gone, the old one intact
+        if _is_disk_full(e, path.parent, need):
+            free = free_bytes(path.parent) if path.parent.is_dir() else 0
+            raise DiskFullError(
+                f"disk full while writing {what} {path} (about {need / _MIB:.1f} MiB needed, "
+                f"{free / _MIB:.1f} MiB free); the partial file was removed and the previous checkpoint is "
+                "intact. Free space or set train.out_dir to a larger disk, then rerun to resume"
             ) from e
-        raise CheckpointError(f"could not write checkpoint {path}: {e}. The previous checkpoint is intact.") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"could not write {what} {path} ({type(e).__name__}: {reason}); the partial file was removed "
+            "and the previous checkpoint is intact"
+        ) from e
+    _fsync_dir(path.parent)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with a clear error for missing or corrupt files."""
+def atomic_save(obj: dict, path: str | Path, checksum: bool = True) -> Path:
+    """``torch.save`` to ``path`` atomically (space check, temp file, fsync, rename), with a content
+    checksum (see the module docstring). Raises :class:`DiskFullError` / :class:`CheckpointError`."""
+    path = Path(path)
+    if checksum and isinstance(obj, dict):
+        obj = with_checksum(obj)
+    return _write_atomically(path, lambda f: torch.save(obj, f), estimate_bytes(obj), "checkpoint")
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Byte copy ``src`` -> ``dst`` atomically (for the numbered copies)."""
+    src, dst = Path(src), Path(dst)
+    need = src.stat().st_size + _MIB
+
+    def write(f):
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 4 * _MIB)
+
+    return _write_atomically(dst, write, need, "checkpoint copy")
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
+    """Read a checkpoint with a clear error for missing, corrupt or tampered files (``verify``:
+    check the stored content checksum; files without one, e.g. from older versions, load as they are)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # pickle/zip errors of a truncated or foreign file
+        reason = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
-            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}). "
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason}). "
             "Delete it to start over, or point train.resume at another checkpoint."
         ) from e
+    if verify and isinstance(state, dict) and isinstance(state.get("checksum"), dict):
+        stored = state["checksum"]
+        if stored.get("algorithm") == CHECKSUM_ALGO and stored.get("digest") != state_digest(state):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
+                "written (damaged on disk or in a copy). Delete it, or point train.resume at another checkpoint."
+            )
+    return state
+
+
+def numbered_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of the ``checkpoint-<step>.pt`` files, oldest step first."""
+    out = []
+    d = Path(out_dir)
+    if not d.is_dir():
+        return out
+    for p in d.iterdir():
+        m = NUMBERED_RE.match(p.name)
+        if m and p.is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
 
 
 def find_resume(out_dir: str | Path, resume: str) -> Path | None:
-    """``resume``: ``auto`` (the run directory's latest checkpoint if any), ``none``, or a path."""
+    """The first checkpoint ``resume`` points at (see :func:`resume_candidates`), unverified."""
+    cands = resume_candidates(out_dir, resume)
+    return cands[0] if cands else None
+
+
+def resume_candidates(out_dir: str | Path, resume: str) -> list[Path]:
+    """``resume``: ``auto`` (``checkpoint.pt``, then the numbered copies newest first), ``none``
+    (nothing), or a path (only that file)."""
     if resume in ("none", "", None):
-        return None
+        return []
     if resume == "auto":
-        p = Path(out_dir) / LATEST
-        return p if p.is_file() else None
+        d = Path(out_dir)
+        cands = [d / LATEST] if (d / LATEST).is_file() else []
+        return cands + [p for _, p in reversed(numbered_checkpoints(d))]
     p = Path(resume)
     if not p.is_file():
         raise CheckpointError(f"train.resume={resume} does not exist; give an existing checkpoint path, 'auto' or 'none'")
-    return p
+    return [p]
 
 
-def prune(out_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest ``checkpoint-<step>.pt`` copies (``keep < 0``: all)."""
+def load_for_resume(out_dir: str | Path, resume: str, warn: Callable[[str], None] | None = None
+                    ) -> tuple[Path, dict, str | None] | None:
+    """Load and verify the checkpoint to resume from: ``(path, state, note)`` or ``None`` (start
+    fresh). With ``resume=auto`` a missing or corrupt ``checkpoint.pt`` falls back to the newest good
+    numbered copy; ``note`` then says why (and ``warn`` is called with it). Raises
+    :class:`CheckpointError` naming the bad file when nothing usable is left."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+    cands = resume_candidates(out_dir, resume)
+    if not cands:
+        return None
+    errors: list[str] = []
+    latest = Path(out_dir) / LATEST
+    for p in cands:
+        try:
+            state = load_checkpoint(p)
+            if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+                raise CheckpointError(f"checkpoint {p} is not a mimkit training checkpoint (no model/optimizer/step)")
+        except CheckpointError as e:
+            errors.append(str(e))
+            if resume == "auto" and len(cands) > 1:
+                warn(str(e))
+            continue
+        note = None
+        if resume == "auto" and p.name != LATEST:
+            why = "is missing" if not latest.is_file() else "is unusable (see above)"
+            note = f"{LATEST} {why}; resuming from the newest good numbered copy {p.name} (step {int(state['step'])})"
+            warn(note)
+        return p, state, note
+    if len(errors) == 1:
+        raise CheckpointError(errors[0])
+    raise CheckpointError(f"{errors[0].rstrip('.')}; the {len(errors) - 1} numbered copies are unusable too. "
+                          "Delete them to start over, or point train.resume at a good checkpoint")
+
+
+def prune(out_dir: Path, keep: int) -> list[Path]:
+    """Keep the ``keep`` highest-step ``checkpoint-<step>.pt`` copies (``keep < 0``: all); returns
+    the deleted files."""
     if keep < 0:
-        return
-    olds = sorted(out_dir.glob("checkpoint-*.pt"))
-    for p in olds[: max(0, len(olds) - keep)]:
+        return []
+    olds = numbered_checkpoints(out_dir)
+    gone = [p for _, p in olds[: max(0, len(olds) - keep)]]
+    for p in gone:
         p.unlink(missing_ok=True)
+    return gone
+
+
+def remove_stale_temp_files(out_dir: Path) -> tuple[int, int]:
+    """Delete hidden ``.<name>.tmp-<pid>`` files left by killed writers (call with the run lock
+    held); returns (count, bytes)."""
+    n = size = 0
+    if not out_dir.is_dir():
+        return 0, 0
+    for p in out_dir.iterdir():
+        if TMP_RE.match(p.name) and p.is_file():
+            with contextlib.suppress(OSError):
+                s = p.stat().st_size
+                p.unlink()
+                n, size = n + 1, size + s
+    return n, size
+
+
+# --------------------------------------------------------------------------------------------------
+# run-directory lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive ownership of a run directory (``out_dir/.mimkit.lock``).
+
+    :meth:`acquire` takes an ``flock`` on the lock file (the kernel drops it when the owner dies, so
+    a lock left by a killed run is stale by construction) and writes ``{pid, host, started}`` into it.
+    A live owner makes it raise :class:`RunLockedError` naming the PID and host; a stale lock is taken
+    over and :attr:`takeover` says whose it was. Where ``flock`` is unsupported, a same-host owner is
+    checked by PID; one on another host is refused (delete the lock file if that run is dead)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.path = self.dir / LOCK_NAME
+        self.fd: int | None = None
+        self.takeover: str | None = None
+
+    @staticmethod
+    def _describe(info: dict) -> str:
+        started = info.get("started")
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if started else ""
+        return f"PID {info.get('pid', '?')} on host {info.get('host', '?')}{when}"
+
+    def _read(self, fd: int) -> dict:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            raw = os.read(fd, 65536).decode(errors="replace").strip()
+            return json.loads(raw) if raw else {}
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        host = socket.gethostname()
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            flock_ok = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self._read(fd)
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.dir} is in use by another run ({self._describe(info)}); wait for it to finish or "
+                    "stop it, or choose another train.out_dir"
+                ) from None
+            except OSError:  # flock not supported (some network file systems): fall back to the PID
+                flock_ok = False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the file was removed/replaced by its previous owner meanwhile: retry
+                os.close(fd)
+                continue
+            prev = self._read(fd)
+            if prev.get("pid") and prev.get("pid") != os.getpid():
+                if not flock_ok:
+                    alive = prev.get("host") != host or _pid_alive(int(prev["pid"]))
+                    if alive:
+                        os.close(fd)
+                        raise RunLockedError(
+                            f"{self.dir} is in use by another run ({self._describe(prev)}); if that run is dead, "
+                            f"delete {self.path}; else wait for it, or choose another train.out_dir"
+                        )
+                self.takeover = f"taking over the stale lock of {self._describe(prev)} on {self.dir} (that run is gone)"
+            payload = json.dumps({"pid": os.getpid(), "host": host, "started": time.time()}).encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, payload)
+                os.fsync(fd)
+            except OSError as e:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    if not prev:
+                        self.path.unlink()
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    free = free_bytes(self.dir)
+                    raise DiskFullError(
+                        f"disk full: cannot write to train.out_dir {self.dir} ({free / _MIB:.1f} MiB free); free "
+                        "space or choose another train.out_dir"
+                    ) from e
+                raise CheckpointError(f"cannot write the run lock {self.path}: {e}; check train.out_dir") from e
+            self.fd = fd
+            return self
+        raise RunLockedError(f"could not lock {self.dir}: its lock file keeps changing; is another run starting there?")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

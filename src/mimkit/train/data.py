@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mimkit.config import Config
+from mimkit.config import Config, ConfigError
 from mimkit.data import build_dataset, build_loader
 from mimkit.data.errors import DataError
 from mimkit.train.distributed import DistInfo
@@ -24,6 +24,20 @@ class TrainData:
     train_labels: torch.Tensor | None = None
     test_images: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    dataset: object | None = None  # the DatasetInfo (skipped-file bookkeeping)
+
+    def skipped_files(self) -> list[str]:
+        """Corrupt files skipped so far (``data.skip_corrupt``) on this process: those left out while
+        decoding into memory and those the streaming loader met (in any worker)."""
+        seen: dict[str, None] = {}
+        ds = self.dataset
+        if ds is not None:
+            seen.update(dict.fromkeys(getattr(ds, "skipped", ())))
+            folder = getattr(ds, "folder", None)
+            if folder is not None:
+                seen.update(dict.fromkeys(str(p) for p in folder.bad_files))
+        seen.update(getattr(self.loader, "skipped", {}))
+        return sorted(seen)
 
 
 def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
@@ -31,20 +45,27 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     mode = "L" if enc.in_chans == 1 else "RGB"
     ds = build_dataset(d.dataset, "train", root=d.root, in_memory_size=enc.img_size if (
         d.in_memory and d.dataset.lower() not in ("fashion_mnist", "fashion-mnist", "fmnist")) else None,
-        mode=mode, skip_corrupt=d.skip_corrupt, mean=d.mean, std=d.std)
+        mode=mode, skip_corrupt=d.skip_corrupt, mean=d.mean, std=d.std, limit=d.limit)
     if ds.in_chans != enc.in_chans:
         raise DataError(
             f"data set {d.dataset} has {ds.in_chans} channel(s) but model.encoder.in_chans={enc.in_chans}; "
             f"set model.encoder.in_chans={ds.in_chans}"
         )
-    if ds.images is not None and d.limit:
-        ds.images, ds.labels = ds.images[: d.limit], ds.labels[: d.limit]
-    loader = build_loader(
-        ds, d.batch_size, out_size=enc.img_size, augment=d.augment, device=info.device,
-        num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed,
-        rank=info.rank, world_size=info.world_size, drop_last=True,
-    )
-    data = TrainData(loader=loader, in_chans=ds.in_chans, mean=ds.mean, std=ds.std)
+    try:
+        loader = build_loader(
+            ds, d.batch_size, out_size=enc.img_size, augment=d.augment, device=info.device,
+            num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed,
+            rank=info.rank, world_size=info.world_size, drop_last=True,
+        )
+    except ValueError as e:
+        if "no batches" not in str(e):
+            raise
+        n = len(ds)
+        raise ConfigError(
+            f"data set {d.dataset} has {n} images, fewer than one batch per process (data.batch_size="
+            f"{d.batch_size} x {info.world_size} process(es)); lower data.batch_size or use more images"
+        ) from e
+    data = TrainData(loader=loader, in_chans=ds.in_chans, mean=ds.mean, std=ds.std, dataset=ds)
     if ds.images is not None:
         data.train_images, data.train_labels = ds.images, ds.labels
     # evaluation split: the data set's test split (Fashion-MNIST) or data.eval_dataset

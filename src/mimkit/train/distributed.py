@@ -1,7 +1,12 @@
-"""torchrun support: process group (gloo on CPU, nccl on GPU), rank helpers, device choice."""
+"""torchrun support: process group (gloo on CPU, nccl on GPU), rank helpers, device choice.
+
+Every collective waits at most ``timeout_minutes`` (``train.dist_timeout_minutes``) for the other
+ranks, so a rank that stopped or crashed makes the others fail instead of blocking for gloo's
+default 30 minutes."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -35,9 +40,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
+def init_distributed(device_name: str = "auto", timeout_minutes: float | None = None) -> DistInfo:
     """Initialise from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); single
-    process otherwise."""
+    process otherwise. ``timeout_minutes``: the collectives' timeout (torch's default when None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,7 +51,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        kw = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        dist.init_process_group(backend=backend, **kw)
     return DistInfo(rank, world, local, device)
 
 
@@ -56,6 +62,23 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t)
         t /= info.world_size
     return t
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``t`` over ranks (``t`` itself when not distributed)."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_ok(ok: bool, info: DistInfo, device: torch.device | None = None) -> bool:
+    """True when ``ok`` holds on every rank (one all-reduce; no communication single-process)."""
+    if not info.enabled:
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0], device=device or info.device)
+    dist.all_reduce(t)
+    return t.item() == 0.0
 
 
 def barrier(info: DistInfo) -> None:

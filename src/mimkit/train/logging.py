@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,8 +11,12 @@ from pathlib import Path
 class MetricLogger:
     """Writes one JSON object per logged step to ``metrics.jsonl`` and scalars to TensorBoard.
 
-    On resume the JSONL file is truncated to the steps before the resumed step, so the file always
-    reads as one uninterrupted run."""
+    On resume the JSONL file is truncated to the steps before the resumed step (atomically: temp file
+    + rename), so the file always reads as one uninterrupted run. Besides the per-step records,
+    :meth:`event` writes records with an ``"event"`` key for what is not a normal step: a skipped
+    non-finite step (``nonfinite_skip``), an accepted resume with changed settings
+    (``resume_changes``), a resume from an older numbered checkpoint (``resume_fallback``), a failed
+    run (``failed``). Readers that want losses take the records with a ``loss`` key."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -25,10 +30,16 @@ class MetricLogger:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-            self.path.write_text("".join(k + "\n" for k in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text("".join(k + "\n" for k in kept))
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -37,20 +48,29 @@ class MetricLogger:
             except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
                 print("warning: tensorboard is not importable; metrics go to metrics.jsonl only", file=sys.stderr)
 
+    def _append(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        rec = {"step": step, **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._append({"step": step, **record})
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, int | float):
+                if isinstance(v, int | float) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+
+    def event(self, step: int, name: str, **fields) -> None:
+        """An ``{"step", "event": name, ...}`` record (no ``loss`` key)."""
+        if not self.enabled:
+            return
+        self._append({"step": step, "event": name, **fields})
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def make_progress_bar(total: int, initial: int, enabled: bool):
