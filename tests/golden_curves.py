@@ -36,6 +36,17 @@ SMALL_VIT = [
 # extra overrides per preset (kept small: only what makes the run cheap)
 EXTRA = {
     "latent_mim_vit_base_imagenet": ["method.projector.hidden_dim=64"],
+    # depth 3 (not SMALL_VIT's 2): all three drop stages (after blocks [0, 1, 2]) with the published token
+    # counts 147 -> 73 -> 36 -> 18 on the 14x14 grid (at depth 2 the stages would be capped to two)
+    "pcae_vit_base_imagenet": ["model.encoder.depth=3"],
+    # CAE / CAE v2: the presets' codebook / teacher files do not exist offline: pixel target, random teacher
+    "cae_vit_base_imagenet": ["method.target=pixel"],
+    "cae_v2_fashion_mnist": ["method.teacher_path=null", "method.teacher_random_init=true"],
+    "cae_v2_vit_base_imagenet": [
+        "method.teacher_path=null", "method.teacher_random_init=true", "method.teacher_vit.img_size=28",
+        "method.teacher_vit.patch_size=4", "method.teacher_vit.in_chans=3", "method.teacher_vit.embed_dim=16",
+        "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2",
+    ],
 }
 
 
