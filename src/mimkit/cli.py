@@ -28,7 +28,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if knn:
         print(f"kNN top-1 (k={knn['k']}): cls {knn['top1_cls']:.2f} %, mean-pooled {knn['top1_mean']:.2f} %")
     if result.get("picture"):
-        print(f"reconstruction picture: {result['picture']}")
+        print(f"picture: {result['picture']}")
     print(f"run directory: {result['out_dir']}")
     return 0
 
@@ -66,7 +66,7 @@ def _visualize(args: argparse.Namespace) -> int:
                        mode="L" if enc.in_chans == 1 else "RGB")
     mean, std = mean or ds.mean, std or ds.std
     images = ds.images[args.start : args.start + args.n]
-    path = draw_picture(kind, model, images, mean, std, args.out, seed=args.seed)
+    path = draw_picture(kind, model, images, mean, std, args.out or f"{kind}.png", seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="reconstruction, mask-plan or salience picture from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--out", default="reconstruction.png")
+    p.add_argument("--out", default=None, help="PNG file to write (default: <kind>.png)")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or an image folder")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=8, help="number of images")
