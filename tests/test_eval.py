@@ -181,11 +181,45 @@ def test_attentive_probe_parameters_and_gradients():
     loss = F.cross_entropy(probe(tokens), y)
     loss.backward()
     for n, p in probe.named_parameters():
+        if n == "block.norm_k.bias":  # adds the same amount to every logit of the query: no gradient
+            continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     assert all(p.grad is None for p in enc.parameters())
     res = train_attentive_probe(tokens, y, tokens, y, enc.num_heads,
                                 AttentiveProbeConfig(epochs=3, batch_size=9, warmup_epochs=1, base_lr=0.5))
     assert 0 <= res["top1"] <= 100 and len(res["per_class"]) == 3
+
+
+def test_attentive_probe_small_data_defaults():
+    """Batch min(256, N/8) and lr 0.1 at 256 (scaled); the "cae" preset keeps CAE's published 0.4 at
+    batch 8192."""
+    from mimkit.eval.attentive import ATTENTIVE_PRESETS, attentive_batch_size
+
+    cfg = AttentiveProbeConfig()
+    assert attentive_batch_size(cfg, 2000) == 250 and attentive_batch_size(cfg, 60000) == 256
+    assert attentive_batch_size(cfg, 10) == 2
+    cae = ATTENTIVE_PRESETS["cae"]
+    assert attentive_batch_size(cae, 100000) == 8192 and cae.base_lr * 8192 / 256 == pytest.approx(0.4)
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (1024,))
+    x = torch.randn(1024, 1 + 9, 8)
+    x[torch.arange(1024), torch.randint(1, 10, (1024,))] += 2 * torch.randn(3, 8)[y]  # one token holds the class
+    res = train_attentive_probe(x, y, x, y, num_heads=2, cfg=AttentiveProbeConfig(epochs=20, warmup_epochs=2))
+    assert res["batch_size"] == 128 and res["steps"] == 160 and res["lr"] == pytest.approx(0.1 * 128 / 256)
+    assert res["top1"] > 85
+
+
+def test_attentive_block_folds_layernorm_affines_exactly():
+    torch.manual_seed(0)
+    probe = AttentiveProbe(8, 2, num_classes=3)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.randn_like(p))
+    x, q = torch.randn(4, 6, 8), torch.randn(4, 1, 8)
+    blk = probe.block
+    plain = blk.cross_attn.__class__.forward(blk.cross_attn, blk.norm_q(q), blk.norm_k(x), blk.norm_v(x))
+    torch.testing.assert_close(blk(q, x), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blk(q, blk.normalize(x), normalized=True), plain, rtol=1e-5, atol=1e-5)
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------

@@ -147,3 +147,39 @@ def consistency_loss(
         v = torch.stack(terms).mean()
     # value of the ordered stop-gradient form with its (half) gradient: methods_b §4.3 identity
     return 0.5 * (v + v.detach())
+
+
+def homologous_contrastive(
+    features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None, temperature: float = 0.25
+) -> torch.Tensor:
+    """MixedAE's homologous contrastive loss (HomoCon, methods_b §3.5) inside each mixed sequence.
+
+    ``features (N, T, D)`` patch features of ``N`` mixed sequences; ``labels (T,)`` or ``(N, T)`` the
+    source image of each token; ``valid (N, T)`` bool or ``None`` (padding tokens are neither anchors
+    nor keys). With ``s_ij = cos(z_i, z_j) / temperature``, for every anchor ``i`` with at least one
+    positive ``P(i) = {j != i : label_j = label_i, valid}``::
+
+        l_i = - 1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{j != i, valid} exp(s_ij) )
+
+    (the deck's sum over positives, self-pair excluded from numerator and denominator, negatives only
+    from the same sequence; SupCon-"out" mean over positives [PROPOSAL]). Returns the mean of ``l_i``
+    over all such anchors of all sequences -> scalar. Computed in fp32 (autocast off).
+    """
+    n, t, _ = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        z = F.normalize(features.float(), dim=-1)
+        sim = z @ z.transpose(1, 2) / temperature  # (N, T, T)
+    lab = labels.expand(n, t)
+    keys = ~torch.eye(t, dtype=torch.bool, device=features.device)[None]  # (1, T, T): j != i
+    if valid is not None:
+        keys = keys & valid[:, None, :]
+    sim = sim.masked_fill(~keys, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
+    pos = (lab[:, :, None] == lab[:, None, :]) & keys  # (N, T, T)
+    n_pos = pos.sum(-1)
+    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
+    anchors = n_pos > 0
+    if valid is not None:
+        anchors = anchors & valid
+    anchors = anchors.float()
+    return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1.0)

@@ -21,8 +21,8 @@ Each provider is a small module (or callable) that methods compose:
   progress *after* the step. This equals updating before the next step's target forward (Latent MIM's
   code) and after every iteration (PCAE's code).
 * :class:`FrozenTeacher` — a frozen encoder from a local file (mimkit checkpoint or export, timm ViT
-  state dict, official MAE checkpoint) or an in-memory module, whose patch grid is resampled to the
-  student's when they differ (CAE v2).
+  state dict, official MAE checkpoint, CLIP image tower: :class:`ClipImageTower`) or an in-memory
+  module, whose patch grid is resampled to the student's when they differ (CAE v2).
 * :class:`TokenDropper` — the per-block token-selection callback for a teacher that drops tokens
   between blocks (PCAE): keeps the tokens least similar to the mean token (or random ones) and carries
   their grid ids.
@@ -192,9 +192,13 @@ class FrozenTeacher(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, norm: bool = True, num_heads: int | None = None) -> FrozenTeacher:
-        """Load a teacher from a mimkit checkpoint/export, a timm ViT state dict or an official MAE file."""
+        """Load a teacher from a mimkit checkpoint/export, a timm ViT state dict, an official MAE file or
+        a CLIP image tower (:class:`ClipImageTower`)."""
         from mimkit.interop import load_encoder
 
+        clip = read_clip_visual(path)
+        if clip is not None:
+            return cls(ClipImageTower.from_state_dict(clip), norm=norm)
         return cls(load_encoder(path, num_heads=num_heads), norm=norm)
 
     def train(self, mode: bool = True):
@@ -210,6 +214,92 @@ class FrozenTeacher(nn.Module):
     def forward(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         feats = self.encoder.forward_features(images, norm=self.norm).float()
         return resample_tokens(feats, self.grid_size, grid) if grid is not None else feats
+
+
+def read_clip_visual(path: str | Path) -> dict | None:
+    """The image tower of a CLIP checkpoint as OpenAI-keyed ``visual.*`` tensors, or ``None`` when the
+    file is not CLIP. Reads OpenAI's TorchScript ``ViT-B-16.pt``, state dicts (also under
+    ``state_dict``, with ``module.`` prefixes: open_clip) and image-tower-only dicts (``conv1.weight`` ...)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - e.g. a TorchScript archive
+            try:
+                obj = torch.jit.load(str(path), map_location="cpu")
+            except Exception:  # noqa: BLE001 - not ours to read; the ViT loader reports it
+                return None
+    if isinstance(obj, torch.jit.ScriptModule):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        return None
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        return None
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    if "conv1.weight" in sd and "transformer.resblocks.0.ln_1.weight" in sd:
+        sd = {"visual." + k: v for k, v in sd.items()}
+    if "visual.conv1.weight" not in sd or "visual.transformer.resblocks.0.ln_1.weight" not in sd:
+        return None
+    return {k: v for k, v in sd.items() if k.startswith("visual.")}
+
+
+class ClipImageTower(nn.Module):
+    """CLIP's image tower as a teacher (CAE v2's target, methods_a §4.2 step 1): timm's CLIP ViT
+    (``pre_norm``, QuickGELU as OpenAI's weights) whose ``forward_features`` applies ``ln_post`` to
+    *every* token and then the visual projection: ``(B, 3, S, S) -> (B, 1+L, out_dim)``
+    (``norm=False``: the last block's tokens, no ``ln_post``, no projection)."""
+
+    def __init__(self, img_size: int, patch_size: int, width: int, depth: int, out_dim: int, quick_gelu: bool = True):
+        super().__init__()
+        import timm
+
+        name = "vit_base_patch16_clip_quickgelu_224" if quick_gelu else "vit_base_patch16_clip_224"
+        self.spec = {"kind": "clip", "img_size": img_size, "patch_size": patch_size, "width": width, "depth": depth,
+                     "out_dim": out_dim, "quick_gelu": quick_gelu}
+        self.model = timm.create_model(name, pretrained=False, img_size=img_size, patch_size=patch_size,
+                                       embed_dim=width, depth=depth, num_heads=max(1, width // 64),
+                                       num_classes=out_dim, global_pool="token")
+        self.grid_size = (img_size // patch_size,) * 2
+        self.patch_size, self.in_chans, self.out_dim = patch_size, 3, out_dim
+        self.embed_dim, self.num_heads = width, max(1, width // 64)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> ClipImageTower:
+        """OpenAI-keyed ``visual.*`` tensors (:func:`read_clip_visual`) -> a tower holding them."""
+        from timm.models.vision_transformer import _convert_openai_clip
+
+        w = sd["visual.conv1.weight"]
+        width, patch = w.shape[0], w.shape[-1]
+        side = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
+        tower = cls(side * patch, patch, width, depth, sd["visual.proj"].shape[1])
+        tower.model.load_state_dict(_convert_openai_clip(sd, tower.model))
+        return tower
+
+    def teacher_spec(self) -> dict:
+        return dict(self.spec)
+
+    def forward_features(self, images: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        m = self.model
+        if not norm:
+            x = m.norm_pre(m._pos_embed(m.patch_embed(images)))
+            return m.blocks(x)
+        return m.head(m.forward_features(images))  # ln_post on all tokens, then the projection
+
+
+def teacher_encoder_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a teacher encoder (random weights) from its ``teacher_spec()`` (checkpoints)."""
+    if spec.get("kind") == "clip":
+        s = {k: v for k, v in spec.items() if k != "kind"}
+        return ClipImageTower(**s)
+    raise ValueError(f"unknown teacher kind {spec.get('kind')!r}")
 
 
 def resample_tokens(tokens: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:

@@ -1,20 +1,286 @@
-"""CAE v2 (Zhang et al., TMLR 2023) — not implemented yet (work in progress)."""
+"""CAE v2 — Context Autoencoder with CLIP Latent Alignment (Zhang et al., TMLR 2023), after
+Atten4Vis/CAE ``models/modeling_cae.py`` with ``model_type='caev2'`` (methods_a §4).
+
+CAE's encoder and latent regressor are kept; the DALL-E decoder and the alignment branch are dropped.
+A frozen teacher (CLIP's image tower in the paper; any local model here) supervises the student's
+per-token outputs with a cosine loss, on the cls, the visible and the predicted masked tokens.
+
+One step, shapes for B images, L patches, n visible, m masked, student width d, teacher width Dt::
+
+    plan  = block_mask(B, L)                       m = 30/49/98 of 196 for Tiny/Small/Base (size_preset)
+    T     = l2n(teacher(x))                        (B, 1+L, Dt) frozen, eval mode, no grad; its patch
+                                                   grid resampled to the student's when they differ
+    T     = [T_cls ; T[ids_v] ; T[ids_m]]          (B, 1+n+m, Dt)
+    z     = proj(F(x[ids_v]))                      (B, 1+n, d)   visible + cls
+    z_m   = H(mask_token, kv=[z[:, 1:]; queries])  (B, m, d)     no final LN in v2
+    Y     = l2n(Linear(LN([z_cls ; z_v ; z_m])))   (B, 1+n+m, Dt) one LN shared by the three groups
+    loss  = mean over the supervised tokens of (1 - <Y, T>)    supervise ⊆ {cls, visible, masked}
+
+Both sides are in the token order ``[cls, visible (ids_v order), masked (ids_m order)]`` (pitfall 1).
+
+The teacher (:class:`~mimkit.targets.FrozenTeacher`) is read from ``teacher_path`` (a mimkit checkpoint
+or export, a timm ViT state dict, an official MAE file; :meth:`FrozenTeacher.from_file`). Its weights
+are part of this method's state dict together with its shape (``get_extra_state``), so evaluation,
+pictures and resuming need no teacher file: a model built from a config whose teacher file is missing
+gets the teacher from the checkpoint it loads; only a training step without one fails, naming the
+command that makes the file. ``teacher_path: null`` with ``teacher_random_init: true`` builds a randomly
+initialised frozen teacher of shape ``teacher_vit`` — a plumbing test only (it teaches nothing).
+
+Deviations (recorded): teacher patch features are resampled bilinearly when the grids differ (the
+paper's grids coincide); a teacher at another image size or channel count gets the images resized
+(bicubic) / grey channels repeated; ``teacher_mean``/``teacher_std`` re-normalise the input for a
+teacher trained with other statistics (CLIP's), given the data's ``data_mean``/``data_std``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from mimkit.methods.base import Method, MethodOptions, ModelConfig
+import torch
+import torch.nn.functional as F
+
+from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator
+from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, StepOutput, draw_plan
+from mimkit.methods.cae import MASKING_KINDS, _config_error, cae_init, cae_masking, check_masking, encoder_projection
+from mimkit.nn.cae import CAEv2Head, LatentRegressor
+from mimkit.nn.vit import ViTConfig, ViTEncoder, gather_tokens
+from mimkit.targets import FrozenTeacher
+
+GROUPS = ("cls", "visible", "masked")
+# masked patches of 196 by model size (CAE v2 scripts: Tiny 30, Small 49, Base 98)
+SIZE_MASKED = {"tiny": 30, "small": 49, "base": 98}
+SIZE_BY_WIDTH = {192: "tiny", 384: "small", 768: "base"}
+SIZE_PRESETS = ("auto", "tiny", "small", "base", "none")
+TEACHER_COMMAND = ("mimkit pretrain configs/mae_fashion_mnist.yaml train.out_dir=runs/cae_v2_teacher "
+                   "(then method.teacher_path=runs/cae_v2_teacher/checkpoint.pt)")
 
 
 @dataclass
 class CAEv2Options(MethodOptions):
+    """CAE v2 knobs (module docstring); defaults = the published ViT-B recipe where it applies.
+
+    * ``teacher_path``: the teacher's weight file. ``teacher_random_init``: with ``teacher_path: null``,
+      a random frozen teacher of shape ``teacher_vit`` (plumbing test only). ``teacher_vit``: the
+      teacher's shape when no file gives it (random init; a placeholder while a file is missing).
+      ``teacher_norm``: apply the teacher's final LayerNorm (CLIP: ``ln_post``).
+    * ``data_mean``/``data_std``/``teacher_mean``/``teacher_std``: re-normalise the teacher's input
+      (all four, or none).
+    * ``supervise``: the supervised token groups, any of ``cls``, ``visible``, ``masked`` (all three in
+      the paper; the slides' ``Y_v only`` / ``Y_m only`` rows restrict it).
+    * ``size_preset``: the masked count by model size, 30 / 49 / 98 of 196 patches for ``tiny`` /
+      ``small`` / ``base`` (scaled to other grids: ``round(L * count / 196)``); ``auto`` picks it from the
+      encoder width (192 / 384 / 768; other widths use ``masking``); ``none`` uses ``masking``.
+    * ``regressor_depth``: 1 / 1 / 4 for Tiny / Small / Base; its width and heads are
+      ``model.decoder.embed_dim`` / ``num_heads`` (``model.decoder.depth`` is not used: the head has no blocks).
+    * ``layer_scale``: LayerScale init of the regressor blocks (0.1).
+    """
+
     name: str = "cae_v2"
+    teacher_path: str | None = None
+    teacher_random_init: bool = False
+    teacher_vit: ViTConfig | None = None
+    teacher_norm: bool = True
+    data_mean: tuple[float, ...] | None = None
+    data_std: tuple[float, ...] | None = None
+    teacher_mean: tuple[float, ...] | None = None
+    teacher_std: tuple[float, ...] | None = None
+    supervise: tuple[str, ...] = GROUPS
+    size_preset: str = "auto"
+    regressor_depth: int = 4
+    layer_scale: float | None = 0.1
+    masking: MaskingOptions = field(default_factory=cae_masking)
+
+
+def size_num_keep(length: int, size: str) -> int:
+    """Visible count for ``size`` (``tiny``/``small``/``base``) on ``length`` patches."""
+    masked = max(1, round(length * SIZE_MASKED[size] / 196))
+    return length - masked
+
+
+def _teacher_spec(teacher: FrozenTeacher | None) -> dict | None:
+    if teacher is None:
+        return None
+    enc = teacher.encoder
+    if isinstance(enc, ViTEncoder):
+        return {"kind": "vit", "config": asdict(enc.cfg)}
+    spec = getattr(enc, "teacher_spec", None)
+    if spec is None:
+        raise TypeError(f"cannot describe a {type(enc).__name__} teacher for the checkpoint")
+    return spec()
+
+
+def _teacher_from_spec(spec: dict, norm: bool) -> FrozenTeacher:
+    if spec["kind"] == "vit":
+        return FrozenTeacher(ViTEncoder(ViTConfig(**spec["config"])), norm=norm)
+    from mimkit.targets import teacher_encoder_from_spec  # other kinds (e.g. CLIP) live with their loader
+
+    return FrozenTeacher(teacher_encoder_from_spec(spec), norm=norm)
+
+
+def _teacher_dim(teacher: FrozenTeacher) -> int:
+    return int(getattr(teacher.encoder, "out_dim", None) or teacher.encoder.embed_dim)
 
 
 class CAEv2(Method):
+    """``encoder`` F, ``proj``, ``regressor`` H (no final LN), ``head`` (:class:`~mimkit.nn.cae.CAEv2Head`)
+    and the frozen ``teacher`` (:class:`~mimkit.targets.FrozenTeacher`)."""
+
     options_class = CAEv2Options
 
     def __init__(self, model: ModelConfig | None = None, options: CAEv2Options | None = None):
         super().__init__()
-        raise NotImplementedError("cae_v2 is not implemented yet")
+        model = model or ModelConfig()
+        o = self.options = options or CAEv2Options()
+        bad = [g for g in o.supervise if g not in GROUPS]
+        if bad or not o.supervise:
+            raise ValueError(f"method.supervise must be a non-empty subset of {list(GROUPS)}, got {list(o.supervise)}")
+        if o.size_preset not in SIZE_PRESETS:
+            raise ValueError(f"unknown method.size_preset {o.size_preset!r}; choose one of: {', '.join(SIZE_PRESETS)}")
+        norms = [o.data_mean, o.data_std, o.teacher_mean, o.teacher_std]
+        if any(v is not None for v in norms) and not all(v is not None for v in norms):
+            raise ValueError("re-normalising the teacher input needs method.data_mean, data_std, teacher_mean and "
+                             "teacher_std together")
+        self.encoder = enc = ViTEncoder(model.encoder)
+        size = SIZE_BY_WIDTH.get(enc.embed_dim, "none") if o.size_preset == "auto" else o.size_preset
+        self.size = size
+        count = o.masking.num_keep
+        if size != "none":
+            if o.masking.num_keep is not None:
+                raise ValueError(f"method.size_preset={o.size_preset} sets the masked count; set "
+                                 "method.size_preset=none to use method.masking.num_keep")
+            count = size_num_keep(enc.num_patches, size)
+        check_masking(o.masking, enc.num_patches, "cae_v2", count)
+        mask_opts = MaskingOptions(**{**o.masking.__dict__, "num_keep": count})
+        self.masking = build_mask_generator(mask_opts)
+        d = model.decoder
+        self.proj = encoder_projection(enc.embed_dim, d.embed_dim, model.encoder.norm_eps)
+        self.regressor = LatentRegressor(d.embed_dim, enc.grid_size, o.regressor_depth, d.num_heads, d.mlp_ratio,
+                                         model.encoder.drop_path_rate, o.layer_scale, final_norm=False)
+        self._width = d.embed_dim
+        teacher, self._teacher_ready = self._initial_teacher()
+        self.head = CAEv2Head(d.embed_dim, _teacher_dim(teacher)) if teacher is not None else None
+        cae_init(self, enc, [self.regressor.mask_token])  # before the teacher joins: it keeps its weights
+        self.teacher = teacher
+        self.register_load_state_dict_post_hook(CAEv2._after_load)
+
+    # -- the teacher ----------------------------------------------------------------------------
+    def _initial_teacher(self) -> tuple[FrozenTeacher | None, bool]:
+        """(teacher, ready): from the file when it exists; random when allowed; else a placeholder of
+        shape ``teacher_vit`` (or none) that a checkpoint fills."""
+        o = self.options
+        if o.teacher_path is None:
+            if not o.teacher_random_init:
+                raise ValueError("method.teacher_path is not set: give a teacher file (e.g. "
+                                 f"{TEACHER_COMMAND}), or teacher_random_init=true (plumbing test only)")
+            if o.teacher_vit is None:
+                raise ValueError("method.teacher_random_init needs method.teacher_vit (the teacher's ViT shape)")
+            return FrozenTeacher(ViTEncoder(o.teacher_vit), norm=o.teacher_norm), True
+        if o.teacher_random_init:
+            raise ValueError("method.teacher_random_init=true needs method.teacher_path=null")
+        if Path(o.teacher_path).is_file():
+            return FrozenTeacher.from_file(o.teacher_path, norm=o.teacher_norm), True
+        placeholder = FrozenTeacher(ViTEncoder(o.teacher_vit), norm=o.teacher_norm) if o.teacher_vit else None
+        return placeholder, False
+
+    def _require_teacher(self) -> FrozenTeacher:
+        if not self._teacher_ready:
+            raise _config_error(f"teacher file {self.options.teacher_path} not found; make it with: {TEACHER_COMMAND}")
+        return self.teacher
+
+    def get_extra_state(self) -> dict:
+        """The teacher's shape, so a checkpoint rebuilds it without the teacher file."""
+        return {"teacher": _teacher_spec(self.teacher)}
+
+    def set_extra_state(self, state: dict) -> None:
+        spec = state.get("teacher")
+        if spec is None or spec == _teacher_spec(self.teacher):
+            return
+        device = self.encoder.cls_token.device
+        self.teacher = _teacher_from_spec(spec, self.options.teacher_norm).to(device)
+        dim = _teacher_dim(self.teacher)
+        if self.head is None or self.head.head.out_features != dim:
+            self.head = CAEv2Head(self._width, dim).to(device)
+
+    @staticmethod
+    def _after_load(module, incompatible) -> None:
+        if module.teacher is not None and not any(k.startswith("teacher.") for k in incompatible.missing_keys):
+            module._teacher_ready = True
+
+    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The images as the teacher expects them: re-normalised, channel count and size adapted."""
+        o = self.options
+        x = images.float()
+        if o.teacher_mean is not None:
+            def col(v):
+                return torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+
+            x = (x * col(o.data_std) + col(o.data_mean) - col(o.teacher_mean)) / col(o.teacher_std)
+        enc = self.teacher.encoder
+        c = int(getattr(enc, "in_chans", x.shape[1]))
+        if c != x.shape[1] and x.shape[1] == 1:
+            x = x.expand(-1, c, -1, -1)
+        size = int(enc.grid_size[0] * enc.patch_size)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def teacher_targets(self, images: torch.Tensor, ids_v: torch.Tensor, ids_m: torch.Tensor) -> torch.Tensor:
+        """``(B, 1+n+m, Dt)`` unit vectors ``[T_cls ; T[ids_v] ; T[ids_m]]`` on the student's grid."""
+        teacher = self._require_teacher()
+        t = F.normalize(teacher(self.teacher_input(images), grid=self.encoder.grid_size).float(), dim=-1)
+        patches = t[:, 1:]
+        return torch.cat([t[:, :1], gather_tokens(patches, ids_v), gather_tokens(patches, ids_m)], dim=1)
+
+    # -- capabilities and masking ---------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        # without masked-token supervision the regressor gets no gradient (DDP must be told)
+        unused = "masked" not in self.options.supervise
+        return Capabilities(pictures=("regressor", "views"), find_unused_parameters=unused, masking_kinds=MASKING_KINDS)
+
+    def make_plan(self, images: torch.Tensor, progress: Progress | None = None,
+                  generator: torch.Generator | None = None) -> MaskPlan:
+        """Block-wise (or random) mask with the size preset's count in every image."""
+        return draw_plan(self.masking, self.encoder, images, progress, generator)
+
+    # -- step -----------------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """``Y (B, 1+n+m, Dt)`` unit vectors in the order ``[cls, visible, masked]``."""
+        if plan.num_views != 1 or plan.keep_valid is not None:
+            raise ValueError("cae_v2 takes one view per image with the same masked count in every image")
+        ids_v, ids_m = plan.ids_keep, plan.ids_masked()
+        z = self.proj(self.encoder.forward_masked(images, ids_v))  # (B, 1+n, d)
+        z_m = self.regressor(z[:, 1:], ids_v, ids_m)  # (B, m, d)
+        return self.head(torch.cat([z, z_m], dim=1))
+
+    def token_weights(self, n: int, m: int, device) -> torch.Tensor:
+        """``(1+n+m,)`` 1 for the supervised groups, 0 elsewhere."""
+        sel = self.options.supervise
+        parts = [torch.full((k,), float(g in sel), device=device) for g, k in zip(GROUPS, (1, n, m))]
+        return torch.cat(parts)
+
+    def forward(self, images: torch.Tensor, progress: Progress | None = None, *, plan: MaskPlan | None = None,
+                generator: torch.Generator | None = None) -> StepOutput:
+        """``images (B, C, H, W)`` -> :class:`StepOutput` with ``pred``/``target`` ``(B, 1+n+m, Dt)``."""
+        if plan is None:
+            plan = self.make_plan(images, progress, generator)
+        target = self.teacher_targets(images, plan.ids_keep, plan.ids_masked())
+        pred = self.predict(images, plan)
+        cos = (pred * target).sum(-1)  # (B, 1+n+m)
+        n = plan.n_keep
+        w = self.token_weights(n, cos.shape[1] - 1 - n, cos.device)
+        loss = ((1 - cos) * w).sum() / (w.sum() * cos.shape[0])
+        c = cos.detach()
+        metrics = {"loss_cos": loss.detach(), "cos_cls": c[:, 0].mean(), "cos_visible": c[:, 1 : 1 + n].mean(),
+                   "cos_masked": c[:, 1 + n :].mean(), "mask_ratio": plan.mask.mean().detach()}
+        return StepOutput(loss, metrics, pred=pred, target=target, plan=plan)
+
+    @torch.no_grad()
+    def alignment_map(self, images: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """``(B, L)``: ``cos(Y_m, T_m)`` at the masked patches (prediction vs teacher), NaN at visible ones."""
+        ids_m = plan.ids_masked()
+        cos = (self.predict(images, plan) * self.teacher_targets(images, plan.ids_keep, ids_m)).sum(-1)
+        out = torch.full(plan.mask.shape, float("nan"), device=images.device)
+        return out.scatter_(1, ids_m, cos[:, 1 + plan.n_keep :])

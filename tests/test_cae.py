@@ -1,0 +1,478 @@
+"""CAE and CAE v2: regressor, alignment target, token order, frozen teacher, codebook, options, files."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import needs_fmnist, tiny_model_config
+
+from mimkit.codebook import Codebook, fit_codebook, kmeans, patch_vectors
+from mimkit.config import ConfigError
+from mimkit.masking import BlockOptions, MaskingOptions, MaskPlan
+from mimkit.methods import CAE, CAEOptions, CAEv2, CAEv2Options, Progress
+from mimkit.nn import ViTConfig, ViTEncoder
+from mimkit.nn.cae import LatentRegressor, RegressorBlock
+from mimkit.nn.patch import norm_pix, patchify
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=24, depth=1, num_heads=2)
+
+
+def images(b=4, seed=0):
+    return torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def cae(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("regressor_depth", 2)
+    return CAE(tiny_model_config(), CAEOptions(**kw))
+
+
+def cae_v2(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("regressor_depth", 1)
+    if "teacher_path" not in kw:
+        kw.update(teacher_random_init=True, teacher_vit=TEACHER)
+    return CAEv2(tiny_model_config(), CAEv2Options(**kw))
+
+
+def plan_for(model, x, seed=0):
+    return model.make_plan(x, None, torch.Generator().manual_seed(seed))
+
+
+# -- regressor --------------------------------------------------------------------------------------
+def test_regressor_block_equals_hand_formula():
+    torch.manual_seed(0)
+    d, h = 8, 2
+    blk = RegressorBlock(d, h, mlp_ratio=2.0, layer_scale=0.3).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    xm, zv = torch.randn(2, 3, d), torch.randn(2, 5, d)
+    pm, pv = torch.randn(2, 3, d), torch.randn(2, 5, d)
+    ln = lambda t, m: F.layer_norm(t, (d,), m.weight, m.bias, 1e-6)  # noqa: E731
+    a = blk.cross_attn
+    kv, pk = torch.cat([zv, xm], 1), torch.cat([pv, pm], 1)
+    q = ln(xm + pm, blk.norm_q) @ a.q.weight.T + a.q.bias  # positions on q and k, not v
+    k = ln(kv + pk, blk.norm_k) @ a.k.weight.T  # no key bias
+    v = ln(kv, blk.norm_v) @ a.v.weight.T + a.v.bias
+    hd = d // h
+    outs = []
+    for i in range(h):
+        s = slice(i * hd, (i + 1) * hd)
+        outs.append(torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(hd), -1) @ v[..., s])
+    attn = torch.cat(outs, -1) @ a.proj.weight.T + a.proj.bias
+    x = ln(xm + blk.ls1.gamma * attn, blk.norm2)  # post-norm after the attention residual
+    expected = x + blk.ls2.gamma * blk.mlp(x)
+    torch.testing.assert_close(blk(xm, zv, pm, pv), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_regressor_leaves_visible_latents_unchanged():
+    torch.manual_seed(0)
+    reg = LatentRegressor(8, (4, 4), depth=3, num_heads=2).eval()
+    zv = torch.randn(2, 6, 8)
+    before = zv.clone()
+    ids_v = torch.stack([torch.randperm(16)[:6] for _ in range(2)])
+    ids_m = torch.stack([torch.tensor([i for i in range(16) if i not in set(r.tolist())]) for r in ids_v])
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone())) for b in reg.blocks]
+    out = reg(zv, ids_v, ids_m)
+    for hk in hooks:
+        hk.remove()
+    assert out.shape == (2, 10, 8)
+    assert torch.equal(zv, before)
+    assert len(seen) == 3 and all(torch.equal(s, before) for s in seen)  # every block reads the same Z_v
+    # the predictions depend on the visible latents (they are read)
+    assert not torch.allclose(reg(zv + torch.randn_like(zv), ids_v, ids_m), out)
+
+
+def test_cae_latents_visible_rows_are_the_encoder_output():
+    m = cae().eval()
+    x = images()
+    plan = plan_for(m, x)
+    lat = m.latents(x, plan)
+    expected = m.proj(m.encoder.forward_masked(x, plan.ids_keep))
+    torch.testing.assert_close(lat["z_v"], expected)
+
+
+# -- alignment target -------------------------------------------------------------------------------
+def test_alignment_target_is_the_encoder_on_masked_patches_without_grad():
+    m = cae().eval()
+    x = images()
+    plan = plan_for(m, x)
+    lat = m.latents(x, plan)
+    ids_m = plan.ids_masked()
+    with torch.no_grad():
+        expected = m.proj(m.encoder.forward_masked(x, ids_m))[:, 1:]
+    torch.testing.assert_close(lat["z_bar"], expected)
+    assert not lat["z_bar"].requires_grad and lat["z_m"].requires_grad
+    # the alignment loss sends no gradient into the target branch: d(align)/d(encoder) equals the
+    # gradient with a constant target
+    m.zero_grad()
+    F.mse_loss(lat["z_m"], lat["z_bar"]).backward()
+    g1 = m.encoder.blocks[0].attn.qkv.weight.grad.clone()
+    m.zero_grad()
+    lat2 = m.latents(x, plan)
+    F.mse_loss(lat2["z_m"], expected.clone()).backward()
+    torch.testing.assert_close(m.encoder.blocks[0].attn.qkv.weight.grad, g1)
+
+
+def test_align_weight_scales_the_alignment_term():
+    x = images()
+    outs = {}
+    for w in (0.0, 2.0):
+        m = cae(align_weight=w).eval()
+        outs[w] = m(x, plan=plan_for(m, x))
+    o0, o2 = outs[0.0], outs[2.0]
+    torch.testing.assert_close(o0.loss, o0.metrics["loss_pix"])
+    torch.testing.assert_close(o2.loss, o2.metrics["loss_pix"] + 2.0 * o2.metrics["loss_align"])
+    assert torch.isfinite(o0.metrics["align_cos"])
+
+
+# -- token order ------------------------------------------------------------------------------------
+def _reorder_masked(plan: MaskPlan) -> MaskPlan:
+    """The same visible set, masked ids in reversed order."""
+    n = plan.n_keep
+    perm = plan.perm
+    perm = torch.cat([perm[:, :n], perm[:, n:].flip(1)], 1)
+    return MaskPlan.from_permutation(perm, n)
+
+
+@pytest.mark.parametrize("kind", ["block", "random"])
+def test_cae_predictions_and_targets_share_the_masked_order(kind):
+    masking = MaskingOptions(kind=kind, ratio=0.5, block=BlockOptions(min_patches=4))
+    m = cae(masking=masking).eval()
+    x = images()
+    plan = plan_for(m, x)
+    out = m(x, plan=plan)
+    ids_m = plan.ids_masked()
+    expected = torch.gather(norm_pix(patchify(x, 4)), 1, ids_m[..., None].expand(-1, -1, 16))
+    torch.testing.assert_close(out.target, expected)
+    # reversing the masked ids reverses predictions and targets row for row (queries are equivariant)
+    out2 = m(x, plan=_reorder_masked(plan))
+    torch.testing.assert_close(out2.pred, out.pred.flip(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out2.target, out.target.flip(1))
+    torch.testing.assert_close(out2.loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_cae_v2_prediction_and_teacher_token_order():
+    m = cae_v2().eval()
+    x = images()
+    plan = plan_for(m, x)
+    out = m(x, plan=plan)
+    n, ids_m = plan.n_keep, plan.ids_masked()
+    full = F.normalize(m.teacher(x, grid=m.encoder.grid_size), dim=-1)  # (B, 1+L, Dt)
+    b = torch.arange(x.shape[0])[:, None]
+    torch.testing.assert_close(out.target[:, 0], full[:, 0])
+    torch.testing.assert_close(out.target[:, 1 : 1 + n], full[:, 1:][b, plan.ids_keep])
+    torch.testing.assert_close(out.target[:, 1 + n :], full[:, 1:][b, ids_m])
+    assert out.pred.shape == out.target.shape == (4, 1 + 49, 24)
+    torch.testing.assert_close(out.pred.norm(dim=-1), torch.ones(4, 50))
+    out2 = m(x, plan=_reorder_masked(plan))
+    torch.testing.assert_close(out2.pred[:, 1 + n :], out.pred[:, 1 + n :].flip(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out2.target[:, 1 + n :], out.target[:, 1 + n :].flip(1))
+
+
+@pytest.mark.parametrize("groups", [("visible",), ("masked",), ("cls",), ("cls", "visible", "masked")])
+def test_cae_v2_loss_is_cosine_distance_on_selected_groups(groups):
+    m = cae_v2(supervise=groups).eval()
+    x = images()
+    plan = plan_for(m, x)
+    out = m(x, plan=plan)
+    cos = (out.pred * out.target).sum(-1)
+    n = plan.n_keep
+    parts = {"cls": cos[:, :1], "visible": cos[:, 1 : 1 + n], "masked": cos[:, 1 + n :]}
+    expected = (1 - torch.cat([parts[g] for g in groups], 1)).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+# -- frozen teacher ---------------------------------------------------------------------------------
+def test_teacher_gets_no_gradient_and_never_changes():
+    from mimkit.train.optim import param_groups
+
+    m = cae_v2()
+    m.train()
+    assert not m.teacher.encoder.training
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    teacher_ids = {id(p) for p in m.teacher.parameters()}
+    groups = param_groups(m, 0.05)
+    assert not teacher_ids & {id(p) for g in groups for p in g["params"]}
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    x = images()
+    for step in range(3):
+        out = m(x, Progress(step, 3))
+        out.loss.backward()
+        assert all(p.grad is None for p in m.teacher.parameters())
+        opt.step()
+        opt.zero_grad()
+        m.after_step(Progress(step + 1, 3))
+    assert all(torch.equal(v, before[k]) for k, v in m.teacher.state_dict().items())
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+
+
+def test_teacher_from_file_and_checkpoint_without_the_file(tmp_path):
+    from mimkit.interop import export_encoder
+
+    torch.manual_seed(1)
+    teacher = ViTEncoder(TEACHER)
+    path = export_encoder(teacher, tmp_path / "teacher.safetensors")
+    m = cae_v2(teacher_path=str(path))
+    assert torch.equal(m.teacher.encoder.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+    state = m.state_dict()
+    path.unlink()
+    # no file and no shape: building works, a training step names the command that makes the file
+    orphan = cae_v2(teacher_path=str(path))
+    with pytest.raises(ConfigError, match="mimkit pretrain"):
+        orphan(images())
+    # a checkpoint fills the teacher (its shape travels in the state dict)
+    orphan.load_state_dict(state)
+    assert torch.equal(orphan.teacher.encoder.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+    x = images()
+    plan = plan_for(m, x)
+    torch.testing.assert_close(orphan.eval()(x, plan=plan).loss, m.eval()(x, plan=plan).loss)
+    # a placeholder of another shape is rebuilt from the checkpoint too
+    other = cae_v2(teacher_path=str(path), teacher_vit=ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=8,
+                                                                  depth=1, num_heads=2))
+    other.load_state_dict(state)
+    assert other.teacher.encoder.embed_dim == 24 and other.head.head.out_features == 24
+
+
+def test_cae_v2_size_preset_and_errors():
+    from mimkit.methods.cae_v2 import size_num_keep
+
+    assert [196 - size_num_keep(196, s) for s in ("tiny", "small", "base")] == [30, 49, 98]
+    assert 49 - size_num_keep(49, "tiny") == 8
+    m = cae_v2(size_preset="tiny")
+    assert int(plan_for(m, images()).mask.sum(1)[0]) == 8
+    with pytest.raises(ValueError, match="supervise"):
+        cae_v2(supervise=("patches",))
+    with pytest.raises(ValueError, match="teacher_path"):
+        CAEv2(tiny_model_config(), CAEv2Options())
+    with pytest.raises(ValueError, match="teacher_vit"):
+        CAEv2(tiny_model_config(), CAEv2Options(teacher_random_init=True))
+    with pytest.raises(ValueError, match="block or random"):
+        cae_v2(masking=MaskingOptions(kind="partition"))
+    with pytest.raises(ValueError, match="size_preset"):
+        cae_v2(size_preset="tiny", masking=MaskingOptions(kind="block", num_keep=10))
+
+
+# -- masking and options ------------------------------------------------------------------------------
+def test_block_masking_exact_count_and_errors():
+    m = cae(masking=MaskingOptions(kind="block", ratio=0.5, block=BlockOptions(min_patches=4)))
+    plan = plan_for(m, images(16)).validate()
+    assert torch.equal(plan.mask.sum(1), torch.full((16,), 25.0))
+    assert m.capabilities.masking_kinds == ("block", "random")
+    assert "reconstruction" in m.capabilities.pictures
+    with pytest.raises(ValueError, match="target"):
+        cae(target="dalle")
+    with pytest.raises(ValueError, match="codebook_path"):
+        cae(target="codebook")
+    with pytest.raises(ValueError, match="block or random"):
+        cae(masking=MaskingOptions(kind="sbam"))
+
+
+def test_cae_without_decoder_is_a_linear_head():
+    m = cae(masking=MaskingOptions(kind="random", ratio=0.5))
+    m2 = CAE(tiny_model_config(), CAEOptions(regressor_depth=2))
+    assert len(m2.decoder.blocks) == 1
+    cfg = tiny_model_config()
+    cfg.decoder.depth = 0
+    m = CAE(cfg, CAEOptions(regressor_depth=1)).eval()
+    x = images()
+    plan = plan_for(m, x)
+    lat = m.latents(x, plan)
+    out = m(x, plan=plan)
+    torch.testing.assert_close(out.pred, m.decoder.head(m.decoder.norm(lat["z_m"])))
+
+
+def test_cae_reconstruction_keeps_visible_patches():
+    m = cae().eval()
+    x = images()
+    plan = plan_for(m, x)
+    rec = m.reconstruct(x, plan)
+    target = norm_pix(patchify(x, 4))
+    vis = rec.mask == 0
+    torch.testing.assert_close(rec.pred[vis], target[vis])
+    out = m(x, plan=plan)
+    b = torch.arange(4)[:, None]
+    torch.testing.assert_close(rec.pred[b, plan.ids_masked()], out.pred)
+
+
+# -- codebook ---------------------------------------------------------------------------------------
+def test_codebook_assigns_each_patch_to_its_nearest_centroid():
+    g = torch.Generator().manual_seed(0)
+    book = Codebook(torch.randn(7, 16, generator=g), patch_size=4)
+    patches = torch.randn(3, 11, 16, generator=g)
+    ids = book.assign(patches)
+    brute = torch.cdist(patches.reshape(-1, 16), book.centroids).argmin(1).reshape(3, 11)
+    assert ids.shape == (3, 11) and torch.equal(ids, brute)
+    x = images(2)
+    torch.testing.assert_close(book.tokens(x), book.assign(norm_pix(patchify(x, 4))), rtol=0, atol=0)
+    assert torch.equal(patch_vectors(x, 4), norm_pix(patchify(x, 4)))
+
+
+def test_kmeans_recovers_separated_clusters_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 10
+    pts = centers.repeat_interleave(50, 0) + 0.01 * torch.randn(200, 16, generator=g)
+    cents, info = kmeans(pts, 4, iters=10)
+    err = torch.cdist(centers, cents).min(1).values
+    assert err.max() < 0.1 and info["codes_used"] == 4
+    x = (images(8) * 60 + 128).clamp(0, 255).to(torch.uint8)
+    book, info = fit_codebook(x, 4, k=16, iters=5, mean=(0.5,), std=(0.25,))
+    path = book.save(tmp_path / "cb.pt", info)
+    again = Codebook.load(path)
+    assert torch.equal(again.centroids, book.centroids) and again.patch_size == 4
+    with pytest.raises(FileNotFoundError, match="mimkit.codebook fit"):
+        Codebook.load(tmp_path / "missing.pt")
+
+
+def test_cae_codebook_target_file_and_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    book = Codebook(torch.randn(32, 16, generator=g), 4)
+    path = book.save(tmp_path / "cb.pt")
+    m = cae(target="codebook", codebook_path=str(path), codebook_size=32).eval()
+    x = images()
+    plan = plan_for(m, x)
+    out = m(x, plan=plan)
+    assert out.pred.shape == (4, 25, 32)
+    assert torch.equal(out.target, torch.gather(book.tokens(x), 1, plan.ids_masked()))
+    ce = F.cross_entropy(out.pred.flatten(0, 1), out.target.flatten())
+    torch.testing.assert_close(out.loss, ce + 2.0 * out.metrics["loss_align"])
+    assert "reconstruction" not in m.capabilities.pictures
+    with pytest.raises(ValueError, match="codebook_size=32"):
+        cae(target="codebook", codebook_path=str(path), codebook_size=64)
+    state = m.state_dict()
+    path.unlink()
+    orphan = cae(target="codebook", codebook_path=str(path), codebook_size=32)
+    with pytest.raises(ConfigError, match="python -m mimkit.codebook fit"):
+        orphan(x)
+    orphan.load_state_dict(state)
+    assert torch.equal(orphan.eval()(x, plan=plan).target, out.target)
+
+
+# -- pictures and the trainer -------------------------------------------------------------------------
+def test_regressor_picture_and_alignment_map(tmp_path):
+    from mimkit.viz import draw_picture
+
+    for m in (cae(), cae_v2()):
+        x = images()
+        cos = m.eval().alignment_map(x, plan_for(m, x))
+        masked = plan_for(m, x).mask.bool()
+        assert torch.isnan(cos[~masked]).all() and (cos[masked].abs() <= 1 + 1e-5).all()
+        path = draw_picture("regressor", m, (images(3) * 60 + 128).clamp(0, 255).to(torch.uint8), (0.5,), (0.25,),
+                            tmp_path / f"{type(m).__name__}.png")
+        assert path.is_file() and path.stat().st_size > 1000
+
+
+@needs_fmnist
+def test_cae_v2_run_then_checkpoint_builds_without_teacher_file(tmp_path):
+    """The real trainer with a random teacher (preset shapes shrunk), then the model rebuilt from the
+    checkpoint's config with a teacher path that does not exist."""
+    from mimkit.config import config_from_dict, load_config
+    from mimkit.train import pretrain
+    from mimkit.train.checkpoint import load_checkpoint
+    from mimkit.train.loop import build_method
+
+    tiny = ["model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
+            "model.decoder.embed_dim=32", "model.decoder.num_heads=2", "data.batch_size=32", "data.limit=64",
+            "train.max_steps=2", "train.progress_bar=false", "train.tensorboard=false", "eval.knn_at_end=false",
+            "eval.picture_at_end=false", f"train.out_dir={tmp_path}", "method.teacher_path=null",
+            "method.teacher_random_init=true", "method.teacher_vit.embed_dim=24", "method.teacher_vit.depth=1",
+            "method.teacher_vit.num_heads=2", "method.teacher_vit.patch_size=7"]
+    pretrain(load_config(ROOT / "configs/cae_v2_fashion_mnist.yaml", tiny))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    conf = state["config"]
+    conf["method"].update(teacher_path=str(tmp_path / "gone.pt"), teacher_random_init=False, teacher_vit=None)
+    model = build_method(config_from_dict(conf))
+    assert model.teacher is None and not model._teacher_ready
+    model.load_state_dict(state["model"])
+    assert model._teacher_ready and model.teacher.encoder.embed_dim == 24 and model.teacher.grid_size == (4, 4)
+    x = images()
+    assert torch.isfinite(model(x).loss)
+
+
+def test_cae_tokenizer_target(tmp_path, monkeypatch):
+    (tmp_path / "toy_tokenizer.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Tok(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        p = torch.nn.functional.avg_pool2d(x, 4)[:, 0]  # (B, 7, 7)\n"
+        "        return (p > 0).long() + 2 * (p > 1).long()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = cae(target="tokenizer", tokenizer="toy_tokenizer:Tok", tokenizer_vocab=4).eval()
+    x = images()
+    plan = plan_for(m, x)
+    out = m(x, plan=plan)
+    p = F.avg_pool2d(x, 4)[:, 0].flatten(1)
+    ids = (p > 0).long() + 2 * (p > 1).long()
+    assert out.pred.shape == (4, 25, 4)
+    assert torch.equal(out.target, torch.gather(ids, 1, plan.ids_masked()))
+    assert not any("tokenizer" in k for k in m.state_dict())  # never saved
+    assert not any("tokenizer" in n for n, _ in m.named_modules())
+
+
+# -- CLIP teacher -----------------------------------------------------------------------------------
+def clip_visual(width=32, layers=1, patch=7, img=28, out=16):
+    """A random CLIP image tower in OpenAI's ``visual.*`` keys (one head: width // 64 -> 1)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return 0.1 * torch.randn(*s, generator=g)
+
+    n = (img // patch) ** 2
+    sd = {"visual.class_embedding": r(width), "visual.positional_embedding": r(1 + n, width),
+          "visual.conv1.weight": r(width, 3, patch, patch), "visual.ln_pre.weight": 1 + r(width),
+          "visual.ln_pre.bias": r(width), "visual.ln_post.weight": 1 + r(width), "visual.ln_post.bias": r(width),
+          "visual.proj": r(width, out)}
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+                   p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+                   p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+                   p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
+                   p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
+                   p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width)})
+    return sd
+
+
+def clip_reference(sd, x, width=32, layers=1, patch=7):
+    """OpenAI CLIP's image tower by hand, with ln_post on every token then the projection (CAE v2)."""
+    def ln(t, name):
+        return F.layer_norm(t, (width,), sd[name + ".weight"], sd[name + ".bias"], 1e-5)
+
+    t = F.conv2d(x, sd["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), t], 1) + sd["visual.positional_embedding"]
+    t = ln(t, "visual.ln_pre")
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        q, k, v = (ln(t, p + "ln_1") @ sd[p + "attn.in_proj_weight"].T + sd[p + "attn.in_proj_bias"]).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(width), -1) @ v
+        t = t + a @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
+        h = ln(t, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]
+        t = t + (h * torch.sigmoid(1.702 * h)) @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+    return ln(t, "visual.ln_post") @ sd["visual.proj"]
+
+
+def test_clip_teacher_matches_openai_forward_and_travels_in_checkpoints(tmp_path):
+    from mimkit.targets import ClipImageTower, FrozenTeacher
+
+    sd = clip_visual()
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)  # open_clip-style wrapping
+    teacher = FrozenTeacher.from_file(path)
+    assert isinstance(teacher.encoder, ClipImageTower) and teacher.grid_size == (4, 4)
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(teacher(x), clip_reference(sd, x), rtol=1e-4, atol=1e-4)
+    m = cae_v2(teacher_path=str(path))
+    assert m.head.head.out_features == 16
+    xs = images()
+    plan = plan_for(m, xs)
+    out = m.eval()(xs, plan=plan)  # grey student images -> 3 channels, 4x4 teacher grid -> 7x7
+    state = m.state_dict()
+    path.unlink()
+    orphan = cae_v2(teacher_path=str(path))
+    orphan.load_state_dict(state)
+    assert isinstance(orphan.teacher.encoder, ClipImageTower)
+    torch.testing.assert_close(orphan.eval()(xs, plan=plan).loss, out.loss)

@@ -1,0 +1,383 @@
+"""MixedAE (methods_b §3): mixing / unmixing, homologous attention, HomoCon, the per-image loss, G = 1
+equals MAE, recognition accuracy, options, pictures and the trainer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model_config
+
+from mimkit.config import load_config
+from mimkit.losses import homologous_contrastive, masked_mse
+from mimkit.masking import RandomMasking
+from mimkit.methods import MAE, METHODS, MixedAE, MixedAEOptions, build_method
+from mimkit.methods.mixedae import mix, recognition_accuracy, unmix
+from mimkit.nn.layers import Attention
+from mimkit.nn.vit import gather_tokens
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def model(**opts) -> MixedAE:
+    torch.manual_seed(0)
+    return MixedAE(tiny_model_config(), MixedAEOptions(**opts))  # 28x28, patch 4: L = 49
+
+
+def images(b: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# mixing and unmixing
+
+
+@pytest.mark.parametrize("g", [2, 4, 7])
+def test_mixing_partitions_each_group_and_unmixing_restores_tokens(g):
+    m = model(group_size=g)
+    x = images(2 * g)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(1)).validate()
+    b, length = x.shape[0], m.encoder.num_patches
+    assert plan.num_seqs == b and plan.num_views == 1 and plan.group_size == g
+    tokens = m.encoder.patch_tokens(x)
+    own = gather_tokens(tokens, plan.ids_keep)  # (B, n, D)
+    mixed, valid, member = mix(own, g, plan.keep_valid)
+    n = plan.n_keep
+    assert mixed.shape == (b // g, g * n, tokens.shape[-1])
+    # unmixing restores every image's own tokens exactly (bitwise)
+    assert torch.equal(unmix(mixed, g), own)
+    # each group's sequence holds every grid position exactly once, taken from the image that owns it
+    valid = torch.ones(b // g, g * n, dtype=torch.bool) if valid is None else valid
+    ids = plan.ids_keep.reshape(b // g, g * n)
+    for grp in range(b // g):
+        pos = ids[grp][valid[grp]]
+        assert sorted(pos.tolist()) == list(range(length))
+        owner = plan.source[grp * g][pos]
+        assert torch.equal(owner, member[valid[grp]])
+        for slot in torch.nonzero(valid[grp]).flatten().tolist():
+            k, p = int(member[slot]), int(ids[grp, slot])
+            assert torch.equal(mixed[grp, slot], tokens[grp * g + k, p])
+    # the G images of a group share one partition; the per-image pixel loss mask is "not owned by me"
+    src = plan.source.view(b // g, g, length)
+    assert torch.equal(src, src[:, :1].expand_as(src))
+    k_of_seq = torch.arange(b) % g
+    assert torch.equal(plan.mask, (plan.source != k_of_seq[:, None]).float())
+    counts = (plan.mask == 0).sum(1).view(b // g, g)
+    assert int(counts.max() - counts.min()) <= (0 if length % g == 0 else 1)
+
+
+def test_plan_noise_reproduces_and_groups_are_independent():
+    m = model()
+    x = images(8)
+    noise = torch.rand(2, 49, generator=torch.Generator().manual_seed(3))
+    p1, p2 = m.make_plan(x, noise=noise), m.make_plan(x, noise=noise)
+    assert torch.equal(p1.ids_keep, p2.ids_keep) and torch.equal(p1.source, p2.source)
+    assert not torch.equal(p1.source[0], p1.source[4])  # two groups, two partitions
+
+
+def test_batch_not_multiple_of_group_is_refused_with_the_fix():
+    m = model(group_size=4)
+    with pytest.raises(ValueError, match=r"data.batch_size .* multiple of 4 \(e.g. 4\)"):
+        m(images(6))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        m.check_batch_size(254)
+    m.check_batch_size(256)
+
+
+def test_bad_options_are_refused():
+    for opts in [dict(group_size=0), dict(segment_embed="both"), dict(projector="mlp3"), dict(temperature=0.0),
+                 dict(topk=0), dict(topk_ratio=1.5), dict(topk_blocks=(5,)), dict(partition_strict=True),
+                 dict(pixel_weight=0.0, contrastive_weight=0.0)]:
+        with pytest.raises(ValueError):
+            model(**opts)
+    with pytest.raises(ValueError, match="group_size=1"):
+        model(group_size=1).make_plan(images(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# homologous attention
+
+
+def test_topk_with_all_keys_equals_plain_attention_and_smaller_k_keeps_k():
+    torch.manual_seed(0)
+    attn = Attention(32, 2).eval()
+    x = torch.randn(3, 11, 32)
+    plain = attn(x)
+    full, probs = attn(x, topk=11, return_attn=True)
+    torch.testing.assert_close(full, plain, rtol=1e-5, atol=1e-6)
+    out, probs = attn(x, topk=4, return_attn=True)
+    assert torch.equal((probs > 0).sum(-1), torch.full((3, 2, 11), 4))  # exactly K keys per query
+    assert not torch.allclose(out, plain, atol=1e-4)
+
+
+def test_method_with_k_equal_to_all_keys_equals_attention_off():
+    x = images(8)
+    plan = model().make_plan(x, generator=torch.Generator().manual_seed(2))
+    on = model(topk=1 + 4 * plan.n_keep)  # every key of the padded mixed sequence
+    off = model(homologous_attention=False)
+    off.load_state_dict(on.state_dict())
+    a, b = on(x, plan=plan), off(x, plan=plan)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    assert "recognition_acc" not in a.metrics  # K >= T: no TopK block runs
+
+
+def test_topk_runs_in_training_only():
+    m = model()
+    x = images(8)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(2))
+    m.train()
+    train = m(x, plan=plan)
+    assert 0.0 <= float(train.metrics["recognition_acc"]) <= 1.0
+    m.eval()
+    ev = m(x, plan=plan)
+    assert "recognition_acc" not in ev.metrics
+    plain = model(homologous_attention=False)
+    plain.load_state_dict(m.state_dict())
+    plain.eval()
+    torch.testing.assert_close(ev.loss, plain(x, plan=plan).loss)  # eval: plain SDPA, same weights
+    assert not torch.allclose(train.loss, ev.loss)
+
+
+def test_default_k_and_blocks():
+    m = model()
+    assert m.topk_k == math.ceil(0.25 * 50)  # ceil(r * (1 + L)) = 13
+    assert model(topk_ratio=0.5).topk_k == 25
+    assert model(topk=7).topk_k == 7
+    calls = []
+    m.train()
+    orig = m.encoder.run_blocks
+
+    def spy(*a, **kw):
+        calls.append(kw.get("topk_blocks"))
+        return orig(*a, **kw)
+
+    m2 = model(topk_blocks=(-1,))
+    m2.encoder.run_blocks = spy
+    out = m2(images(8))
+    assert calls == [(-1,)] and "recognition_acc" in out.metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# recognition accuracy
+
+
+def test_recognition_accuracy_is_one_when_tokens_attend_to_their_own_image():
+    g, n, heads = 4, 3, 2
+    member = torch.arange(g).repeat_interleave(n)  # (12,)
+    m = g * n
+    same = (member[:, None] == member[None, :]).float()
+    attn = torch.zeros(2, heads, 1 + m, 1 + m)
+    attn[:, :, 1:, 1:] = same / n
+    attn[:, :, 0, :] = 1.0 / (1 + m)  # the cls query attends everywhere (not counted)
+    assert float(recognition_accuracy(attn, member)) == 1.0
+    # a kept cls key does not count against the query
+    attn[:, :, 1:, 0] = 0.1
+    assert float(recognition_accuracy(attn, member)) == 1.0
+
+
+def test_recognition_accuracy_hand_value_and_padding():
+    member = torch.tensor([0, 0, 1, 1])
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, 1:, 1:] = torch.tensor([[0.5, 0.5, 0.0, 0.0],   # 2/2 own
+                                       [0.4, 0.2, 0.4, 0.0],   # 2/3 own
+                                       [0.3, 0.3, 0.2, 0.2],   # 2/4 own
+                                       [1.0, 0.0, 0.0, 0.0]])  # 0/1 own
+    expect = (1 + 2 / 3 + 0.5 + 0) / 4
+    assert float(recognition_accuracy(attn, member)) == pytest.approx(expect)
+    # slot 3 is padding: not a query, not a key
+    valid = torch.tensor([[True, True, True, False]])
+    expect = (1 + 2 / 3 + 1 / 3) / 3
+    assert float(recognition_accuracy(attn, member, valid)) == pytest.approx(expect)
+
+
+# --------------------------------------------------------------------------------------------------
+# homologous contrastive loss
+
+
+def test_homologous_contrastive_equals_hand_computation():
+    z = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]]])
+    labels = torch.tensor([0, 0, 1, 1])
+    tau = 0.5
+    # cosines: c01 = .6, c02 = 0, c03 = -1, c12 = .8, c13 = -.6, c23 = 0
+    e = math.exp
+
+    def term(pos, others):
+        return -math.log(e(pos / tau) / sum(e(c / tau) for c in others))
+
+    l0 = term(0.6, [0.6, 0.0, -1.0])
+    l1 = term(0.6, [0.6, 0.8, -0.6])
+    l2 = term(0.0, [0.0, 0.8, 0.0])
+    l3 = term(0.0, [-1.0, -0.6, 0.0])
+    expect = (l0 + l1 + l2 + l3) / 4
+    assert float(homologous_contrastive(z * 3.0, labels, temperature=tau)) == pytest.approx(expect, rel=1e-6)
+    # token 3 as padding: anchors 0, 1 keep their positive; anchor 2 has none and is left out
+    valid = torch.tensor([[True, True, True, False]])
+    expect = (term(0.6, [0.6, 0.0]) + term(0.6, [0.6, 0.8])) / 2
+    assert float(homologous_contrastive(z, labels, valid, tau)) == pytest.approx(expect, rel=1e-6)
+
+
+def test_homologous_contrastive_several_positives_and_sequences():
+    torch.manual_seed(0)
+    z = torch.randn(3, 6, 5)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    tau = 0.3
+    zn = F.normalize(z, dim=-1)
+    total, count = 0.0, 0
+    for s in range(3):
+        sim = (zn[s] @ zn[s].T / tau).tolist()
+        for i in range(6):
+            pos = [j for j in range(6) if j != i and labels[j] == labels[i]]
+            if not pos:
+                continue
+            den = math.log(sum(math.exp(sim[i][j]) for j in range(6) if j != i))
+            total += sum(den - sim[i][p] for p in pos) / len(pos)
+            count += 1
+    assert float(homologous_contrastive(z, labels, temperature=tau)) == pytest.approx(total / count, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# G = 1 is MAE; the loss is MAE's per image
+
+
+def test_group_size_one_is_mae_on_the_same_plan():
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    mae = MAE(cfg)
+    mix1 = MixedAE(cfg, MixedAEOptions(group_size=1))
+    assert set(mix1.state_dict()) == set(mae.state_dict())  # no segment table, no projector at G = 1
+    mix1.load_state_dict(mae.state_dict())
+    x = images(6)
+    plan = RandomMasking(0.75)(6, 49, generator=torch.Generator().manual_seed(5))
+    for mode in (True, False):
+        mae.train(mode)
+        mix1.train(mode)
+        a, b = mae(x, plan=plan), mix1(x, plan=plan)
+        assert torch.equal(a.pred, b.pred)
+        assert torch.equal(a.loss, b.loss)
+        assert "loss_contrastive" not in b.metrics
+
+
+def test_pixel_loss_is_each_images_loss_on_positions_it_does_not_own():
+    m = model(contrastive_weight=0.0)
+    x = images(8)
+    out = m(x)
+    plan = out.plan
+    per_patch = (out.pred - out.target).pow(2).mean(-1)
+    k = torch.arange(8) % 4
+    not_owned = (plan.source != k[:, None]).float()
+    expect = (per_patch * not_owned).sum() / not_owned.sum()
+    torch.testing.assert_close(out.loss, expect)
+    torch.testing.assert_close(out.metrics["loss_pixel"], masked_mse(out.pred, out.target, plan.mask))
+
+
+def test_images_are_reconstructed_from_their_own_tokens_only_in_the_decoder():
+    """The decoder input of image b is built from the encoder outputs at b's own slots: changing what
+    the encoder says at another member's slots does not change b's decoder input."""
+    m = model().eval()
+    x = images(8)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(0))
+    z, valid, member, _ = m.encode(m.encoder.patch_tokens(x), plan, homologous=False)
+    z2 = z.clone()
+    z2[:, 1:][:, member != 1] += 1.0  # perturb every slot not owned by member 1
+    a, b = m.decoder_input(z), m.decoder_input(z2)
+    own = torch.arange(8) % 4 == 1
+    assert torch.equal(a[own, 1:], b[own, 1:]) and not torch.equal(a[~own, 1:], b[~own, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# options, gradients, training
+
+
+def test_segment_embedding_modes():
+    x = images(8)
+    plan = model().make_plan(x, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for mode in ("encoder", "decoder", "none"):
+        m = model(segment_embed=mode)
+        assert (m.segment_embedding is None) == (mode == "none")
+        out = m(x, plan=plan)
+        out.loss.backward()
+        if mode != "none":
+            assert m.segment_embedding.shape == (4, 32) and m.segment_embedding.grad.abs().sum() > 0
+        losses[mode] = float(out.loss.detach())
+    assert len(set(losses.values())) == 3
+    # the exported encoder stays a plain ViT
+    assert not any("segment" in k for k in model().encoder.state_dict())
+
+
+def test_contrastive_only_leaves_the_decoder_without_gradient():
+    m = model(pixel_weight=0.0)
+    assert m.capabilities.find_unused_parameters
+    out = m(images(8))
+    out.loss.backward()
+    assert all(p.grad is None for p in m.decoder.parameters())
+    assert m.encoder.blocks[0].attn.qkv.weight.grad is not None
+    torch.testing.assert_close(out.loss, 0.1 * out.metrics["loss_contrastive"])
+    assert float(out.metrics["loss_pixel"]) > 0
+
+
+def test_naive_mixing_logs_contrastive_without_training_it():
+    m = model(homologous_attention=False, contrastive_weight=0.0)
+    out = m(images(8))
+    assert set(out.metrics) == {"loss_pixel", "loss_contrastive"}
+    torch.testing.assert_close(out.loss, out.metrics["loss_pixel"])
+    assert not m.capabilities.find_unused_parameters
+
+
+def test_projector_option():
+    m = model(projector="mlp")
+    out = m(images(8))
+    out.loss.backward()
+    assert m.projector.layers[0].weight.grad is not None
+
+
+def test_loss_falls_and_recognition_rises_on_a_fixed_batch():
+    """Images whose patches share an intensity (so the tokens of one image can be recognized): in 30
+    steps both losses fall and the TopK keys come more often from the query's own image."""
+    m = model()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 1, 1, generator=g) * 2 + 0.1 * torch.randn(16, 1, 28, 28, generator=g)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    first = last = None
+    for step in range(30):
+        out = m(x, generator=gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        if step == 0:
+            first = out.metrics
+        last = out.metrics
+    assert float(last["loss_pixel"]) < float(first["loss_pixel"])
+    assert float(last["loss_contrastive"]) < float(first["loss_contrastive"])
+    assert float(last["recognition_acc"]) > float(first["recognition_acc"]) + 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# registry, presets, pictures
+
+
+def test_registered_and_presets_build():
+    assert METHODS["mixedae"] is MixedAE
+    for name in ("mixedae_fashion_mnist", "mixedae_vit_base_imagenet"):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        assert cfg.method.name == "mixedae" and cfg.data.batch_size % cfg.method.group_size == 0
+    cfg = load_config(CONFIGS / "mixedae_fashion_mnist.yaml")
+    m = build_method(cfg.model, cfg.method)
+    assert m.topk_k == 13 and m.capabilities.masking_kinds == ("partition",)
+
+
+def test_pictures(tmp_path):
+    from mimkit.viz import draw_picture
+
+    m = model()
+    imgs = (torch.rand(8, 1, 28, 28) * 255).to(torch.uint8)
+    for kind in m.capabilities.pictures:
+        path = draw_picture(kind, m, imgs, (0.286,), (0.353,), tmp_path / f"{kind}.png")
+        assert path.is_file() and path.stat().st_size > 1000
+    assert set(m.capabilities.pictures) >= {"reconstruction", "views", "mixing"}
+    with pytest.raises(ValueError, match="at least 4 images"):
+        draw_picture("mixing", m, imgs[:3], (0.286,), (0.353,), tmp_path / "x.png")
