@@ -75,3 +75,41 @@ def test_plan_from_mask_rejects_unequal_counts():
     m[0, 0] = True
     with pytest.raises(ValueError, match="same number"):
         plan_from_mask(m)
+
+
+def test_every_generator_returns_a_valid_plan_and_validate_catches_broken_ones():
+    from mimkit.masking import MASKING_KINDS, MaskingOptions, build_mask_generator, partition_slots
+
+    tokens = torch.randn(3, 49, 8)
+    for kind in MASKING_KINDS:
+        gen = build_mask_generator(MaskingOptions(kind=kind))
+        plan = gen(3, 49, generator=torch.Generator().manual_seed(0), tokens=tokens, grid=(7, 7))
+        plan.validate()
+        assert plan.num_seqs == 3 * gen.num_views
+    # partition: source says which part owns each position, the same for the K views of an image
+    plan = build_mask_generator(MaskingOptions(kind="partition", num_views=4))(2, 49, generator=torch.Generator().manual_seed(1))
+    src = plan.source.view(2, 4, 49)
+    assert torch.equal(src[:, 0], src[:, 3]) and plan.group_size == 4
+    for v in range(4):  # view v sees exactly the positions part v owns
+        assert torch.equal(plan.mask.view(2, 4, 49)[:, v] == 0, src[:, v] == v)
+    assert torch.equal(partition_slots(torch.arange(8)[None], 4), torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]]))
+    # target ids: any subset of the masked ids; visible or repeated ids are refused
+    good = plan.replace(ids_target=plan.ids_masked()[:, :5])
+    assert torch.equal(good.validate().target_ids(), plan.ids_masked()[:, :5])
+    with pytest.raises(ValueError, match="visible"):
+        plan.replace(ids_target=plan.ids_keep[:, :2]).validate()
+    with pytest.raises(ValueError, match="repeats"):
+        plan.replace(ids_target=plan.ids_masked()[:, [0, 0]]).validate()
+    broken = plan.replace(mask=torch.zeros_like(plan.mask))
+    with pytest.raises(ValueError, match="mask is not 0 exactly"):
+        broken.validate()
+    with pytest.raises(ValueError, match="source ids"):
+        plan.replace(source=plan.source + 4).validate()
+
+
+def test_generators_take_explicit_keywords_only():
+    with pytest.raises(TypeError):
+        RandomMasking(0.5)(2, 16, nosie=torch.rand(2, 16))  # a misspelt keyword is an error
+    with pytest.raises(ValueError, match="num_keep"):
+        RandomMasking(0.5, count=17)(2, 16)
+    assert RandomMasking(0.9, count=5)(2, 49).n_keep == 5

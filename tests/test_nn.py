@@ -121,3 +121,50 @@ def test_bf16_cpu_attention_path_matches_fp32():
     assert torch.allclose(low.float(), ref, atol=0.05, rtol=0.05)
     explicit, weights = attn(x, return_attn=True)
     assert torch.allclose(explicit, ref, atol=1e-5) and torch.allclose(weights.sum(-1), torch.ones(8, 4, 13))
+
+
+def test_forward_intermediates_matches_block_outputs_and_timm():
+    import timm  # noqa: F401
+
+    from mimkit.interop import timm_model_for
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=24, depth=3, num_heads=2)
+    enc = ViTEncoder(cfg).eval()
+    x = torch.randn(2, 1, 16, 16)
+    final, inter = enc.forward_intermediates(x, indices=2, output_fmt="NLC")
+    _, saved = enc.forward_tokens(enc.patch_tokens(x), return_blocks=[1, 2])
+    assert len(inter) == 2 and torch.equal(inter[0], saved[0][:, 1:]) and torch.equal(inter[1], saved[1][:, 1:])
+    torch.testing.assert_close(final, enc.forward_features(x))
+    nchw = enc.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert nchw[0].shape == (2, 24, 4, 4)
+    ref = timm_model_for(cfg).eval()
+    ref.load_state_dict(enc.state_dict())
+    _, timm_inter = ref.forward_intermediates(x, indices=2)
+    for a, b in zip(enc.forward_intermediates(x, indices=2)[1], timm_inter, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_fmt"):
+        enc.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_token_selection_hook_and_topk_attention():
+    torch.manual_seed(0)
+    enc = ViTEncoder(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=24, depth=2, num_heads=2)).eval()
+    x = enc.with_cls(enc.patch_tokens(torch.randn(2, 1, 16, 16)))
+    ids = torch.arange(16).expand(2, 16)
+
+    def keep_even(i, h, tid):  # after block 0 keep the even grid ids
+        return (torch.cat([h[:, :1], h[:, 1::2]], 1), tid[:, ::2]) if i == 0 else None
+
+    out = enc.run_blocks(x, ids=ids, select=keep_even)
+    assert out.x.shape == (2, 9, 24) and torch.equal(out.ids, ids[:, ::2])
+    h = enc.blocks[0](x)
+    ref = enc.blocks[1](torch.cat([h[:, :1], h[:, 1::2]], 1))
+    torch.testing.assert_close(out.x, ref)
+    # TopK with K = number of keys is plain attention; smaller K changes it and zeroes the dropped keys
+    plain = enc.run_blocks(x).x
+    torch.testing.assert_close(enc.run_blocks(x, topk=17).x, plain, atol=1e-5, rtol=1e-5)
+    seen = []
+    topk = enc.run_blocks(x, topk=3, topk_blocks=[1], attn_callback=lambda i, a: seen.append((i, a)))
+    assert [i for i, _ in seen] == [1] and not torch.allclose(topk.x, plain)
+    assert bool(((seen[0][1] > 0).sum(-1) <= 3).all())
