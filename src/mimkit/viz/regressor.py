@@ -30,14 +30,15 @@ def regressor_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, m
     p = model.encoder.patch_size
     grid = model.encoder.grid_size
     disp = _display(x)
-    mask_px = _patch_map(plan.mask.float(), grid, p)
-    cos_px = _patch_map(cos, grid, p)
+    masked = _masked(disp, _patch_map(plan.mask.float(), grid, p)).numpy()
+    cos_px = _patch_map(cos, grid, p).numpy()
     b = x.shape[0]
     fig, axes = plt.subplots(b, 3, figsize=(6.6, 2.2 * b), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.7 / (2.2 * b))
     im = None
     for i in range(b):
-        axes[i, 0].imshow(disp[i])
-        axes[i, 1].imshow(_masked(disp[i : i + 1], mask_px[i : i + 1])[0])
+        axes[i, 0].imshow(disp[i].numpy())
+        axes[i, 1].imshow(masked[i])
         im = axes[i, 2].imshow(cos_px[i], cmap="viridis", vmin=-1, vmax=1)
         mean_cos = torch.nanmean(cos[i]).item()
         axes[i, 2].set_title(f"cos {mean_cos:.2f}", fontsize=8)
