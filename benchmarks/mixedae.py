@@ -21,7 +21,8 @@ Measurements of every run (frozen encoder, full 28x28 images, tokens after the f
 attention):
 
 * kNN top-1 (k = 20, cosine, T = 0.07) on cls and on mean-pooled patch tokens, first ``--limit-train``
-  train images as the bank, first ``--limit-test`` test images (the trainer's ``eval.knn_*_limit``).
+  train images as the bank, first ``--limit-test`` test images (recomputed by the probes, so the
+  untrained ``init`` row is measured the same way; the trainer's end-of-run kNN is the same protocol).
 * linear: ANCHORS.md's probe (standardized features + scikit-learn LogisticRegression(C=1,
   max_iter=1000)) on cls and mean-pooled tokens, same images.
 * attentive: :func:`mimkit.eval.attentive.train_attentive_probe` (CAE's attentive probe) on all tokens,
@@ -61,7 +62,7 @@ MIXEDAE = ROOT / "configs/mixedae_fashion_mnist.yaml"
 MAE = ROOT / "configs/mae_fashion_mnist.yaml"
 
 ARMS: dict[str, tuple[Path, list[str]]] = {
-    "init": (MAE, ["train.max_steps=0"]),  # the encoder at MAE's initialisation, not trained (reference)
+    "init": (MAE, []),  # not trained: the encoder at MAE's initialisation (reference)
     "mae": (MAE, []),
     "naive": (MIXEDAE, ["method.homologous_attention=false", "method.contrastive_weight=0.0"]),
     "topk": (MIXEDAE, ["method.contrastive_weight=0.0"]),
@@ -99,6 +100,7 @@ def probes(out_dir: Path, args) -> dict:
     from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
     from mimkit.eval.attentive import AttentiveProbeConfig, train_attentive_probe
     from mimkit.eval.features import extract_features
+    from mimkit.eval.knn import knn_accuracy
     from mimkit.eval.linear import logistic_probe
     from mimkit.interop import load_encoder
 
@@ -107,7 +109,8 @@ def probes(out_dir: Path, args) -> dict:
     trx, try_, tex, tey = trx[: args.limit_train], try_[: args.limit_train], tex[: args.limit_test], tey[: args.limit_test]
     kw = dict(pool=["cls", "mean", "all"], mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     ftr, fte = extract_features(enc, trx, **kw), extract_features(enc, tex, **kw)
-    rec = {f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")}
+    rec = {f"knn_{p}": knn_accuracy(ftr[p], try_, fte[p], tey, 20, 0.07) for p in ("cls", "mean")}
+    rec.update({f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")})
     cfg = AttentiveProbeConfig(epochs=args.attentive_epochs, batch_size=args.attentive_batch,
                                lr=args.attentive_lr, warmup_epochs=min(10.0, args.attentive_epochs / 9), seed=0)
     t0 = time.perf_counter()
@@ -149,7 +152,16 @@ def run_arm(arm: str, epochs: float, seed: int, args) -> dict:
     overrides += args.override
     cfg = load_config(path, overrides)
     t0 = time.perf_counter()
-    result = pretrain(cfg)
+    if arm == "init":  # no training: save the initialised model as a checkpoint the probes can read
+        from mimkit.config import to_dict
+        from mimkit.train.loop import build_method, seed_everything
+
+        seed_everything(seed)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": build_method(cfg).state_dict(), "config": to_dict(cfg)}, out_dir / "checkpoint.pt")
+        result = {"step": 0}
+    else:
+        result = pretrain(cfg)
     train_s = time.perf_counter() - t0
     knn = result.get("knn") or {}
     log = out_dir / "metrics.jsonl"
