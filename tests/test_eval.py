@@ -16,13 +16,13 @@ from mimkit.eval.diagnostics import effective_rank, patch_similarity, per_class_
 from mimkit.eval.features import extract_features
 from mimkit.eval.fewshot import fewshot_logreg
 from mimkit.eval.finetune import (
+    FinetuneConfig,
     FinetuneModel,
     finetune,
     finetune_preset,
     layer_id,
-    mixup_cutmix,
+    make_mixup,
     param_groups_lrd,
-    soft_targets,
 )
 from mimkit.eval.knn import knn_accuracy, loo_1nn_accuracy
 from mimkit.eval.linear import LinearProbe, LinearProbeConfig, linear_probe_augmented, train_linear_probe
@@ -255,27 +255,17 @@ def test_finetune_drop_path_and_pooling():
     torch.testing.assert_close(model(x), model.head(model.fc_norm(tokens[:, 1:].mean(1))))
 
 
-def test_mixup_cutmix_label_mass():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 1, 8, 8)
-    y = torch.tensor([0, 1, 2, 3, 4, 5])
-    t = soft_targets(y, 10, smoothing=0.1)
+def test_finetune_uses_timm_mixup_with_smoothed_targets():
+    mix = make_mixup(FinetuneConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1), num_classes=10)
+    from timm.data import Mixup
+
+    assert isinstance(mix, Mixup) and mix.mode == "batch" and mix.label_smoothing == 0.1
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    xm, t = mix(x.clone(), y)
     torch.testing.assert_close(t.sum(1), torch.ones(6))
-    assert t[0, 0] == pytest.approx(0.91) and t[0, 1] == pytest.approx(0.01)
-    seen = set()
-    for _ in range(20):
-        xm, tm, info = mixup_cutmix(x, y, 10, 0.8, 1.0, smoothing=0.1, generator=g)
-        torch.testing.assert_close(tm.sum(1), torch.ones(6))
-        seen.add(info["mode"])
-        lam = info["lam"]
-        if info["mode"] == "mixup":
-            torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0))
-        else:  # fraction of original pixels equals λ
-            same = (xm == x).float().mean().item()
-            assert same == pytest.approx(lam, abs=1e-6)
-        _, t0, info0 = mixup_cutmix(x, y, 10, 0.8, 1.0, smoothing=0.0, generator=torch.Generator().manual_seed(3))
-        assert t0[0, 0] == pytest.approx(info0["lam"]) and t0[0, 5] == pytest.approx(1 - info0["lam"])
-    assert seen == {"mixup", "cutmix"}
+    lam = t[0, 0].item() - 0.01 + t[0, 5].item() - 0.01  # smoothed: 0.01 off-target mass per class
+    assert t[0, 0] > 0.01 and lam == pytest.approx(0.9, abs=1e-5)
+    assert make_mixup(FinetuneConfig(mixup=0.0, cutmix=0.0), 10) is None
 
 
 def test_finetune_learns_stripes():
@@ -289,6 +279,8 @@ def test_finetune_learns_stripes():
     assert res["top1"] >= 90.0
     assert torch.equal(enc.patch_embed.proj.weight, before)  # works on a copy
     assert "top1" in res["history"][3] and res["history"][-1]["top1"] == res["top1"]
+    tops = [h["top1"] for h in res["history"] if "top1" in h]
+    assert res["top1_best"] == max(tops) and res["history"][res["best_epoch"] - 1]["top1"] == res["top1_best"]
     # the mixup/cutmix path (soft-target cross-entropy) trains too
     mixed = finetune(enc, x, y, xt, yt, finetune_preset("quick", epochs=2, batch_size=12, mixup=0.8, cutmix=1.0),
                      mean=(0.3,), std=(0.3,))
@@ -403,7 +395,8 @@ def test_cli_eval_knn_end_to_end(tmp_path):
     args = parser.parse_args(["eval", "knn", str(ckpt), "--dataset", str(root), "--out", str(out), "--device", "cpu"])
     assert args.func(args) == 0
     data = json.loads((out / "knn.json").read_text())
-    assert set(data["metrics"]) == {"knn_cls", "knn_mean", "loo1nn_cls", "loo1nn_mean"}
+    assert set(data["metrics"]) == {f"knn{k}_{p}" for k in (10, 20, 100, 200) for p in ("cls", "mean")} | {
+        "knn20top5_cls", "knn20top5_mean", "loo1nn_cls-noLN", "loo1nn_mean-noLN"}
     assert all(0 <= v <= 100 for v in data["metrics"].values())
     assert data["setup"]["mean"] == [0.3] and data["setup"]["norm_source"] == "checkpoint config"
     assert data["setup"]["train_data"]["n"] == 24 and data["setup"]["test_data"]["n"] == 6  # 80/20 split
@@ -422,14 +415,20 @@ def test_cli_eval_knn_end_to_end(tmp_path):
 
     # report over a run directory with periodic checkpoints -> table, JSON and the epoch plot
     rep = tmp_path / "report"
-    args = parser.parse_args(["report", str(run), "--protocols", "knn,fewshot", "--dataset", str(root),
+    args = parser.parse_args(["report", str(run), "--protocols", "knn,fewshot,diagnostics", "--dataset", str(root),
                               "--shots", "2", "--draws", "2", "--out", str(rep), "--device", "cpu"])
     assert args.func(args) == 0
     report = json.loads((rep / "report.json").read_text())
     assert [r["epoch"] for r in report["rows"]] == [1.0, 2.0]
     table = (rep / "report.md").read_text()
-    assert "knn_cls" in table and "fewshot2_mean" in table and " ± " in table
-    assert (rep / "accuracy_vs_epoch.png").stat().st_size > 1000
+    assert "knn20_cls" in table and "fewshot2_mean" in table and " ± " in table
+    assert "| 1 |" in table and "1.0" not in table.split("\n")[2].split("|")[2]  # tidy epoch labels
+    assert "**Setup**" in table and "24 images" in table and "k = 10, 20, 100, 200" in table and "T = 0.07" in table
+    assert (rep / "training_curves.png").stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(rep / "training_curves.png").size[0] > 2000  # three panels: accuracy, Sim, effective rank
+    assert all("sim" in r["metrics"] and "erank_cls" in r["metrics"] for r in report["rows"])
 
 
 def test_logistic_probe_anchor_protocol():

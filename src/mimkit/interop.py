@@ -3,7 +3,13 @@
 * :func:`export_encoder` writes the encoder with timm ``VisionTransformer`` keys to safetensors, with
   the encoder shape in the file's metadata; :func:`timm_model_for` builds the matching timm model.
 * :func:`load_encoder` reads a mimkit checkpoint, an exported safetensors file, a timm ViT state dict
-  or an official MAE ``.pth`` and returns a :class:`~mimkit.nn.ViTEncoder`.
+  or an official MAE ``.pth`` and returns a :class:`~mimkit.nn.ViTEncoder`; timm ViTs of the other
+  families (register tokens as in DINOv2-reg, no class token with ``fc_norm``, distilled DeiT, CLIP's
+  pre-norm), recognised from their keys or named with ``timm_model``, come back as a
+  :class:`mimkit.eval.adapters.TimmEncoder` around the timm model itself.
+* ``.pt``/``.pth`` files are read through the trainer's verified loader
+  (:func:`mimkit.train.checkpoint.load_checkpoint`): a checkpoint whose stored checksum does not
+  match its content is refused.
 * :func:`mae_from_official` loads a full official MAE pretraining checkpoint (encoder *and* decoder)
   into :class:`~mimkit.methods.MAE`; :func:`to_official_state_dict` is the inverse mapping.
 """
@@ -87,20 +93,38 @@ def infer_vit_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) 
                      mlp_ratio=mlp, layer_scale=float(sd["blocks.0.ls1.gamma"][0]) if ls else None)
 
 
-def _read_any(path: Path) -> tuple[dict, dict]:
+def read_verified(path: str | Path) -> object:
+    """``torch.load`` through the trainer's checksum-verifying loader, errors as :class:`InteropError`."""
+    from mimkit.train.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise InteropError(f"weight file not found: {path}")
+    try:
+        return load_checkpoint(path, map_location="cpu", verify=True)
+    except CheckpointError as e:
+        if "checksum" in str(e):
+            raise InteropError(f"{path} is corrupt: its content does not match the checksum stored when it was "
+                               "written; copy or export it again") from e
+        cause = e.__cause__ or e
+        raise InteropError(f"{path} is not a readable PyTorch file ({type(cause).__name__}: "
+                           f"{str(cause).splitlines()[0] if str(cause) else ''})") from e
+
+
+def _read_any(path: Path, raw: object | None = None) -> tuple[dict, dict]:
     """(state dict or checkpoint dict, safetensors metadata)."""
     if not path.is_file():
         raise InteropError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise InteropError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e})") from e
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise InteropError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    obj = raw if raw is not None else read_verified(path)
     if not isinstance(obj, dict):
         raise InteropError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
     return obj, {}
@@ -110,14 +134,95 @@ def _strip(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_encoder(path: str | Path, num_heads: int | None = None, strict: bool = True) -> ViTEncoder:
-    """A :class:`ViTEncoder` from any supported weight file (see module doc).
+_TIMM_ONLY_KEYS = ("reg_token", "dist_token", "fc_norm.weight", "norm_pre.weight")
+
+
+def needs_timm(sd: dict) -> bool:
+    """Whether a timm-keyed state dict is a ViT family :class:`ViTEncoder` cannot hold (register or
+    distillation tokens, no class token, ``fc_norm`` pooling, a pre-norm, positions without the class
+    token)."""
+    if any(k in sd for k in _TIMM_ONLY_KEYS) or "cls_token" not in sd:
+        return True
+    pos, w = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
+    if pos is not None and pos.ndim == 3 and w is not None:
+        n = pos.shape[1]
+        return round(n**0.5) ** 2 == n and round((n - 1) ** 0.5) ** 2 != n - 1  # no_embed_class
+    return False
+
+
+def timm_kwargs_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
+    """timm ``VisionTransformer`` arguments that rebuild the model these weights came from."""
+    try:
+        w, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
+    except KeyError as e:
+        raise InteropError(f"not a ViT state dict: missing {e}") from e
+    d, c, p, _ = w.shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    heads = num_heads or _HEADS_BY_WIDTH.get(d)
+    if heads is None:
+        raise InteropError(f"cannot tell the number of heads of a {d}-wide ViT; pass num_heads (--num-heads)")
+    class_token = "cls_token" in sd
+    reg = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    prefix = int(class_token) + reg + int("dist_token" in sd)
+    n = pos.shape[1]
+    if prefix and round((n - prefix) ** 0.5) ** 2 == n - prefix:
+        grid, no_embed_class = round((n - prefix) ** 0.5), False
+    elif round(n**0.5) ** 2 == n:
+        grid, no_embed_class = round(n**0.5), prefix > 0
+    else:
+        raise InteropError(f"pos_embed of length {n} fits no square grid with {prefix} prefix token(s)")
+    kw = dict(img_size=grid * p, patch_size=p, in_chans=c, embed_dim=d, depth=depth, num_heads=heads,
+              mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+              class_token=class_token, reg_tokens=reg, no_embed_class=no_embed_class,
+              pre_norm="norm_pre.weight" in sd)
+    if "blocks.0.ls1.gamma" in sd:
+        kw["init_values"] = float(sd["blocks.0.ls1.gamma"][0])
+    if "fc_norm.weight" in sd:
+        kw.update(global_pool="avg", fc_norm=True)
+    elif not class_token:
+        kw.update(global_pool="avg", fc_norm=False)
+    return kw
+
+
+def load_timm_encoder(sd: dict, timm_model: str | None = None, num_heads: int | None = None, path: str = "weights"):
+    """A :class:`mimkit.eval.adapters.TimmEncoder` around a timm model (``timm_model`` by name, shapes
+    from the weights; or a ``VisionTransformer`` rebuilt from the keys) holding ``sd`` exactly."""
+    import timm
+
+    from mimkit.eval.adapters import TimmEncoder
+
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
+    kw = timm_kwargs_from_state_dict(sd, num_heads)
+    if "dist_token" in sd and timm_model is None:
+        timm_model = "deit_base_distilled_patch16_224"
+    try:
+        if timm_model is None:
+            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kw)
+        else:
+            # the name fixes the architecture (block type, activation, distillation); the weights its shape
+            model = timm.create_model(timm_model, pretrained=False, num_classes=0, **kw)
+    except RuntimeError as e:  # timm's "Unknown model"
+        raise InteropError(f"{path}: timm cannot build {timm_model!r} ({e}); pass a name from timm.list_models()") from e
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        hint = "pass the timm model it came from with --timm-model NAME" if timm_model is None else \
+            f"these weights are not a {timm_model}"
+        raise InteropError(f"{path}: weights do not fit the timm ViT {timm_model or kw}; missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}; {hint}")
+    return TimmEncoder(model.eval()).eval()
+
+
+def load_encoder(path: str | Path, num_heads: int | None = None, strict: bool = True, timm_model: str | None = None,
+                 _raw: object | None = None):
+    """A :class:`ViTEncoder` from any supported weight file (see module doc); a
+    :class:`~mimkit.eval.adapters.TimmEncoder` for timm ViT families beyond the plain one, or when
+    ``timm_model`` names the timm architecture.
 
     Returns the encoder in eval mode; also sets ``encoder.source_config`` to the checkpoint's config
     dict when the file is a mimkit checkpoint (for normalization statistics), else ``None``.
     """
     path = Path(path)
-    obj, meta = _read_any(path)
+    obj, meta = _read_any(path, _raw)
     config = None
     if "model" in obj and isinstance(obj["model"], dict):
         config = obj.get("config")
@@ -128,6 +233,11 @@ def load_encoder(path: str | Path, num_heads: int | None = None, strict: bool = 
         sd = _strip(sd, "encoder.")
     elif any(k.startswith("module.") for k in sd):
         sd = _strip(sd, "module.")
+    if timm_model is not None or (config is None and "mimkit_vit_config" not in meta and needs_timm(sd)):
+        enc = load_timm_encoder({k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")},
+                                timm_model, num_heads, str(path))
+        enc.source_config = config
+        return enc
     sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token" or k.startswith("head")
                                                  or k.startswith("fc_norm"))}
     if config is not None and isinstance(config, dict) and "model" in config:

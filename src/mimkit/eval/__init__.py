@@ -1,1 +1,5 @@
-"""Evaluation protocols on frozen or fine-tuned encoders."""
+"""Evaluation protocols (kNN, probes, fine-tuning, few-shot, diagnostics, segmentation) for any encoder."""
+
+from mimkit.eval.protocols import EvalContext, EvalOptions, evaluate
+
+__all__ = ["EvalContext", "EvalOptions", "evaluate"]

@@ -20,6 +20,13 @@ scaled linearly below it. Measured on Fashion-MNIST (2k train / 2k test images, 
 logistic linear probe on the cls token for reference): a 1-epoch MAE encoder 61.6 (``cae`` preset) /
 74.9 (lr 0.0125 at 256) / 76.9 (0.1) / 77.8 (0.4), linear 76.8; a 1-epoch CAE encoder 63.1 / — /
 79.1 (0.1) / 64.6 (0.4: unstable), linear 78.9. 0.1 is the value that beats the linear probe on both.
+CAE's rule is an *absolute* lr (0.4 whatever the batch); ``AttentiveProbeConfig(lr=0.4)`` reproduces
+it at any batch, ``base_lr`` scales linearly with the batch instead.
+
+Scale: the tokens are never all in RAM on the probe's side — :func:`train_attentive_probe` reads one
+batch at a time from whatever indexable cache it gets (an in-memory float16 tensor for small sets, a
+memory-mapped file for large ones: :meth:`mimkit.eval.protocols.EvalContext.features`), normalises it
+on the fly and trains under bf16 autocast on a GPU.
 """
 
 from __future__ import annotations
@@ -168,45 +175,52 @@ def train_attentive_probe(
     cfg: AttentiveProbeConfig | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | str | None = "auto",
+    show_progress: bool = False,
 ) -> dict:
-    """Train an :class:`AttentiveProbe` on cached all-token features ``(N, 1+L, D)`` (any float dtype;
-    float16 caching halves memory) and test it. Returns ``{"top1", "per_class", "lr", "batch_size",
-    "steps", "config", "history", "model"}``."""
+    """Train an :class:`AttentiveProbe` on cached all-token features ``(N, P+L, D)`` (any float dtype;
+    a float16 or memory-mapped cache: only one batch at a time is read) and test it. Returns
+    ``{"top1", "per_class", "lr", "batch_size", "steps", "config", "history", "model"}``."""
+    from mimkit.eval.features import default_autocast, progress
+
     cfg = cfg or AttentiveProbeConfig()
+    device = torch.device(device)
+    if autocast_dtype == "auto":
+        autocast_dtype = default_autocast(device)
+    amp = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = AttentiveProbe(train_tokens.shape[-1], num_heads, num_classes).to(device)
 
-    def normalized(tokens):  # the tokens' LayerNorm (no affine) once, kept in the cache's dtype
-        with torch.no_grad():
-            return torch.cat([model.block.normalize(t.to(device, torch.float32)).to(tokens.dtype).cpu()
-                              for t in tokens.split(4096)]) if len(tokens) else tokens
+    def batch(tokens, idx):  # one batch from the cache, normalised (LayerNorm without affine) on the device
+        return model.block.normalize(tokens[idx].to(device, torch.float32))
 
-    train_tokens, test_tokens = normalized(train_tokens), normalized(test_tokens)
     bs = attentive_batch_size(cfg, len(train_tokens))
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, bs)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     iters = max(len(train_tokens) // bs, 1)
     history = []
-    for epoch in range(cfg.epochs):
+    for epoch in progress(range(cfg.epochs), cfg.epochs, "attentive probe", enabled=None if show_progress else False,
+                          unit="epoch"):
         perm = torch.randperm(len(train_tokens), generator=gen)
         total = 0.0
         for it in range(iters):
             set_lr(opt, warmup_cosine(epoch + it / iters, lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr))
-            idx = perm[it * bs : (it + 1) * bs]
-            logits = model(train_tokens[idx].to(device, torch.float32), normalized=True)
-            loss = F.cross_entropy(logits, train_labels[idx].to(device))
+            idx = perm[it * bs : (it + 1) * bs].sort().values  # sorted: sequential reads from a memory map
+            with torch.autocast(**amp):
+                logits = model(batch(train_tokens, idx), normalized=True)
+            loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item()
         history.append(total / iters)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(**amp):
         pred = torch.cat([
-            model(test_tokens[i : i + 1024].to(device, torch.float32), normalized=True).argmax(1).cpu()
+            model(batch(test_tokens, slice(i, i + 1024)), normalized=True).argmax(1).cpu()
             for i in range(0, len(test_tokens), 1024)
         ])
     return {

@@ -6,7 +6,20 @@
   channel count (ImageNet for 3 channels, Fashion-MNIST for 1).
 * :func:`load_split` — ``fashion_mnist`` or an image folder, resized to the encoder's input size and
   converted to its channel count, as uint8 ``(N, C, S, S)`` + int64 labels, optionally limited to a
-  seeded random subset.
+  seeded random subset (drawn from the file list *before* decoding, so ``--limit-train 5000`` on a
+  folder of a million images decodes 5000).
+
+Labels: one class -> index map per evaluation. The training split's sorted class folders define it
+(or ``class_names`` gives it) and every other split is mapped through it by *name*, so
+``train/{a,b,c}`` with ``val/{a,c}`` labels ``val/c`` as 2, not 1. A split with a class the training
+split lacks is an error (:class:`~mimkit.data.errors.DataError`): a kNN bank or a probe cannot predict
+it.
+
+Resize: folder images (any size) follow MAE's and Latent MIM's evaluation transform — resize the
+shorter side to ``size / crop_pct`` (256 for 224 at the default ``crop_pct`` 0.875), then centre-crop
+``size``. ``crop_pct=1`` resizes the shorter side straight to ``size``. The built-in Fashion-MNIST is
+taken whole at its native 28 px (resized only when the encoder expects another size), as in
+pretraining.
 
 Folder layouts for ``--dataset PATH``: ``PATH/train/<class>/…`` with ``PATH/val|test/<class>/…`` gives
 the two splits; a plain ``PATH/<class>/…`` folder is split deterministically (80 % train / 20 % test,
@@ -40,12 +53,12 @@ class LoadedCheckpoint:
 
 
 def _read_raw(path: Path) -> object | None:
+    """The checkpoint object, read through the trainer's verified loader (checksum checked)."""
     if path.suffix == ".safetensors":
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - not a torch file; the encoder loader reports the error
-        return None
+    from mimkit.interop import read_verified
+
+    return read_verified(path)
 
 
 def _sidecar_config(path: Path) -> dict | None:
@@ -75,7 +88,7 @@ def load_checkpoint_encoder(path: str | Path, device: str | torch.device = "cpu"
     if not path.exists():
         raise InteropError(f"checkpoint not found: {path}")
     raw = _read_raw(path)
-    encoder = load_encoder(str(path), **kw)
+    encoder = load_encoder(str(path), _raw=raw, **kw)
     config = raw.get("config") if isinstance(raw, dict) and isinstance(raw.get("config"), dict) else None
     config = config or getattr(encoder, "source_config", None) or _sidecar_config(path)
     step = raw.get("step") if isinstance(raw, dict) else None
@@ -122,11 +135,20 @@ def adapt_images(images: torch.Tensor, size: int, in_chans: int) -> torch.Tensor
     return images
 
 
+def _subset_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a seeded random subset of ``limit`` items (``None``: keep everything)."""
+    if limit is None or limit >= n:
+        return None
+    if limit < 1:
+        from mimkit.data.errors import DataError
+
+        raise DataError(f"--limit-train/--limit-test {limit}: the limit must be at least 1")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
 def _subset(images, labels, limit: int | None, seed: int):
-    if limit is None or limit >= len(labels):
-        return images, labels
-    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return images[idx], labels[idx]
+    idx = _subset_indices(len(labels), limit, seed)
+    return (images, labels) if idx is None else (images[idx], labels[idx])
 
 
 def _split_folder(labels: torch.Tensor, split: str, seed: int = 0, test_fraction: float = 0.2) -> torch.Tensor:
@@ -141,6 +163,74 @@ def _split_folder(labels: torch.Tensor, split: str, seed: int = 0, test_fraction
     return torch.cat(keep).sort().values
 
 
+def remap_classes(folder_classes: list[str], class_names: list[str] | None, where: str) -> torch.Tensor | None:
+    """Index table ``folder label -> evaluation label`` mapping ``folder_classes`` into ``class_names``
+    by name (``None`` when they are identical). A class missing from ``class_names`` is a
+    :class:`~mimkit.data.errors.DataError` naming it."""
+    if class_names is None or list(folder_classes) == list(class_names):
+        return None
+    from mimkit.data.errors import DataError
+
+    index = {c: i for i, c in enumerate(class_names)}
+    extra = [c for c in folder_classes if c not in index]
+    if extra:
+        shown = ", ".join(repr(c) for c in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise DataError(f"{where} has class folder(s) {shown} that the training split lacks "
+                        f"(it has {len(class_names)}: {', '.join(class_names[:8])}{' ...' if len(class_names) > 8 else ''}); "
+                        "the classifier cannot predict them: remove them or add them to the training split")
+    return torch.tensor([index[c] for c in folder_classes], dtype=torch.int64)
+
+
+def split_classes(spec: str, split: str = "train") -> list[str]:
+    """The class names of a split without decoding any image (the training split's map)."""
+    if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
+        from mimkit.data import FASHION_MNIST_CLASSES
+
+        return list(FASHION_MNIST_CLASSES)
+    from mimkit.data import ImageFolder
+
+    root = Path(spec)
+    names = {"train": ("train",), "test": ("test", "val", "validation")}[split]
+    sub = next((root / n for n in names if (root / n).is_dir()), None)
+    _check_layout(root, split, sub)
+    return list(ImageFolder(sub or root, labeled=True).classes)
+
+
+def _check_layout(root: Path, split: str, sub: Path | None) -> None:
+    from mimkit.data.errors import DataError
+
+    if not root.is_dir():
+        raise DataError(f"--dataset {root}: neither 'fashion_mnist' nor an existing folder; pass an image folder "
+                        "with one sub-folder per class (or PATH/train and PATH/val)")
+    if sub is None and split == "test" and (root / "train").is_dir():
+        raise DataError(f"{root} has a train/ folder but no val/ or test/ folder; add one, or pass --test-dataset")
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre ``size x size`` crop of ``(N, C, H, W)`` images at least that large."""
+    h, w = images.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top : top + size, left : left + size].contiguous()
+
+
+def _decode(folder, size: int, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``load_folder_to_tensor`` in chunks of 512 files, with a progress bar."""
+    import copy
+
+    from mimkit.data import load_folder_to_tensor
+    from mimkit.eval.features import progress
+
+    samples = folder.samples
+    starts = range(0, len(samples), 512)
+    parts = []
+    for i in progress(starts, len(starts), f"decode {folder.root.name}", enabled=None if show_progress else False,
+                      unit="x512 images"):
+        part = copy.copy(folder)
+        part.samples = samples[i : i + 512]
+        parts.append(load_folder_to_tensor(part, size, crop=True))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def load_split(
     spec: str,
     split: str,
@@ -149,40 +239,70 @@ def load_split(
     limit: int | None = None,
     seed: int = 0,
     split_folder: bool = True,
+    class_names: list[str] | None = None,
+    crop_pct: float = 0.875,
+    show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Labelled images of ``spec`` (``fashion_mnist`` or a folder path), ``split`` ``train``/``test``.
 
     ``split_folder=False`` returns every image of a plain folder (used for ``--test-dataset``).
-    Returns ``(uint8 (N, in_chans, S, S), int64 (N,), info)``; ``info`` names the source and classes.
+    ``class_names``: the evaluation's class -> index map (the training split's classes); folder labels
+    are mapped into it by name (module doc). ``crop_pct``: MAE's resize-then-centre-crop ratio for folder
+    images. Returns ``(uint8 (N, in_chans, S, S), int64 (N,), info)``; ``info`` names the source, the
+    classes and the resize rule.
     """
+    from mimkit.data.errors import DataError
+
+    if not 0 < crop_pct <= 1:
+        raise DataError(f"crop_pct {crop_pct}: must be in (0, 1] (MAE evaluates at 0.875 = 224/256)")
     if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
         from mimkit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
         images, labels = load_fashion_mnist(split=split)
-        info = {"dataset": "fashion_mnist", "split": split, "classes": list(FASHION_MNIST_CLASSES)}
+        classes = list(FASHION_MNIST_CLASSES)
+        remap = remap_classes(classes, class_names, f"fashion_mnist {split}")
+        if remap is not None:
+            labels = remap[labels]
+        images, labels = _subset(images, labels, limit, seed)
+        info = {"dataset": "fashion_mnist", "split": split, "classes": list(class_names or classes),
+                "resize": "whole image (native 28 px)" if img_size == 28 else f"whole image resized to {img_size}"}
     else:
-        from mimkit.data import ImageFolder, load_folder_to_tensor
+        from mimkit.data import ImageFolder
 
         root = Path(spec)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--dataset {spec}: neither 'fashion_mnist' nor an existing folder")
-        sub = None
         names = {"train": ("train",), "test": ("test", "val", "validation")}[split]
-        for n in names:
-            if (root / n).is_dir():
-                sub = root / n
-                break
+        sub = next((root / n for n in names if (root / n).is_dir()), None)
+        if split_folder:
+            _check_layout(root, split, sub)
+        elif not root.is_dir():
+            raise DataError(f"--test-dataset {root}: not an existing folder")
         mode = "L" if in_chans == 1 else "RGB"
         folder = ImageFolder(sub or root, labeled=True, mode=mode)
-        images, labels = load_folder_to_tensor(folder, img_size, crop=True)
-        info = {"dataset": str(root), "split": split, "classes": list(getattr(folder, "classes", []))}
+        folder_classes = list(folder.classes)
+        info = {"dataset": str(root), "split": split}
+        targets = torch.tensor(folder.targets, dtype=torch.int64)
+        keep = torch.arange(len(targets))
         if sub is None and split_folder:
-            idx = _split_folder(labels, split, seed)
-            images, labels = images[idx], labels[idx]
+            keep = _split_folder(targets, split, seed)
             info["split_rule"] = "seeded stratified 80/20 split of one folder"
         elif sub is not None:
             info["folder"] = str(sub)
+        pick = _subset_indices(len(keep), limit, seed)  # before decoding: only these files are read
+        if pick is not None:
+            keep = keep[pick]
+        where = str(sub or root) + (f" ({split} part)" if sub is None and split_folder else "")
+        remap = remap_classes(folder_classes, class_names, where)
+        folder.samples = [folder.samples[i] for i in keep.tolist()]
+        load_size = img_size if crop_pct >= 1 else int(round(img_size / crop_pct))
+        images, labels = _decode(folder, load_size, show_progress)
+        if load_size != img_size:
+            images = center_crop(images, img_size)
+        if remap is not None:
+            labels = remap[labels]
+        info["classes"] = list(class_names or folder_classes)
+        info["folder_classes"] = folder_classes
+        info["resize"] = (f"shorter side to {load_size}, centre crop {img_size} (crop_pct {crop_pct:g})"
+                          if load_size != img_size else f"shorter side to {img_size}, centre crop")
     images = adapt_images(images, img_size, in_chans)
-    images, labels = _subset(images, labels, limit, seed)
     info["n"] = len(labels)
     return images, labels, info

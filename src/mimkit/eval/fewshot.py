@@ -23,6 +23,14 @@ def sample_support(labels: np.ndarray, shots: int, rng: np.random.Generator) -> 
     return np.concatenate(idx)
 
 
+def draw_supports(labels, shots: int, draws: int, seed: int = 0) -> list[np.ndarray]:
+    """The support sets :func:`fewshot_logreg` draws (same seed -> same sets), as train indices; lets a
+    caller encode only these images."""
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    return [sample_support(labels, shots, rng) for _ in range(draws)]
+
+
 def fewshot_logreg(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -33,19 +41,22 @@ def fewshot_logreg(
     seed: int = 0,
     C: float = 1.0,
     max_iter: int = 1000,
+    supports: list[np.ndarray] | None = None,
 ) -> dict:
     """``{"mean", "std", "accs": [% per draw], "shots", "draws", "seed"}``; ``std`` is the sample
-    standard deviation (ddof=1; 0 for one draw). Same seed -> same numbers."""
+    standard deviation (ddof=1; 0 for one draw). Same seed -> same numbers. ``supports``: the draws'
+    indices into ``train_feats`` (e.g. :func:`draw_supports` remapped onto the few encoded images);
+    default: drawn here from ``train_labels``."""
     from sklearn.linear_model import LogisticRegression
 
     xtr = train_feats.double().cpu().numpy()
     ytr = train_labels.cpu().numpy()
     xte = test_feats.double().cpu().numpy()
     yte = test_labels.cpu().numpy()
-    rng = np.random.default_rng(seed)
+    if supports is None:
+        supports = draw_supports(ytr, shots, draws, seed)
     accs = []
-    for _ in range(draws):
-        sup = sample_support(ytr, shots, rng)
+    for sup in supports:
         mu = xtr[sup].mean(0)
         sd = xtr[sup].std(0)
         sd[sd < 1e-12] = 1.0

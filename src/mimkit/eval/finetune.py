@@ -8,10 +8,16 @@
   ``patch_embed``/``cls_token``/``pos_embed``, ``i + 1`` for block ``i``, ``n`` for everything else
   (``fc_norm``, ``head``); every group's lr is ``lr × decay^(n − id)``.
 * AdamW (0.9, 0.999), weight decay 0.05 except 1-D parameters (biases, norms) and ``pos_embed``/
-  ``cls_token``; per-iteration warm-up + cosine to ``min_lr``; label smoothing; optional batched
-  mixup / cutmix (:func:`mixup_cutmix`, timm's "batch" mode: one λ and one choice per batch).
-* Augmentation: batched RandomResizedCrop + flip (:mod:`mimkit.data.augment`). Not implemented:
-  RandAugment and random erasing (MAE's ImageNet recipe uses both).
+  ``cls_token``; per-iteration warm-up + cosine to ``min_lr``; label smoothing; mixup / cutmix with
+  timm's ``Mixup`` ("batch" mode, as MAE's ``main_finetune.py`` configures it).
+* Augmentation: batched RandomResizedCrop + flip (:mod:`mimkit.data.augment`); MAE's preset adds
+  timm's RandAugment ``rand-m9-mstd0.5-inc1`` and timm's ``RandomErasing`` (p 0.25, per-pixel noise).
+  Test images are MAE's eval view (resize to size/0.875, centre crop: :func:`mimkit.eval.data.load_split`).
+* Reporting: the test set is evaluated every ``eval_every`` epochs (default 1); the result carries the
+  last epoch's accuracy (``top1``) and the best one with its epoch (``top1_best``, ``best_epoch``) —
+  MAE's logs report the maximum over epochs.
+* Pooling: ``global_pool="mean"`` (MAE's default) or ``"cls"`` (MAE's ``--cls_token``: the class
+  token after the encoder's own final norm).
 
 Presets: :data:`FINETUNE_PRESETS` (``mae_vit_base`` = the published recipe; ``small`` = methods_b §6.4;
 ``quick`` = a CPU smoke setting).
@@ -20,7 +26,6 @@ Presets: :data:`FINETUNE_PRESETS` (``mae_vit_base`` = the published recipe; ``sm
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -54,14 +59,17 @@ class FinetuneConfig:
     switch_prob: float = 0.5
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
+    rand_augment: str | None = None  # timm RandAugment spec, e.g. MAE's "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.0  # timm RandomErasing probability (MAE: 0.25, mode "pixel")
+    global_pool: str = "mean"  # mean (MAE's default) | cls
     betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    eval_every: int = 0  # epochs between test evaluations (0 = only at the end)
+    eval_every: int = 1  # epochs between test evaluations (0 = only at the end); best and last are reported
 
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     # MAE ViT-B/16 on ImageNet-1k (methods_b §2.7).
-    "mae_vit_base": FinetuneConfig(),
+    "mae_vit_base": FinetuneConfig(rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
     # methods_b §6.4, small data (CIFAR / Fashion-MNIST): 50 epochs, lr 1e-3 × batch/512 (= blr 5e-4),
     # layer decay 0.75, drop path 0.1, smoothing 0.1; batch 256; milder crops for tiny images; no mixup.
     "small": FinetuneConfig(epochs=50, batch_size=256, base_lr=5e-4, layer_decay=0.75, mixup=0.0, cutmix=0.0,
@@ -80,26 +88,37 @@ def finetune_preset(name: str, **overrides) -> FinetuneConfig:
 
 
 class FinetuneModel(nn.Module):
-    """``encoder`` (final norm removed) → mean of patch tokens → ``fc_norm`` → ``head``."""
+    """``encoder`` (final norm removed) → mean of patch tokens → ``fc_norm`` → ``head``
+    (``global_pool="cls"``: the class token after the encoder's final norm → ``head``)."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, drop_path: float = 0.0):
+    def __init__(self, encoder: nn.Module, num_classes: int, drop_path: float = 0.0, global_pool: str = "mean"):
         super().__init__()
+        if global_pool not in ("mean", "cls"):
+            raise ValueError(f"fine-tune pooling {global_pool!r}: choose mean (MAE's global pool) or cls")
+        if global_pool == "cls" and not getattr(encoder, "has_class_token", True):
+            raise ValueError("this encoder has no class token; fine-tune with --pool mean")
         self.encoder = copy.deepcopy(encoder)
+        self.global_pool = global_pool
+        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens", 1))
         dim = self.encoder.embed_dim
-        eps = getattr(self.encoder.norm, "eps", 1e-6)
-        self.encoder.norm = nn.Identity()
-        self.encoder.pos_embed.requires_grad_(True)
+        eps = getattr(getattr(self.encoder, "norm", None), "eps", 1e-6)
+        self.use_norm = global_pool == "cls" or type(encoder).__name__ == "ModuleEncoder"
+        if global_pool == "mean" and hasattr(self.encoder, "norm"):
+            self.encoder.norm = nn.Identity()
+        if getattr(self.encoder, "pos_embed", None) is not None:
+            self.encoder.pos_embed.requires_grad_(True)
         for p in self.encoder.parameters():
             p.requires_grad_(True)
         set_drop_path(self.encoder, drop_path)
-        self.fc_norm = nn.LayerNorm(dim, eps=eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=eps) if global_pool == "mean" else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features(images, norm=False)
-        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
+        tokens = self.encoder.forward_features(images, norm=self.use_norm)
+        pooled = tokens[:, 0] if self.global_pool == "cls" else tokens[:, self.num_prefix_tokens:].mean(1)
+        return self.head(self.fc_norm(pooled))
 
 
 def set_drop_path(encoder: nn.Module, rate: float) -> None:
@@ -115,8 +134,12 @@ def set_drop_path(encoder: nn.Module, rate: float) -> None:
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """MAE's ``get_layer_id_for_vit`` on an encoder-relative parameter name; ``num_layers = depth + 1``."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+    """MAE's ``get_layer_id_for_vit`` on an encoder-relative parameter name; ``num_layers = depth + 1``.
+    timm-wrapped names (``model.…``) are read without the prefix; timm's other prefix tokens and its
+    pre-norm count as the embedding layer."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if name in ("cls_token", "pos_embed", "reg_token", "dist_token") or name.startswith(("patch_embed", "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -148,60 +171,45 @@ def param_groups_lrd(
     return [groups[k] for k in sorted(groups)]
 
 
-def _rand_beta(alpha: float, gen: torch.Generator) -> float:
-    """One Beta(α, α) draw, reproducible from a torch generator."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def make_mixup(cfg: FinetuneConfig, num_classes: int):
+    """timm's ``Mixup`` (batch mode: one λ and one mixup/cutmix choice per batch, mixing with the flipped
+    batch; targets smoothed by ``label_smoothing``), or ``None`` when both alphas are 0."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.switch_prob,
+                 mode="batch", label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
 
-def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """One-hot with label smoothing: ``1 − s + s/C`` on the label, ``s/C`` elsewhere. Rows sum to 1."""
-    off = smoothing / num_classes
-    y = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    return y.scatter_(1, labels[:, None], 1.0 - smoothing + off)
+def rand_augment(images: torch.Tensor, spec: str, mean, generator: torch.Generator) -> torch.Tensor:
+    """timm's RandAugment (``rand_augment_transform(spec)``, e.g. MAE's ``rand-m9-mstd0.5-inc1``) on a
+    uint8 batch ``(B, C, H, W)``. timm's RandAugment works on PIL images, so this is a per-image loop
+    (the price of using the reference implementation; it is off in the small presets)."""
+    import random
 
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
 
-def mixup_cutmix(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    prob: float = 1.0,
-    switch_prob: float = 0.5,
-    smoothing: float = 0.1,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Batched mixup / cutmix with the batch's mirror image (``x.flip(0)``), one λ per batch.
-
-    Mixup: ``x = λ x + (1 − λ) x_flip``. Cutmix: a box of area ``≈ (1 − λ)`` of the image is pasted from
-    ``x_flip`` and λ is corrected to the exact kept area. Targets: ``λ y + (1 − λ) y_flip`` with smoothed
-    one-hot ``y``, so every row sums to 1. Returns ``(images, targets (B, C), info)``.
-    """
-    gen = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-    y = soft_targets(labels, num_classes, smoothing)
-    info = {"mode": "none", "lam": 1.0}
-    if torch.rand(1, generator=gen).item() >= prob or (mixup_alpha <= 0 and cutmix_alpha <= 0):
-        return images, y, info
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1, generator=gen).item() < switch_prob)
-    x = images.clone()
-    if use_cutmix:
-        lam = _rand_beta(cutmix_alpha, gen)
-        h, w = images.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy = int(torch.randint(0, h, (1,), generator=gen))
-        cx = int(torch.randint(0, w, (1,), generator=gen))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        x[..., y0:y1, x0:x1] = images.flip(0)[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
-        info = {"mode": "cutmix", "lam": lam, "box": (y0, y1, x0, x1)}
-    else:
-        lam = _rand_beta(mixup_alpha, gen)
-        x = images * lam + images.flip(0) * (1.0 - lam)
-        info = {"mode": "mixup", "lam": lam}
-    return x, lam * y + (1.0 - lam) * y.flip(0), info
+    h = images.shape[-1]
+    ra = rand_augment_transform(spec, {"translate_const": int(h * 0.45),
+                                       "img_mean": tuple(int(round(255 * m)) for m in mean)})
+    state, np_state = random.getstate(), np.random.get_state()
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    random.seed(seed)  # timm draws ops from numpy's and magnitudes from Python's global generators
+    np.random.seed(seed)
+    try:
+        arr = images.permute(0, 2, 3, 1).cpu().numpy()
+        out = []
+        for a in arr:
+            im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+            out.append(torch.from_numpy(np.asarray(ra(im), dtype=np.uint8).copy()))
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+    x = torch.stack(out)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.to(images.device)
 
 
 @torch.no_grad()
@@ -232,19 +240,34 @@ def finetune(
     std=(0.5,),
     num_classes: int | None = None,
     device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | str | None = "auto",
+    show_progress: bool = False,
 ) -> dict:
     """Fine-tune a copy of ``encoder`` (the original is untouched) on uint8 images; returns
-    ``{"top1", "per_class", "lr", "config", "history": [{"epoch", "loss", "top1"?}], "model"}``."""
+    ``{"top1" (last epoch), "top1_best", "best_epoch", "per_class", "lr", "config",
+    "history": [{"epoch", "loss", "top1"?}], "model"}``."""
     from mimkit.data.augment import random_resized_crop_flip
+    from mimkit.eval.features import default_autocast, progress
 
     cfg = cfg or FinetuneConfig()
     device = torch.device(device or next(encoder.parameters()).device)
+    if autocast_dtype == "auto":
+        autocast_dtype = default_autocast(device)
+    amp = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    model = FinetuneModel(encoder, num_classes, cfg.drop_path).to(device)
+    model = FinetuneModel(encoder, num_classes, cfg.drop_path, cfg.global_pool).to(device)
+    mixup = make_mixup(cfg, num_classes)
     bs = min(cfg.batch_size, len(train_images))
+    if mixup is not None and bs % 2:
+        bs -= 1  # timm's batch-mode Mixup mixes with the flipped batch: it needs an even batch
+    erase = None
+    if cfg.reprob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        erase = RandomErasing(cfg.reprob, mode="pixel", max_count=1, device=str(device))
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, bs)
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
     for g in groups:
@@ -252,25 +275,35 @@ def finetune(
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
     iters = max(len(train_images) // bs, 1)
     size = train_images.shape[-1]
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
     history = []
+    best, best_epoch = -1.0, 0
     model.train()
-    for epoch in range(cfg.epochs):
+    flip_p = 0.5 if cfg.flip else 0.0
+    for epoch in progress(range(cfg.epochs), cfg.epochs, "fine-tune", enabled=None if show_progress else False,
+                          unit="epoch"):
         perm = torch.randperm(len(train_images), generator=gen)
         total = 0.0
         for it in range(iters):
             set_lr(opt, warmup_cosine(epoch + it / iters, lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr))
             idx = perm[it * bs : (it + 1) * bs]
-            x = normalize_images(train_images[idx].to(device), mean, std)
             y = train_labels[idx].to(device)
-            x = random_resized_crop_flip(x, size, scale=cfg.crop_scale, flip_p=0.5 if cfg.flip else 0.0,
-                                         generator=aug_gen, interpolation="bicubic")
-            if mixing:
-                x, target, _ = mixup_cutmix(x, y, num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob,
-                                            cfg.label_smoothing, gen)
-                loss = torch.sum(-target * F.log_softmax(model(x), dim=-1), dim=-1).mean()
+            if cfg.rand_augment:  # MAE's order: crop + flip, RandAugment, normalise, erase
+                x = train_images[idx].to(device).float()
+                x = random_resized_crop_flip(x, size, scale=cfg.crop_scale, flip_p=flip_p, generator=aug_gen,
+                                             interpolation="bicubic").round().clamp(0, 255).to(torch.uint8)
+                x = normalize_images(rand_augment(x, cfg.rand_augment, mean, gen), mean, std)
             else:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                x = normalize_images(train_images[idx].to(device), mean, std)
+                x = random_resized_crop_flip(x, size, scale=cfg.crop_scale, flip_p=flip_p, generator=aug_gen,
+                                             interpolation="bicubic")
+            if erase is not None:
+                x = erase(x)
+            with torch.autocast(**amp):
+                if mixup is not None:
+                    x, target = mixup(x, y)
+                    loss = torch.sum(-target * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at epoch {epoch}, iteration {it}; lower the lr")
             opt.zero_grad(set_to_none=True)
@@ -279,9 +312,17 @@ def finetune(
             total += loss.item()
         row = {"epoch": epoch + 1, "loss": total / iters}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            row["top1"] = evaluate_classifier(model, test_images, test_labels, mean, std, num_classes=num_classes)["top1"]
+            with torch.autocast(**amp):
+                row["top1"] = evaluate_classifier(model, test_images, test_labels, mean, std,
+                                                  num_classes=num_classes)["top1"]
+            if row["top1"] > best:
+                best, best_epoch = row["top1"], epoch + 1
         history.append(row)
-    res = evaluate_classifier(model, test_images, test_labels, mean, std, num_classes=num_classes)
+    with torch.autocast(**amp):
+        res = evaluate_classifier(model, test_images, test_labels, mean, std, num_classes=num_classes)
     if history:
         history[-1]["top1"] = res["top1"]
-    return {**res, "lr": lr, "config": asdict(cfg), "history": history, "model": model}
+    if res["top1"] >= best:
+        best, best_epoch = res["top1"], cfg.epochs
+    return {**res, "top1_best": best, "best_epoch": best_epoch, "lr": lr, "config": asdict(cfg), "history": history,
+            "model": model}

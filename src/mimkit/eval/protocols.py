@@ -1,19 +1,35 @@
 """Protocol runners shared by ``mimkit eval <protocol>`` and ``mimkit report``.
 
-An :class:`EvalContext` holds one loaded encoder, its normalisation and the evaluation data, and caches
-extracted features so several protocols on one checkpoint encode each image once. Each ``run_*``
-returns ``{"protocol", "metrics": {column: number}, ...details}``; ``metrics`` are the columns of the
-markdown tables.
+An :class:`EvalContext` holds one loaded encoder (any encoder :mod:`mimkit.eval.adapters` can wrap), its
+normalisation and the evaluation data, and caches extracted features so several protocols on one
+checkpoint encode each image once. Each ``run_*`` returns ``{"protocol", "metrics": {column: number},
+...details}``; ``metrics`` are the columns of the markdown tables.
+
+Every column names the features it was measured on: ``<metric>_<pool>`` with ``-b<i>`` when the
+features come from block ``i`` and ``-noLN`` when the encoder's final LayerNorm is left out, e.g.
+``knn20_cls``, ``linear_mean-b6``, ``loo1nn_cls-noLN`` (Latent MIM's 1-NN is measured without the
+final LayerNorm by default).
+
+Memory: pooled features are small and kept in RAM. All-token features (attentive probe, Sim) are
+cached as float16 in RAM when they fit in ``max_cache_gb``, else in a memory-mapped file under
+``cache_dir`` (a temporary folder, removed with the context); consumers read them a batch at a time.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from mimkit.eval.adapters import encoder_img_size, encoder_in_chans, wrap_encoder
 from mimkit.eval.data import LoadedCheckpoint, load_split, resolve_norm
-from mimkit.eval.features import extract_features
+from mimkit.eval.features import check_pool, extract_features, progress
 
 
 @dataclass
@@ -32,92 +48,217 @@ class EvalOptions:
     device: str = "cpu"
     batch_size: int = 256  # feature extraction batch
     seed: int = 0
+    crop_pct: float = 0.875  # MAE's eval resize (size / crop_pct) + centre crop, folder images
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    class_names: list[str] | None = None  # the class -> index map; None = the training split's classes
+    token_cache: str = "auto"  # auto | memory | disk (all-token features)
+    max_cache_gb: float = 4.0  # auto: larger all-token caches go to a memory-mapped file
+    cache_dir: str | None = None
+    progress: bool = True  # tqdm bars (shown on a terminal only)
+
+
+def feature_tag(pool: str, norm: bool = True, block: int | None = None) -> str:
+    """``cls``, ``mean-b6``, ``cls-noLN``: the pooling, layer and normalisation of a feature."""
+    return pool + (f"-b{block}" if block is not None else "") + ("" if norm else "-noLN")
+
+
+def _amp_dtype(opts: EvalOptions):
+    if opts.amp == "off":
+        return None
+    if opts.amp == "bf16":
+        return torch.bfloat16
+    return "auto"
 
 
 class EvalContext:
-    """Encoder + data + cached features for one checkpoint."""
+    """Encoder + data + cached features for one checkpoint (or in-memory encoder)."""
 
-    def __init__(self, ckpt: LoadedCheckpoint, opts: EvalOptions):
+    def __init__(self, ckpt: LoadedCheckpoint | torch.nn.Module, opts: EvalOptions | None = None):
+        if isinstance(ckpt, torch.nn.Module):
+            ckpt = LoadedCheckpoint(encoder=ckpt, path=type(ckpt).__name__)
         self.ckpt = ckpt
-        self.opts = opts
-        self.encoder = ckpt.encoder.to(opts.device).eval()
-        self.in_chans = int(self.encoder.patch_embed.proj.in_channels)
-        self.img_size = int(self.encoder.grid_size[0] * self.encoder.patch_size)
+        self.opts = opts = opts or EvalOptions()
+        self.encoder = wrap_encoder(ckpt.encoder).to(opts.device).eval()
+        self.in_chans = encoder_in_chans(self.encoder)
+        self.img_size = encoder_img_size(self.encoder)
         self.mean, self.std, self.norm_source = resolve_norm(ckpt.config, self.in_chans, opts.mean, opts.std)
+        self.autocast = _amp_dtype(opts)
         self._data: dict[str, tuple] = {}
         self._feats: dict[tuple, torch.Tensor] = {}
+        self._cache_dir: Path | None = None
+        self._mapped: set[tuple] = set()
 
+    # -- data -------------------------------------------------------------------------------------
     def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """uint8 images, labels and info of ``train`` or ``test``."""
+        """uint8 images, labels and info of ``train`` or ``test``; test labels use the training split's
+        class -> index map (or ``opts.class_names``)."""
         if split not in self._data:
             o = self.opts
+            classes = o.class_names
+            if split == "test" and classes is None:
+                from mimkit.eval.data import split_classes
+
+                classes = self.data("train")[2]["classes"] if "train" in self._data else split_classes(o.dataset)
+            kw = dict(class_names=classes, crop_pct=o.crop_pct, show_progress=o.progress)
             if split == "test" and o.test_dataset:
                 self._data[split] = load_split(o.test_dataset, "test", self.img_size, self.in_chans, o.limit_test,
-                                               o.seed, split_folder=False)
+                                               o.seed, split_folder=False, **kw)
             else:
                 limit = o.limit_train if split == "train" else o.limit_test
-                self._data[split] = load_split(o.dataset, split, self.img_size, self.in_chans, limit, o.seed)
+                self._data[split] = load_split(o.dataset, split, self.img_size, self.in_chans, limit, o.seed, **kw)
         return self._data[split]
 
     def labels(self, split: str) -> torch.Tensor:
         return self.data(split)[1]
 
+    def num_classes(self) -> int:
+        return len(self.data("train")[2]["classes"]) or int(self.labels("train").max()) + 1
+
+    def check_classes(self) -> None:
+        """Before any decoding or encoding: every class folder of the test split (or ``--test-dataset``)
+        must be in the evaluation's class map, else a :class:`~mimkit.data.errors.DataError`."""
+        from mimkit.eval.data import remap_classes, split_classes
+
+        o = self.opts
+        test_spec = o.test_dataset or o.dataset
+        remap_classes(split_classes(test_spec, "test"), self.class_names(), test_spec)
+
+    def class_names(self) -> list[str]:
+        """The evaluation's class -> index map (``opts.class_names`` or the training split's classes)."""
+        from mimkit.eval.data import split_classes
+
+        return list(self.opts.class_names or split_classes(self.opts.dataset))
+
+    # -- features ---------------------------------------------------------------------------------
+    def _extract_kw(self, norm: bool, block: int | None) -> dict:
+        return dict(norm=norm, block=block, batch_size=self.opts.batch_size, mean=self.mean, std=self.std,
+                    device=self.opts.device, autocast_dtype=self.autocast)
+
     def features(self, split: str, pool: str, norm: bool | None = None, block: int | None = -999,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Cached features of ``split`` (``block=-999`` = the context's ``--block``)."""
+                 dtype: torch.dtype = torch.float32, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Cached pooled features of ``split`` (``block=-999`` = the context's ``--block``; ``norm=None``
+        = its ``--no-norm``). ``pool="all"`` gives the all-token cache (:meth:`tokens`). ``indices``:
+        features of those images only (not cached; few-shot extracts only what it draws)."""
         norm = self.opts.norm if norm is None else norm
         block = self.opts.block if block == -999 else block
+        if pool == "all":
+            return self.tokens(split, norm, block)
+        check_pool(pool, bool(getattr(self.encoder, "has_class_token", True)))
+        images = self.data(split)[0]
+        if indices is not None:
+            return extract_features(self.encoder, images[indices], pool=pool, **self._extract_kw(norm, block)).to(dtype)
         key = (split, pool, norm, block, dtype)
         if key not in self._feats:
-            if pool == "all":
-                out = []
-                images = self.data(split)[0]
-                step = 4096
-                for i in range(0, len(images), step):  # keep the (N, 1+L, D) cache compact
-                    out.append(extract_features(self.encoder, images[i : i + step], pool="all", norm=norm, block=block,
-                                                batch_size=self.opts.batch_size, mean=self.mean, std=self.std,
-                                                device=self.opts.device).to(dtype))
-                self._feats[key] = torch.cat(out)
-            else:
-                pools = ["cls", "mean"]
-                if pool not in pools:
-                    pools = [pool]
-                feats = extract_features(self.encoder, self.data(split)[0], pool=pools, norm=norm, block=block,
-                                         batch_size=self.opts.batch_size, mean=self.mean, std=self.std,
-                                         device=self.opts.device)
-                for p, f in feats.items():
-                    self._feats[(split, p, norm, block, dtype)] = f.to(dtype)
+            pools = [pool] + [p for p in ("cls", "mean") if p != pool and (
+                p == "mean" or getattr(self.encoder, "has_class_token", True))]
+            feats = extract_features(self.encoder, images, pool=pools, show_progress=self.opts.progress,
+                                     **self._extract_kw(norm, block))
+            for p, f in feats.items():
+                self._feats[(split, p, norm, block, dtype)] = f.to(dtype)
         return self._feats[key]
 
-    def describe(self) -> dict:
+    def tokens(self, split: str, norm: bool | None = None, block: int | None = -999) -> torch.Tensor:
+        """All tokens ``(N, P+L, D)`` as float16, in RAM or memory-mapped (module doc)."""
+        norm = self.opts.norm if norm is None else norm
+        block = self.opts.block if block == -999 else block
+        key = (split, "all", norm, block)
+        if key in self._feats:
+            return self._feats[key]
+        images = self.data(split)[0]
+        bs = self.opts.batch_size
+        kw = self._extract_kw(norm, block)
+        first = extract_features(self.encoder, images[:bs], pool="all", out_dtype=torch.float16, **kw)
+        shape = (len(images), *first.shape[1:])
+        nbytes = int(np.prod(shape)) * 2
+        mode = self.opts.token_cache
+        if mode not in ("auto", "memory", "disk"):
+            raise ValueError(f"token_cache {mode!r}: choose auto, memory or disk")
+        if mode == "disk" or (mode == "auto" and nbytes > self.opts.max_cache_gb * 2**30):
+            out = torch.from_numpy(np.memmap(self._cache_file(f"{split}-{len(self._feats)}.f16"), dtype=np.float16,
+                                             mode="w+", shape=shape))
+            self._mapped.add(key)
+        else:
+            out = torch.empty(shape, dtype=torch.float16)
+        out[: len(first)] = first
+        starts = range(bs, len(images), bs)
+        for i in progress(starts, len(starts), f"tokens ({split})", enabled=None if self.opts.progress else False,
+                          unit="batch"):
+            out[i : i + bs] = extract_features(self.encoder, images[i : i + bs], pool="all", out_dtype=torch.float16,
+                                               **kw)
+        self._feats[key] = out
+        return out
+
+    def _cache_file(self, name: str) -> str:
+        if self._cache_dir is None:
+            base = self.opts.cache_dir
+            if base:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            self._cache_dir = Path(tempfile.mkdtemp(prefix="mimkit-tokens-", dir=base))
+            weakref.finalize(self, shutil.rmtree, str(self._cache_dir), True)
+        return str(self._cache_dir / name)
+
+    def token_cache_info(self) -> dict:
+        """Where each all-token cache lives (``memory`` / ``memory-mapped file``) and its size in GB."""
+        return {f"{k[0]}/{feature_tag('all', k[2], k[3])}": {
+            "where": "memory-mapped file" if k in self._mapped else "memory", "gb": v.numel() * 2 / 2**30}
+            for k, v in self._feats.items() if k[1] == "all"}
+
+    def describe(self, data: bool = True) -> dict:
+        if not data:
+            return {"checkpoint": self.ckpt.path, "step": self.ckpt.step, "epoch": self.ckpt.epoch,
+                    "encoder": type(self.encoder).__name__, "mean": list(self.mean), "std": list(self.std),
+                    "norm_source": self.norm_source, "img_size": self.img_size, "in_chans": self.in_chans}
         tr, te = self.data("train")[2], self.data("test")[2]
         return {"checkpoint": self.ckpt.path, "step": self.ckpt.step, "epoch": self.ckpt.epoch,
-                "train_data": tr, "test_data": te, "mean": list(self.mean), "std": list(self.std),
-                "norm_source": self.norm_source, "block": self.opts.block, "final_norm": self.opts.norm,
-                "img_size": self.img_size, "in_chans": self.in_chans}
+                "encoder": type(self.encoder).__name__, "train_data": tr, "test_data": te,
+                "n_train": tr["n"], "n_test": te["n"], "num_classes": len(tr["classes"]),
+                "mean": list(self.mean), "std": list(self.std), "norm_source": self.norm_source,
+                "block": self.opts.block, "final_norm": self.opts.norm, "img_size": self.img_size,
+                "in_chans": self.in_chans, "crop_pct": self.opts.crop_pct, "seed": self.opts.seed,
+                "amp": "bf16" if (self.autocast == "auto" and str(self.opts.device).startswith("cuda"))
+                or self.autocast is torch.bfloat16 else "off (fp32)"}
 
 
-def _pools(opts: EvalOptions, default: str) -> list[str]:
-    return [p.strip() for p in (opts.pool or default).split(",") if p.strip()]
+def _pools(ctx: EvalContext, default: str) -> list[str]:
+    pools = [p.strip() for p in (ctx.opts.pool or default).split(",") if p.strip()]
+    if ctx.opts.pool is None and not getattr(ctx.encoder, "has_class_token", True):
+        pools = [p for p in pools if p not in ("cls", "cls+mean")] or ["mean"]
+    return pools
 
 
-def _num_classes(ctx: EvalContext) -> int:
-    return int(max(ctx.labels("train").max(), ctx.labels("test").max())) + 1
+def _config_error(msg: str):
+    from mimkit.config import ConfigError
+
+    return ConfigError(msg)
 
 
-def run_knn(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
-    """Train-bank weighted kNN (DINO) and leave-one-out 1-NN on the test set (Latent MIM)."""
-    from mimkit.eval.knn import knn_accuracy, loo_1nn_accuracy
+def run_knn(ctx: EvalContext, k: int = 20, temperature: float = 0.07, ks=(10, 20, 100, 200),
+            loo_norm: bool = False) -> dict:
+    """DINO's weighted kNN on the train bank at several ``k`` (top-1 and top-5, one pass) and Latent MIM's
+    leave-one-out 1-NN on the test set, by default on features without the final LayerNorm
+    (``loo_norm=False``, as Latent MIM measures it)."""
+    from mimkit.eval.knn import knn_eval, loo_1nn_accuracy
 
+    ks = sorted({*ks, k})
     metrics, detail = {}, {}
-    for pool in _pools(ctx.opts, "cls,mean"):
+    o = ctx.opts
+    dev = o.device
+    for pool in _pools(ctx, "cls,mean"):
+        tag = feature_tag(pool, o.norm, o.block)
         tr, te = ctx.features("train", pool), ctx.features("test", pool)
-        knn = knn_accuracy(tr, ctx.labels("train"), te, ctx.labels("test"), k=k, temperature=temperature)
-        loo = loo_1nn_accuracy(te, ctx.labels("test"))
-        metrics[f"knn_{pool}"] = knn
-        metrics[f"loo1nn_{pool}"] = loo
-        detail[pool] = {"knn": knn, "loo_1nn": loo}
-    return {"protocol": "knn", "metrics": metrics, "pools": detail, "k": k, "temperature": temperature}
+        res = knn_eval(tr, ctx.labels("train"), te, ctx.labels("test"), ks, temperature, ctx.num_classes(),
+                       device=dev, show_progress=o.progress)
+        loo_feats = te if loo_norm == o.norm else ctx.features("test", pool, norm=loo_norm)
+        loo_tag = feature_tag(pool, loo_norm, o.block)
+        loo = loo_1nn_accuracy(loo_feats, ctx.labels("test"), device=dev)
+        for kk in ks:
+            metrics[f"knn{kk}_{tag}"] = res[kk]["top1"]
+        metrics[f"knn{k}top5_{tag}"] = res[k]["top5"]
+        metrics[f"loo1nn_{loo_tag}"] = loo
+        detail[pool] = {"knn": {str(kk): v for kk, v in res.items()}, "loo_1nn": loo,
+                        "features": {"pool": pool, "block": o.block, "final_norm": o.norm},
+                        "loo_features": {"pool": pool, "block": o.block, "final_norm": loo_norm}}
+    return {"protocol": "knn", "metrics": metrics, "pools": detail, "k": k, "ks": ks, "temperature": temperature}
 
 
 def run_linear(ctx: EvalContext, cfg=None, augment: bool = False) -> dict:
@@ -126,80 +267,170 @@ def run_linear(ctx: EvalContext, cfg=None, augment: bool = False) -> dict:
 
     cfg = cfg or replace(LINEAR_PRESETS["small"], seed=ctx.opts.seed)
     metrics, detail = {}, {}
-    nc = _num_classes(ctx)
-    for pool in _pools(ctx.opts, "cls,mean"):
+    nc = ctx.num_classes()
+    o = ctx.opts
+    for pool in _pools(ctx, "cls,mean"):
+        tag = feature_tag(pool, o.norm, o.block)
         if augment:
             (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
-            res = linear_probe_augmented(ctx.encoder, xtr, ytr, xte, yte, cfg, pool=pool, norm=ctx.opts.norm,
-                                         block=ctx.opts.block, mean=ctx.mean, std=ctx.std, num_classes=nc,
-                                         device=ctx.opts.device)
+            res = linear_probe_augmented(ctx.encoder, xtr, ytr, xte, yte, cfg, pool=pool, norm=o.norm, block=o.block,
+                                         mean=ctx.mean, std=ctx.std, num_classes=nc, device=o.device,
+                                         autocast_dtype=ctx.autocast, show_progress=o.progress)
         else:
             res = train_linear_probe(ctx.features("train", pool), ctx.labels("train"), ctx.features("test", pool),
-                                     ctx.labels("test"), cfg, num_classes=nc, device=ctx.opts.device)
+                                     ctx.labels("test"), cfg, num_classes=nc, device=o.device)
         res.pop("model")
-        metrics[f"linear_{pool}"] = res["top1"]
-        detail[pool] = res
+        metrics[f"linear_{tag}"] = res["top1"]
+        detail[pool] = {**res, "features": {"pool": pool, "block": o.block, "final_norm": o.norm}}
     return {"protocol": "linear", "metrics": metrics, "augment": augment, "pools": detail}
 
 
 def run_attentive(ctx: EvalContext, cfg=None) -> dict:
-    """CAE's attentive probe on cached all-token features (float16 cache)."""
+    """CAE's attentive probe on the all-token cache (float16, in RAM or memory-mapped)."""
     from mimkit.eval.attentive import AttentiveProbeConfig, train_attentive_probe
 
+    if ctx.opts.pool not in (None, "all"):
+        raise _config_error(f"--pool {ctx.opts.pool} does not apply to the attentive probe: it attends over all "
+                            "tokens (drop --pool)")
     cfg = cfg or AttentiveProbeConfig(seed=ctx.opts.seed)
-    tr = ctx.features("train", "all", dtype=torch.float16)
-    te = ctx.features("test", "all", dtype=torch.float16)
+    o = ctx.opts
+    tr, te = ctx.tokens("train"), ctx.tokens("test")
     res = train_attentive_probe(tr, ctx.labels("train"), te, ctx.labels("test"), ctx.encoder.num_heads, cfg,
-                                num_classes=_num_classes(ctx), device=ctx.opts.device)
+                                num_classes=ctx.num_classes(), device=o.device, autocast_dtype=ctx.autocast,
+                                show_progress=o.progress)
     res.pop("model")
-    return {"protocol": "attentive", "metrics": {"attentive": res["top1"]}, **res}
+    tag = feature_tag("all", o.norm, o.block)
+    return {"protocol": "attentive", "metrics": {f"attentive_{tag}": res["top1"]}, **res,
+            "features": {"pool": "all tokens", "block": o.block, "final_norm": o.norm},
+            "token_cache": ctx.token_cache_info()}
 
 
 def run_finetune(ctx: EvalContext, cfg=None) -> dict:
-    """Full fine-tuning of a copy of the encoder (default preset ``small``)."""
+    """Full fine-tuning of a copy of the encoder (default preset ``small``); reports the last and the
+    best epoch."""
     from mimkit.eval.finetune import finetune, finetune_preset
 
-    cfg = cfg or finetune_preset("small", seed=ctx.opts.seed)
+    o = ctx.opts
+    if o.block is not None or not o.norm:
+        raise _config_error("--block / --no-norm do not apply to fine-tuning: it trains the whole encoder with "
+                            "MAE's head (global pool + fc_norm); drop them")
+    cfg = cfg or finetune_preset("small", seed=o.seed)
+    if o.pool is not None:
+        if o.pool not in ("mean", "cls"):
+            raise _config_error(f"--pool {o.pool} does not apply to fine-tuning; choose mean (MAE's global pool, "
+                                "the default) or cls")
+        cfg = replace(cfg, global_pool=o.pool)
     (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
-    res = finetune(ctx.encoder, xtr, ytr, xte, yte, cfg, mean=ctx.mean, std=ctx.std, num_classes=_num_classes(ctx),
-                   device=ctx.opts.device)
+    res = finetune(ctx.encoder, xtr, ytr, xte, yte, cfg, mean=ctx.mean, std=ctx.std, num_classes=ctx.num_classes(),
+                   device=o.device, autocast_dtype=ctx.autocast, show_progress=o.progress)
     res.pop("model")
-    return {"protocol": "finetune", "metrics": {"finetune": res["top1"]}, **res}
+    pool = cfg.global_pool
+    return {"protocol": "finetune", "metrics": {f"finetune_{pool}": res["top1"], f"finetune_best_{pool}": res["top1_best"]},
+            **res}
 
 
 def run_fewshot(ctx: EvalContext, shots: int = 10, draws: int = 5, C: float = 1.0) -> dict:
-    """k-shot logistic regression per pool (default: mean-pooled patches)."""
-    from mimkit.eval.fewshot import fewshot_logreg
+    """k-shot logistic regression per pool (default: mean-pooled patches). Only the drawn support images
+    are encoded (``shots x classes x draws`` at most), not the whole train split."""
+    from mimkit.eval.fewshot import draw_supports, fewshot_logreg
 
+    supports = draw_supports(ctx.labels("train"), shots, draws, ctx.opts.seed)
+    used = torch.from_numpy(np.unique(np.concatenate(supports)))
+    pos = {int(i): j for j, i in enumerate(used.tolist())}
+    local = [np.array([pos[int(i)] for i in s]) for s in supports]
     metrics, detail = {}, {}
-    for pool in _pools(ctx.opts, "mean"):
-        res = fewshot_logreg(ctx.features("train", pool), ctx.labels("train"), ctx.features("test", pool),
-                             ctx.labels("test"), shots=shots, draws=draws, seed=ctx.opts.seed, C=C)
-        metrics[f"fewshot{shots}_{pool}"] = res["mean"]
-        metrics[f"fewshot{shots}_{pool}_std"] = res["std"]
+    o = ctx.opts
+    for pool in _pools(ctx, "mean"):
+        tag = feature_tag(pool, o.norm, o.block)
+        tr = ctx.features("train", pool, indices=used)
+        res = fewshot_logreg(tr, ctx.labels("train")[used], ctx.features("test", pool), ctx.labels("test"),
+                             shots=shots, draws=draws, seed=o.seed, C=C, supports=local)
+        res["encoded_train_images"] = len(used)
+        metrics[f"fewshot{shots}_{tag}"] = res["mean"]
+        metrics[f"fewshot{shots}_{tag}_std"] = res["std"]
         detail[pool] = res
     return {"protocol": "fewshot", "metrics": metrics, "pools": detail}
 
 
 def run_diagnostics(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
-    """Sim (patch tokens of test images without the final norm, cls excluded; with and without the
-    diagonal), spectrum / effective rank of the pooled test features, per-class kNN accuracy."""
+    """Sim (patch tokens of test images without the final norm, prefix tokens excluded; with and without
+    the diagonal), spectrum / effective rank of the pooled test features, per-class kNN accuracy."""
     from mimkit.eval.diagnostics import patch_similarity, per_class_accuracy, spectrum_summary
     from mimkit.eval.knn import knn_predict
 
-    tokens = ctx.features("test", "all", norm=False, dtype=torch.float16)
-    sim = patch_similarity(tokens)  # float16 cache; similarities are computed in float32
+    o = ctx.opts
+    tokens = ctx.tokens("test", norm=False)
+    prefix = int(getattr(ctx.encoder, "num_prefix_tokens", 1))
+    sim = patch_similarity(tokens[:, prefix - 1 :] if prefix > 1 else tokens, has_cls=prefix > 0)
     metrics = {"sim": sim["sim"], "sim_offdiag": sim["sim_offdiag"]}
-    detail = {"sim": {**sim, "final_norm": False, "cls_excluded": True}}
-    nc = _num_classes(ctx)
-    for pool in _pools(ctx.opts, "cls,mean"):
+    detail = {"sim": {**sim, "final_norm": False, "prefix_excluded": prefix}}
+    nc = ctx.num_classes()
+    for pool in _pools(ctx, "cls,mean"):
+        tag = feature_tag(pool, o.norm, o.block)
         te = ctx.features("test", pool)
         spec = spectrum_summary(te)
-        scores = knn_predict(ctx.features("train", pool), ctx.labels("train"), te, k, temperature, nc)
+        scores = knn_predict(ctx.features("train", pool), ctx.labels("train"), te, k, temperature, nc, device=o.device)
         pcs = per_class_accuracy(scores.argmax(1), ctx.labels("test"), nc)
-        metrics[f"erank_{pool}"] = spec["effective_rank"]
+        metrics[f"erank_{tag}"] = spec["effective_rank"]
         detail[pool] = {"spectrum": spec, "knn_per_class": pcs}
     return {"protocol": "diagnostics", "metrics": metrics, **detail}
+
+
+def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None, canvas_objects: int = 3) -> dict:
+    """DINOv2's linear segmentation probe (:mod:`mimkit.eval.segmentation`) on ``--dataset``: an
+    ADE20K-layout folder, or ``fashion_mnist`` for generated canvases (garments pasted on a canvas twice
+    the garment size, resized to the encoder's input; ``--limit-train/--limit-test`` canvases, default
+    1000/250)."""
+    from mimkit.eval.segmentation import (
+        IGNORE,
+        SegProbeConfig,
+        load_segmentation_folder,
+        make_canvas_set,
+        segmentation_linear_probe,
+    )
+
+    o = ctx.opts
+    cfg = cfg or SegProbeConfig(seed=o.seed)
+    s, c = ctx.img_size, ctx.in_chans
+    if o.dataset in ("fashion_mnist", "fashion-mnist", "fmnist"):
+        def canvases(n, split, seed):
+            x, m = make_canvas_set(n, 56, canvas_objects, split, seed)
+            from mimkit.eval.data import adapt_images
+
+            m = F.interpolate(m[:, None].float(), size=(s, s), mode="nearest")[:, 0].long() - 1  # 1.. -> 0..
+            return adapt_images(x, s, c), m
+
+        (xtr, mtr), (xte, mte) = canvases(o.limit_train or 1000, "train", o.seed), canvases(o.limit_test or 250,
+                                                                                            "test", o.seed + 1)
+        source = f"generated Fashion-MNIST canvases (56 px, {canvas_objects} garments, resized to {s})"
+        num_classes = num_classes or 11
+    else:
+        xtr, mtr = load_segmentation_folder(o.dataset, "train", s, c, o.limit_train, o.seed)
+        xte, mte = load_segmentation_folder(o.dataset, "test", s, c, o.limit_test, o.seed)
+        source = o.dataset
+        if num_classes is None:
+            both = torch.cat([mtr.flatten(), mte.flatten()])
+            num_classes = int(both[both != IGNORE].max()) + 1
+    res = segmentation_linear_probe(ctx.encoder, xtr, mtr, xte, mte, num_classes, cfg, ctx.mean, ctx.std,
+                                    device=o.device, autocast_dtype=ctx.autocast, show_progress=o.progress)
+    res.pop("head")
+    tag = feature_tag("patches", True, None)
+    return {"protocol": "segmentation", "metrics": {f"miou_{tag}": res["miou"], f"pixacc_{tag}": res["pixel_acc"]},
+            **res, "data": {"source": source, "n_train": len(xtr), "n_test": len(xte)}}
+
+
+def run_pictures(ctx: EvalContext, out_dir: str | Path = "pictures", n_show: int = 8, tsne_n: int = 1000) -> dict:
+    """PCA-of-patch-tokens, class-token attention and t-SNE pictures (:mod:`mimkit.viz.tokens`) of test
+    images (t-SNE on ``tsne_n`` of them)."""
+    from mimkit.viz.tokens import save_token_pictures
+
+    x, y, info = ctx.data("test")
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.opts.seed))[:tsne_n].sort().values
+    pool = "cls" if getattr(ctx.encoder, "has_class_token", True) else "mean"
+    feats = ctx.features("test", pool, indices=idx)
+    files = save_token_pictures(ctx.encoder, x[idx], y[idx], ctx.mean, ctx.std, out_dir, info.get("classes"), n_show,
+                                ctx.opts.seed, tsne_feats=feats)
+    return {"protocol": "pictures", "metrics": {}, "files": {k: str(v) for k, v in files.items()}}
 
 
 PROTOCOLS = {
@@ -209,7 +440,32 @@ PROTOCOLS = {
     "finetune": run_finetune,
     "fewshot": run_fewshot,
     "diagnostics": run_diagnostics,
+    "segmentation": run_segmentation,
+    "pictures": run_pictures,
 }
+
+
+def evaluate(encoder: torch.nn.Module, protocols=("knn",), opts: EvalOptions | None = None,
+             protocol_kwargs: dict[str, dict] | None = None, **adapter_kw) -> dict:
+    """Run ``protocols`` on an in-memory encoder (a mimkit or timm ViT, or any ``nn.Module`` through
+    :func:`mimkit.eval.adapters.wrap_encoder`, which takes ``adapter_kw`` such as ``num_prefix_tokens``,
+    ``img_size``, ``in_chans``). Returns ``{protocol: result}`` plus ``"setup"``::
+
+        res = evaluate(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False),
+                       ["knn", "linear"], EvalOptions(dataset="/data/flowers"))
+    """
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+    ctx = EvalContext(wrap_encoder(encoder, **adapter_kw), opts or EvalOptions())
+    ctx.check_classes()
+    out = {p: PROTOCOLS[p](ctx, **(protocol_kwargs or {}).get(p, {})) for p in protocols}
+    for r in out.values():
+        for d in [r, *r.get("pools", {}).values()] if isinstance(r, dict) else []:
+            if isinstance(d, dict):
+                d.pop("model", None)
+    out["setup"] = ctx.describe(data="segmentation" not in protocols)
+    return out
 
 
 def options_dict(opts: EvalOptions) -> dict:

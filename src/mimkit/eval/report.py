@@ -1,5 +1,10 @@
-"""``mimkit report``: chosen protocols on one or more checkpoints -> one markdown table + JSON, and a
-plot of accuracy against epoch for runs with periodic checkpoints.
+"""``mimkit report``: chosen protocols on one or more checkpoints -> one markdown table + JSON, and
+curves over training for runs with periodic checkpoints: accuracy, and Latent MIM's collapse monitors
+Sim and effective rank (when ``diagnostics`` is among the protocols), with error bars where a number
+is a mean over seeds or draws.
+
+``report.md`` carries the setup beside the table: data set and split sizes, resize rule, features
+(pool / layer / final norm), and each protocol's settings (k and T, lr, batch, epochs, seeds).
 
 A checkpoint argument may be a file or a run directory. A directory contributes every periodic
 checkpoint in it (``checkpoint-*.pt``/``.pth``, ``ckpt_step*.pt``, ``ckpt_*.pt``, ``*.safetensors``),
@@ -54,6 +59,14 @@ def format_value(name: str, value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def format_epoch(epoch) -> str:
+    """``3`` for whole epochs, ``0.33`` otherwise (no raw float tails)."""
+    if epoch is None:
+        return "–"
+    e = float(epoch)
+    return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
+
+
 def display_metrics(metrics: dict) -> dict[str, str]:
     """Column -> text; ``X`` and ``X_std`` merge into ``"mean ± std"``."""
     cols = {}
@@ -79,14 +92,22 @@ def markdown_table(rows: list[dict], label_key: str = "name") -> str:
     for r, d in zip(rows, disp):
         cells = [str(r[label_key])]
         if has_epoch:
-            cells.append("–" if r.get("epoch") is None else f"{r['epoch']:g}")
+            cells.append(format_epoch(r.get("epoch")))
         cells += [d.get(c, "–") for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _series(rs: list[dict], metric: str, x_key: str):
+    xs = [r.get(x_key) or 0 for r in rs]
+    ys = [r["metrics"].get(metric, float("nan")) for r in rs]
+    err = [r["metrics"].get(metric + "_std", 0.0) or 0.0 for r in rs]
+    return xs, ys, err
+
+
 def plot_curves(rows: list[dict], path: str | Path) -> Path | None:
-    """Accuracy metrics against epoch (or step) for every run with ≥ 2 checkpoints; PNG at ``path``."""
+    """Curves over training for every run with ≥ 2 checkpoints: top-1 accuracies (with ± std error bars),
+    and Sim / effective rank when measured; PNG at ``path``. ``None`` when no run has two checkpoints."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,26 +121,88 @@ def plot_curves(rows: list[dict], path: str | Path) -> Path | None:
     if not runs:
         return None
     use_epoch = all(r.get("epoch") is not None for v in runs.values() for r in v)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run, rs in runs.items():
-        rs = sorted(rs, key=lambda r: (r.get("epoch") if use_epoch else r.get("step")) or 0)
-        xs = [(r.get("epoch") if use_epoch else r.get("step")) or 0 for r in rs]
-        names = [k for k in rs[-1]["metrics"] if not k.endswith("_std") and not k.startswith(("sim", "erank"))]
-        for m in names:
-            ys = [r["metrics"].get(m, float("nan")) for r in rs]
-            label = m if len(runs) == 1 else f"{Path(run).name}: {m}"
-            ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("epoch" if use_epoch else "step")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy during pretraining")
+    x_key = "epoch" if use_epoch else "step"
+    last = [k for v in runs.values() for k in v[-1]["metrics"]]
+    acc = [m for m in dict.fromkeys(last) if not m.endswith("_std") and not m.startswith(("sim", "erank"))]
+    sims = [m for m in dict.fromkeys(last) if m.startswith("sim")]
+    eranks = [m for m in dict.fromkeys(last) if m.startswith("erank") and not m.endswith("_std")]
+    panels = [("top-1 accuracy (%)", acc)] + ([("Sim (patch similarity)", sims)] if sims else []) + \
+        ([("effective rank", eranks)] if eranks else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (ylabel, names) in zip(axes[0], panels):
+        for run, rs in runs.items():
+            rs = sorted(rs, key=lambda r: r.get(x_key) or 0)
+            for m in names:
+                xs, ys, err = _series(rs, m, x_key)
+                label = m if len(runs) == 1 else f"{Path(run).name}: {m}"
+                if any(err):
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+                else:
+                    ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_title("during pretraining")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _protocol_setup(proto: str, res: dict) -> str:
+    """One line of a protocol's settings from its result."""
+    if proto == "knn":
+        return f"k = {', '.join(map(str, res.get('ks', [res.get('k')])))} (headline k = {res.get('k')}), T = " \
+               f"{res.get('temperature')}; LOO 1-NN on the test set"
+    if proto == "linear":
+        d = next(iter(res.get("pools", {}).values()), {})
+        c = d.get("config", {})
+        return (f"{c.get('optimizer')} lr {d.get('lr', float('nan')):.4g}, batch {c.get('batch_size')}, "
+                f"{c.get('epochs')} epochs ({c.get('warmup_epochs'):g} warm-up), "
+                f"{'augmented' if res.get('augment') else 'cached features'}, BN statistics "
+                f"{'recomputed on the train features' if c.get('recompute_bn') else 'running averages'}")
+    if proto == "attentive":
+        c = res.get("config", {})
+        return (f"SGD nesterov lr {res.get('lr', float('nan')):.4g}, batch {res.get('batch_size')}, {c.get('epochs')} "
+                f"epochs ({c.get('warmup_epochs'):g} warm-up), {res.get('steps')} steps")
+    if proto == "finetune":
+        c = res.get("config", {})
+        return (f"AdamW lr {res.get('lr', float('nan')):.4g}, batch {c.get('batch_size')}, {c.get('epochs')} epochs, "
+                f"layer decay {c.get('layer_decay')}, mixup {c.get('mixup')}/cutmix {c.get('cutmix')}, "
+                f"RandAugment {c.get('rand_augment') or 'off'}, erasing {c.get('reprob')}; best epoch "
+                f"{res.get('best_epoch')}")
+    if proto == "fewshot":
+        d = next(iter(res.get("pools", {}).values()), {})
+        return f"{d.get('shots')} shots x {d.get('draws')} draws, logistic regression; mean ± std over draws"
+    if proto == "diagnostics":
+        return "Sim on test patch tokens without the final norm; effective rank of the pooled test features"
+    return ""
+
+
+def setup_markdown(rows: list[dict], protocols: Sequence[str], seeds: Sequence[int] | None = None) -> str:
+    """The setup block printed beside the table."""
+    if not rows:
+        return ""
+    st = rows[0]["setup"]
+    tr, te = st["train_data"], st["test_data"]
+    lines = ["", "**Setup**", "",
+             f"- data: train {tr.get('dataset')} ({st['n_train']} images), test {te.get('dataset')}"
+             f"{' (' + te['folder'] + ')' if te.get('folder') else ''} ({st['n_test']} images), "
+             f"{st['num_classes']} classes; {tr.get('resize', '')}",
+             f"- encoder input {st['img_size']} px, {st['in_chans']} channel(s), mean {st['mean']} / std {st['std']} "
+             f"({st['norm_source']}); features: block {'last' if st['block'] is None else st['block']}, final "
+             f"LayerNorm {'on' if st['final_norm'] else 'off'}; autocast {st.get('amp')}",
+             f"- seeds: {', '.join(map(str, seeds)) if seeds else st.get('seed')}"
+             + (" (mean ± std over seeds)" if seeds and len(seeds) > 1 else "")]
+    for proto in protocols:
+        res = rows[0]["results"].get(proto)
+        if res:
+            lines.append(f"- {proto}: {_protocol_setup(proto, res)}")
+    lines.append("- columns: `<metric>_<pool>`; `-b<i>` = block i, `-noLN` = without the final LayerNorm")
+    return "\n".join(lines) + "\n"
 
 
 def run_report(
@@ -130,9 +213,13 @@ def run_report(
     protocol_kwargs: dict[str, dict] | None = None,
     load: Callable | None = None,
     log: Callable[[str], None] = print,
+    check: Callable | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict:
     """Evaluate every checkpoint with every protocol; write ``report.json``, ``report.md`` and
-    ``accuracy_vs_epoch.png`` (when a run has periodic checkpoints) under ``out_dir``."""
+    ``training_curves.png`` (when a run has periodic checkpoints) under ``out_dir``. ``seeds``: the
+    trained probes (linear, attentive, finetune) run once per seed and report mean ± std. ``notes`` in
+    the result says what was written and why a plot is missing."""
     from mimkit.eval.data import load_checkpoint_encoder
     from mimkit.eval.protocols import PROTOCOLS, EvalContext, options_dict
 
@@ -147,25 +234,64 @@ def run_report(
     for (path, run), name in zip(files, names):
         ckpt = load(path, device=opts.device)
         ctx = EvalContext(ckpt, opts)
+        if check is not None:
+            check(ctx)
         metrics, results = {}, {}
         for proto in protocols:
             log(f"[report] {name}: {proto}")
-            res = PROTOCOLS[proto](ctx, **protocol_kwargs.get(proto, {}))
+            kw = protocol_kwargs.get(proto, {})
+            if seeds and proto in SEEDED and len(seeds) > 1:
+                res = _over_seeds(PROTOCOLS[proto], ctx, kw, seeds)
+            else:
+                if seeds and proto in SEEDED and "cfg" in kw and kw["cfg"] is not None:
+                    from dataclasses import replace as _replace
+
+                    kw = {**kw, "cfg": _replace(kw["cfg"], seed=seeds[0])}
+                res = PROTOCOLS[proto](ctx, **kw)
             metrics.update(res["metrics"])
             results[proto] = res
         rows.append({"name": name, "path": str(path), "run": run, "step": ckpt.step, "epoch": ckpt.epoch,
                      "metrics": metrics, "setup": ctx.describe(), "results": results})
         del ctx, ckpt
     table = markdown_table(rows)
-    report = {"protocols": list(protocols), "options": options_dict(opts), "rows": rows, "table": table}
+    setup = setup_markdown(rows, protocols, seeds)
+    report = {"protocols": list(protocols), "options": options_dict(opts), "rows": rows, "table": table,
+              "setup": setup, "notes": []}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        plot = plot_curves(rows, out / "accuracy_vs_epoch.png")
+        plot = plot_curves(rows, out / "training_curves.png")
         report["plot"] = str(plot) if plot else None
+        if plot is None:
+            report["notes"].append(
+                "no training-curve plot: it needs a run directory with at least two periodic checkpoints "
+                "(pretrain with train.keep_checkpoints=N (and train.ckpt_every_steps) so the run keeps checkpoint-<step>.pt files, then pass the run directory)")
         write_json(out / "report.json", report)
-        (out / "report.md").write_text(table)
+        (out / "report.md").write_text(table + setup)
+        report["notes"].append(f"wrote {out / 'report.md'}, {out / 'report.json'}" + (f", {plot}" if plot else ""))
     return report
+
+
+SEEDED = ("linear", "attentive", "finetune")
+
+
+def _over_seeds(fn, ctx, kw: dict, seeds: Sequence[int]) -> dict:
+    """Run a trained protocol once per seed; metrics become the mean with ``_std`` (sample std)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    runs = []
+    for seed in seeds:
+        cfg = kw.get("cfg")
+        runs.append(fn(ctx, **{**kw, "cfg": replace(cfg, seed=seed) if cfg is not None else None})
+                    if cfg is not None else fn(ctx, **kw))
+    metrics = {}
+    for m in runs[0]["metrics"]:
+        vals = np.array([r["metrics"][m] for r in runs], dtype=float)
+        metrics[m] = float(vals.mean())
+        metrics[m + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    return {**runs[0], "metrics": metrics, "seeds": list(seeds), "per_seed": [r["metrics"] for r in runs]}
 
 
 def sanitize(obj):
