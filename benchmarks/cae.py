@@ -1,5 +1,5 @@
 """Benchmark (not a test): CAE's decoder/alignment ablation and CAE v2's supervision-position table on
-Fashion-MNIST, with kNN / linear / attentive probes (methods_a §3.7, §4.6).
+Fashion-MNIST, with kNN / linear / attentive probes.
 
 Arms (presets under configs/, so every arm is what a user gets from its Fashion-MNIST preset):
 
@@ -19,14 +19,14 @@ Measurements of each frozen encoder (final LN applied; eval mode; first ``--limi
 
 * kNN — the trainer's DINO kNN (train bank -> test, k = 20, T = 0.07, cosine), cls token and mean-pooled
   patch tokens;
-* linear — ANCHORS.md's probe (:func:`mimkit.eval.linear.logistic_probe`: standardized features +
+* linear — the standard logistic-regression probe (:func:`mimkit.eval.linear.logistic_probe`: standardized features +
   logistic regression, C = 1), cls and mean pools (as ``benchmarks/masking_successors.py``);
 * attentive — CAE's attentive probe (:func:`mimkit.eval.attentive.train_attentive_probe`) on all output
   tokens (float16 cache), the library defaults (batch min(256, N/8), lr 0.4 x batch/256, SGD nesterov,
   10 % warm-up, cosine) for ``--attentive-epochs`` epochs.
 
 Also logged: CAE's ``align_cos`` (cosine between the regressor output and the alignment target, mean of
-the last 5 logged steps; methods_a §3.7 check (i): without alignment the regressor drifts out of the
+the last 5 logged steps; the paper's argument: without alignment the regressor drifts out of the
 encoder's space) and CAE v2's per-group teacher cosines.
 
 The teacher (once, before the CAE v2 arms; the documented command of configs/cae_v2_fashion_mnist.yaml,

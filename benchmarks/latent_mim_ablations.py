@@ -1,18 +1,18 @@
-"""Latent MIM ablations on Fashion-MNIST: the collapse table and the loss table (methods_a §1.7).
+"""Latent MIM ablations on Fashion-MNIST: the collapse table and the loss table.
 
 Not a test: every arm is a full pretraining run of ``configs/latent_mim_fashion_mnist.yaml`` (3 epochs
 by default, the MAE preset's budget) for each seed, then three measurements of the frozen encoder:
 
-* **Sim** — average patch similarity (methods_a §5.5): mean over test images of ``mean_{i,j} cos`` of
+* **Sim** — average patch similarity: mean over test images of ``mean_{i,j} cos`` of
   the patch tokens (cls excluded, diagonal included) of full 28x28 images at gap 0, final LN removed
   (the projector is never part of the encoder). 1.0 = complete collapse.
 * **NN** — two numbers: the trainer's DINO kNN (train bank -> test, k=20, T=0.07, cls and mean pools,
   final LN applied) from ``result["knn"]``, and Latent MIM's own protocol, leave-one-out 1-NN within
-  the test set on mean-pooled patch tokens without the final LN (methods_a §5.1).
-* **LP** — linear probe, ANCHORS.md's protocol (:func:`mimkit.eval.linear.logistic_probe`:
+  the test set on mean-pooled patch tokens without the final LN.
+* **LP** — linear probe, the standard logistic-regression protocol (:func:`mimkit.eval.linear.logistic_probe`:
   standardized features + logistic regression, C=1) on mean-pooled features (final LN removed).
 
-Arms. Both tables start from the chain start of the slides (methods_a §1.3): MSE loss, mask 0.75,
+Arms. Both tables start from the chain start of the slides: MSE loss, mask 0.75,
 gap 0, no regularizer, self-attention decoder, no projector.
 
 * ``collapse``: target = naive | separate | stopgrad | ema, plus MAE (``configs/mae_fashion_mnist.yaml``)
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LMIM_CONFIG = ROOT / "configs/latent_mim_fashion_mnist.yaml"
 MAE_CONFIG = ROOT / "configs/mae_fashion_mnist.yaml"
 
-# the chain start of the slide tables (methods_a §1.3)
+# the chain start of the slide tables
 CHAIN_START = [
     "method.loss=mse",
     "method.masking.ratio=0.75",
@@ -110,7 +110,7 @@ def measure(encoder, data: dict) -> dict:
     sim = patch_similarity(te_tokens)
     te = te_tokens[:, 1:].mean(1)
     tr = extract_features(encoder, data["train_x"], pool="mean", **kw)
-    lp = logistic_probe(tr, data["train_y"], te, data["test_y"])  # ANCHORS.md's probe
+    lp = logistic_probe(tr, data["train_y"], te, data["test_y"])  # the standard logistic-regression probe
     return {
         "sim": sim["sim"],
         "sim_offdiag": sim["sim_offdiag"],

@@ -6,10 +6,10 @@ Arms (presets under configs/, so every arm is what a user gets from its Fashion-
 * equal epochs, E epochs each: ``mae``, ``emae`` (K = 4 views per image, ~4x the compute of MAE per
   epoch), ``sbam`` (~MAE's compute).
 * equal compute: ``mae`` and ``sbam`` for K x E epochs, matching EMAE's E epochs (EMAE runs the
-  encoder and decoder on K sequences per image; methods_b §4.5 pitfall 5). Measured wall-clock is
+  encoder and decoder on K sequences per image). Measured wall-clock is
   reported beside, so the FLOP match can be checked against time.
 
-The seed papers' claims (methods_b §4.6, §5.7, §6.5) to compare against: EMAE K=4 beats MAE at equal
+The seed papers' claims to compare against: EMAE K=4 beats MAE at equal
 epochs by a lot (+6.9 LP at 300 ep ViT-B); equal-compute outcome unknown; SBAM beats MAE by a small
 margin (+0.7 FT, likely within noise here).
 
@@ -51,7 +51,7 @@ def arms(epochs: float) -> list[tuple[str, str, float]]:
 
 
 def linear_probe(out_dir: Path, seed: int, limit_train: int | None, limit_test: int | None) -> dict:
-    """ANCHORS.md's linear probe (standardized features + logistic regression) on the frozen encoder's
+    """the standard logistic-regression linear probe (standardized features + logistic regression) on the frozen encoder's
     cls token and mean-pooled patches, after the final LayerNorm."""
     from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
     from mimkit.eval.features import extract_features

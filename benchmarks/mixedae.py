@@ -23,7 +23,7 @@ attention):
 * kNN top-1 (k = 20, cosine, T = 0.07) on cls and on mean-pooled patch tokens, first ``--limit-train``
   train images as the bank, first ``--limit-test`` test images (recomputed by the probes, so the
   untrained ``init`` row is measured the same way; the trainer's end-of-run kNN is the same protocol).
-* linear: ANCHORS.md's probe (standardized features + scikit-learn LogisticRegression(C=1,
+* linear: the standard logistic-regression probe (standardized features + scikit-learn LogisticRegression(C=1,
   max_iter=1000)) on cls and mean-pooled tokens, same images.
 * attentive: :func:`mimkit.eval.attentive.train_attentive_probe` (CAE's attentive probe) on all tokens,
   same images, with ``--attentive-batch`` / ``--attentive-lr`` / ``--attentive-epochs``.
@@ -71,7 +71,7 @@ ARMS: dict[str, tuple[Path, list[str]]] = {
     "mae_eq": (MAE, []),
 }
 
-# methods_b §3.10 (ViT-B, IN-1K, [SLIDES]) and §3.11 expectations at small scale
+# the paper's ViT-B / IN-1K claims (authors' slides) and what to expect at small scale
 CLAIMS = [
     ("naive mixing < MAE", "[ABS] naive mixing hurts (no number)", ("naive", "mae")),
     ("MixedAE >= MAE", "+0.4 FT at 300 ep (83.1 vs 82.7); 'not worse' at best here", ("mixedae", "mae")),

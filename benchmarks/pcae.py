@@ -1,8 +1,8 @@
 """Benchmark (not a test): PCAE vs MAE, vs PCAE without dropping (keep = 1) and vs random drop, at
-equal epochs on Fashion-MNIST (methods_a §2.6-2.7). Reports, per arm:
+equal epochs on Fashion-MNIST. Reports, per arm:
 
 * **quality**: the trainer's DINO kNN (k=20, T=0.07; train bank -> test queries; cls token and
-  mean-pooled patch tokens after the final LN) and the ANCHORS.md linear probe
+  mean-pooled patch tokens after the final LN) and the standard logistic-regression linear probe
   (:func:`mimkit.eval.linear.logistic_probe`: standardized features + logistic regression, C=1) on the
   same pools, on the first ``--limit-train`` train / ``--limit-test`` test images;
 * **cost**: teacher FLOPs per image and the forward+backward FLOPs of one training step per image, both
@@ -19,7 +19,7 @@ Arms (presets under configs/): ``mae`` (configs/mae_fashion_mnist.yaml), ``pcae`
 (``method.keep=1.0``: no drop, a plain EMA latent target on all 37 masked patches) and ``pcae_random``
 (``method.drop=random``: the paper's "RD" control, same token counts).
 
-Paper / slide claims to compare with (ViT-B, ImageNet-1K, methods_a §2.7): PCAE 300 ep fine-tunes to
+Paper / slide claims to compare with (ViT-B, ImageNet-1K): PCAE 300 ep fine-tunes to
 83.6 in 10.1 GPU-days vs MAE 300 ep 82.9 in 15.4; random drop 81.0 vs similarity drop 82.3 at equal
 cost (short schedule). Only the cost side is expected to be measurable at this scale.
 
@@ -123,7 +123,7 @@ def vit_b_flops() -> str:
 
 
 def linear_probe(out_dir: Path, limit_train: int | None, limit_test: int | None) -> dict:
-    """ANCHORS.md's linear probe on the frozen encoder's cls token and mean-pooled patches (final LN)."""
+    """the standard logistic-regression linear probe on the frozen encoder's cls token and mean-pooled patches (final LN)."""
     from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
     from mimkit.eval.features import extract_features
     from mimkit.eval.linear import logistic_probe
@@ -139,7 +139,7 @@ def linear_probe(out_dir: Path, limit_train: int | None, limit_test: int | None)
 
 @torch.no_grad()
 def patch_sim(out_dir: Path, n: int = 1000) -> float:
-    """Collapse diagnostic "Sim" (Latent MIM's, methods_a §5.5): mean over the first ``n`` test images of
+    """Collapse diagnostic "Sim" (Latent MIM's): mean over the first ``n`` test images of
     ``mean_{i,j} cos`` of the encoder's patch tokens (cls excluded, diagonal included, final LN removed).
     1.0 = every patch of an image has the same feature."""
     from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist

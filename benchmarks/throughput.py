@@ -1,4 +1,4 @@
-"""Training throughput and peak memory of the standard workload (../shared/ANCHORS.md).
+"""Training throughput and peak memory of the standard workload (Fashion-MNIST MAE, see BENCHMARKS.md).
 
 Fashion-MNIST in memory, batch 256, random horizontal flip, ViT 192/6/3 heads (patch 4), decoder
 128/2/4 heads, mask 0.75, norm-pix, AdamW (0.9, 0.95) wd 0.05; one step = batch + flip + forward +
@@ -13,6 +13,12 @@ its patchify requires) under the identical loop. Nothing of it is copied here; i
     python benchmarks/throughput.py --peer-mae /tmp/mae      # + the official model, interleaved
     python benchmarks/throughput.py --device cuda --batch 512 --compile
     python benchmarks/throughput.py --hooks-peer             # + the same model without the encoder hooks
+    python benchmarks/throughput.py --precision bf16 --compile --peer-mae /tmp/mae   # mimkit's fast CPU path
+
+mimkit's runners use AdamW as the trainer builds it (fused kernel wherever torch has one, CPU included:
+``--fused off`` for the foreach path); ``--compile`` compiles mimkit's model only. The official model
+runs as its code does (eager, fp32, AdamW's default foreach path), so the ratio compares against the
+code a user would otherwise run.
 
 ``--hooks-peer`` measures what the method-contract hooks cost when unused (token selection, TopK
 attention, attention callbacks in ``ViTEncoder.run_blocks`` / ``Block`` / ``Attention``): a second copy of
@@ -112,7 +118,7 @@ def plain_copy(model):
 
 
 class Runner:
-    def __init__(self, name, model, loader, device, dtype, compile_, three_channels):
+    def __init__(self, name, model, loader, device, dtype, compile_, three_channels, fused=None):
         from mimkit.train.optim import param_groups
 
         self.name = name
@@ -121,7 +127,10 @@ class Runner:
         self.device = device
         self.dtype = dtype
         self.three = three_channels
-        fused = device.type == "cuda"
+        if fused is None:
+            from mimkit.train.step import fused_adamw_supported
+
+            fused = fused_adamw_supported(device)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), fused=fused)
         self.fwd = torch.compile(self.model) if compile_ else self.model
         self.it = None
@@ -159,7 +168,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile mimkit's model (the peer runs eager)")
+    ap.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
+                    help="mimkit's AdamW: fused kernel (auto: wherever torch has one, as the trainer does)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40)
@@ -185,14 +196,18 @@ def main() -> None:
                               std=FASHION_MNIST_STD, augment="flip", seed=seed)
 
     model = mimkit_model(1)
-    runners = [Runner(f"mimkit MAE (1-channel, {args.precision})", model, loader(0), device, dtype, args.compile, False)]
+    fused = {"auto": None, "on": True, "off": False}[args.fused]
+    tag = f"{args.precision}{', compiled' if args.compile else ''}, fused AdamW {args.fused}"
+    runners = [Runner(f"mimkit MAE (1-channel, {tag})", model, loader(0), device, dtype, args.compile, False, fused)]
     if args.hooks_peer:
-        runners.append(Runner(f"mimkit MAE, hook-free blocks ({args.precision})", plain_copy(model), loader(0), device,
-                              dtype, args.compile, False))
+        runners.append(Runner(f"mimkit MAE, hook-free blocks ({tag})", plain_copy(model), loader(0), device,
+                              dtype, args.compile, False, fused))
     if args.peer_mae:
         peer_dtype = torch.bfloat16 if args.peer_precision == "bf16" else None
+        official_fused = False  # the official code builds torch.optim.AdamW with its defaults (foreach)
         runners.append(Runner(f"official MAE models_mae.py (3-channel, {args.peer_precision})",
-                              official_model(args.peer_mae), loader(0), device, peer_dtype, args.compile, True))
+                              official_model(args.peer_mae), loader(0), device, peer_dtype, False, True,
+                              official_fused))
     if args.hooks_peer:  # the hook-free copy computes the same numbers
         x = images[:8].float().div(255).sub(FASHION_MNIST_MEAN[0]).div(FASHION_MNIST_STD[0]).to(device)
         noise = torch.rand(8, 49, device=device)
@@ -215,7 +230,8 @@ def main() -> None:
         results.append({"code": r.name, "img_per_s": args.batch / med, "median_step_s": med})
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "batch": args.batch,
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "fused": args.fused,
+        "batch": args.batch,
         "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
         "peak_rss_gib_process": round(rss, 2),
         "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

@@ -474,3 +474,28 @@ def test_clip_teacher_matches_openai_forward_and_travels_in_checkpoints(tmp_path
     orphan.load_state_dict(state)
     assert isinstance(orphan.teacher.encoder, ClipImageTower)
     torch.testing.assert_close(orphan.eval()(xs, plan=plan).loss, out.loss)
+
+
+@pytest.mark.parametrize("kind", ["reg", "no_cls"])
+def test_timm_teacher_with_other_prefix_tokens_gives_cls_then_patches(tmp_path, kind):
+    """A teacher with register tokens keeps its class token and drops the registers; one without a
+    class token gets the mean of its patches in the class slot -- the patches are timm's, unchanged."""
+    import timm
+
+    from mimkit.targets import FrozenTeacher
+
+    extra = dict(reg_tokens=4) if kind == "reg" else dict(class_token=False, global_pool="avg", fc_norm=False)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2, num_classes=0, **extra).eval()
+    path = tmp_path / "teacher.pth"
+    torch.save(model.state_dict(), path)
+    teacher = FrozenTeacher.from_file(path, num_heads=2)  # 32 wide: no standard head count to infer
+    x = torch.randn(3, 3, 28, 28)
+    out = teacher(x)
+    ref = model.forward_features(x)
+    p = model.num_prefix_tokens
+    assert out.shape == (3, 1 + 16, 32) and teacher.grid_size == (4, 4)
+    torch.testing.assert_close(out[:, 1:], ref[:, p:], rtol=1e-5, atol=1e-5)
+    first = ref[:, :1] if kind == "reg" else ref[:, p:].mean(1, keepdim=True)
+    torch.testing.assert_close(out[:, :1], first, rtol=1e-5, atol=1e-5)
+    assert teacher(x, grid=(7, 7)).shape == (3, 1 + 49, 32)

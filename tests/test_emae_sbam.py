@@ -162,7 +162,7 @@ def test_emae_one_pass_equals_separate_mae_passes():
 
 
 def reference_pairwise_sg(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """methods_b §4.3 literally: 1/(K(K-1)) sum_{i != j} sum o_ij mse(pred_i, sg pred_j) / sum o_ij."""
+    """The pairwise consistency loss literally: 1/(K(K-1)) sum_{i != j} sum o_ij mse(pred_i, sg pred_j) / sum o_ij."""
     _, k, _, _ = pred.shape
     terms = []
     for i in range(k):

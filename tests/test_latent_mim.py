@@ -1,4 +1,4 @@
-"""Latent MIM (methods_a §1): schedules, EMA, PatchDisc, visual cues, gapped patchify, every ablation
+"""Latent MIM: schedules, EMA, PatchDisc, visual cues, gapped patchify, every ablation
 arm, and the collapse of the naive arm against the EMA arm in a short CPU run."""
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def test_patch_disc_closed_form():
 
 
 def _patch_disc_by_hand(pred: list[list[float]], target: list[list[float]], tau: float) -> float:
-    """Scalar-loop PatchDisc for one image (methods_a §1.2 step 6)."""
+    """Scalar-loop PatchDisc for one image."""
     m, d = len(pred), len(pred[0])
     mean = [sum(pred[k][c] for k in range(m)) / m for c in range(d)]
     std = [math.sqrt(sum((pred[k][c] - mean[c]) ** 2 for k in range(m)) / (m - 1)) for c in range(d)]
@@ -458,7 +458,7 @@ def _fashion_mnist_test_images(n: int) -> torch.Tensor | None:
 
 
 def _train_collapse_arm(target: str, x: torch.Tensor, steps: int) -> tuple[float, float]:
-    """The collapse table's setting (methods_a §1.3 chain start): MSE, mask 0.75, no gap, no R,
+    """The collapse table's setting: MSE, mask 0.75, no gap, no R,
     self-attn decoder, no projector. Returns (Sim of full-image encoder features, last sim_trg)."""
     torch.manual_seed(0)
     m = LatentMIM(

@@ -1,4 +1,4 @@
-"""MixedAE (methods_b §3): mixing / unmixing, homologous attention, HomoCon, the per-image loss, G = 1
+"""MixedAE: mixing / unmixing, homologous attention, HomoCon, the per-image loss, G = 1
 equals MAE, recognition accuracy, options, pictures and the trainer."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """PCAE: the progressive teacher keeps exactly the least mean-similar tokens, ids follow their tokens,
-keep = 1 is a plain EMA latent target, the teacher starts as a copy, counted FLOPs (methods_a §2)."""
+keep = 1 is a plain EMA latent target, the teacher starts as a copy, counted FLOPs."""
 
 import pytest
 import torch
@@ -55,7 +55,7 @@ def test_drop_schedules():
     assert drop_schedule(6, 3, 0) == (0, 2, 4)  # the Fashion-MNIST preset
     assert drop_schedule(2, 3, 0) == drop_schedule(2, 3, 1) == (0, 1)  # stages capped at the depth
     assert PCAE(tiny_model_config(depth=12)).after_blocks == (0, 4, 8)
-    assert stage_counts(147, 3, 0.5) == [147, 73, 36, 18]  # ViT-B/16 at 224 (methods_a §2.4)
+    assert stage_counts(147, 3, 0.5) == [147, 73, 36, 18]  # ViT-B/16 at 224
 
 
 @pytest.mark.parametrize("opts, depth, msg", [

@@ -1,4 +1,4 @@
-"""``mimkit`` command line: ``pretrain``, ``eval <protocol>``, ``report``, ``visualize``, ``export``.
+"""``mimkit`` command line: ``pretrain``, ``eval <protocol>``, ``report``, ``visualize``, ``export``, ``data prepare``.
 
 Examples::
 
@@ -7,6 +7,10 @@ Examples::
     mimkit eval knn runs/mae_fashion_mnist/checkpoint.pt
     mimkit visualize runs/mae_fashion_mnist/checkpoint.pt --out recon.png
     mimkit export runs/mae_fashion_mnist/checkpoint.pt encoder.safetensors
+    mimkit data prepare /data/imagenet/train /data/imagenet-shards --resize 224 --workers 16
+    mimkit export runs/mae_fashion_mnist/checkpoint.pt hf_mae/ --format hf
+    mimkit compare runs/mae_fashion_mnist            # loss vs the preset's reference curves
+    mimkit bench --smoke                             # training speed rows at tiny shapes (CPU, seconds)
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ def _load_method(path: str):
     """A method model from a mimkit checkpoint, or an MAE from an official MAE checkpoint."""
     from mimkit.config import config_from_dict
     from mimkit.interop import mae_from_official
-    from mimkit.train.checkpoint import load_checkpoint
+    from mimkit.train.checkpoint import consolidate_dcp, is_dcp_checkpoint, load_checkpoint
     from mimkit.train.loop import build_method
 
-    state = load_checkpoint(path)
+    state = consolidate_dcp(path) if is_dcp_checkpoint(path) else load_checkpoint(path)
     if isinstance(state, dict) and "config" in state and "model" in state:
         cfg = config_from_dict(state["config"])
         model = build_method(cfg)
@@ -71,12 +75,54 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mimkit.compare import compare_run, load_reference, plot_comparison
+
+    cmp = compare_run(args.run_dir, args.reference, tolerance=args.tolerance, min_inside=args.min_inside)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "compare.png"
+    plot_comparison(load_reference(cmp.reference), cmp, out, title=f"{Path(args.run_dir).name} vs {cmp.reference.name}")
+    print(cmp.summary())
+    print(f"picture: {out}")
+    return 0 if cmp.verdict else 1
+
+
 def _export(args: argparse.Namespace) -> int:
     from mimkit.interop import export_encoder, load_encoder
+    from mimkit.train.checkpoint import consolidate_dcp, is_dcp_checkpoint
 
-    enc = load_encoder(args.checkpoint)
+    if getattr(args, "format", "timm") == "hf":
+        from mimkit.hf import export_hf
+
+        model, _, _ = _load_method(args.checkpoint)
+        path = export_hf(model, args.out)
+        print(f"wrote {path} (transformers ViTMAEForPreTraining; load with ViTMAEForPreTraining.from_pretrained)")
+        return 0
+
+    if is_dcp_checkpoint(args.checkpoint):  # a sharded (train.strategy=fsdp) checkpoint directory
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as td:
+            flat = Path(td) / "consolidated.pt"
+            torch.save(consolidate_dcp(args.checkpoint), flat)
+            enc = load_encoder(flat)
+    else:
+        enc = load_encoder(args.checkpoint)
     path = export_encoder(enc, args.out)
     print(f"wrote {path} (timm VisionTransformer keys; load with mimkit.interop.timm_model_for + load_state_dict)")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mimkit.data.shards import prepare_shards
+
+    index = prepare_shards(args.src, args.out, shard_size=args.shard_size, resize=args.resize, mode=args.mode,
+                           skip_corrupt=args.skip_corrupt, workers=args.workers, progress=not args.quiet)
+    kind = f"uint8 {args.resize}x{args.resize} arrays" if args.resize else "the original files"
+    print(f"wrote {index['num_samples']} images ({kind}) in {len(index['shards'])} shard(s) to {args.out}"
+          + (f"; skipped {len(index['skipped'])} corrupt file(s) (listed in index.json)" if index["skipped"] else "")
+          + f". Train on them with data.dataset={args.out} data.in_memory=false")
     return 0
 
 
@@ -105,10 +151,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "(MixedAE), teacher_drops (PCAE), regressor (CAE); the method's checkpoint says which it draws")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("export", help="export the encoder to timm-keyed safetensors")
+    p = sub.add_parser("export", help="export the encoder to timm-keyed safetensors (or MAE to Hugging Face)")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument("--format", choices=["timm", "hf"], default="timm",
+                   help="timm: encoder safetensors (default); hf: encoder + decoder as a transformers "
+                        "ViTMAEForPreTraining directory (MAE, EMAE, SBAM; needs `pip install transformers`)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("compare", help="plot a run's loss against the reference curves of its preset")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a pretraining run directory (metrics.jsonl, config.yaml)")
+    p.add_argument("reference", metavar="REFERENCE", nargs="?", default=None,
+                   help="a reference directory or preset name (default: the reference of the run's method and data "
+                        "set under docs/reference)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="slack around the band of the reference seeds, as a fraction of their mean (default 0.05)")
+    p.add_argument("--min-inside", type=float, default=0.75,
+                   help="fraction of compared steps that must be inside for the verdict INSIDE (default 0.75: a "
+                        "reference seed left out is inside the other two seeds' band at 75-92 %% of steps)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/compare.png)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("data", help="prepare data sets for streaming (tar shards)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="write an image folder as webdataset tar shards (data.dataset=OUT_DIR)")
+    p.add_argument("src", metavar="SRC_FOLDER", help="image folder (class sub-folders optional)")
+    p.add_argument("out", metavar="OUT_DIR", help="new or empty directory for the shards")
+    p.add_argument("--resize", type=int, default=None, metavar="N",
+                   help="store uint8 NxN images (shorter side resized, center crop): training skips JPEG decoding")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="colour mode (L: grey-scale)")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable images (listed in index.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_data_prepare)
+
+    from mimkit import bench
+
+    bench.add_parser(sub)  # mimkit bench [--smoke]: img/s, TFLOP/s, MFU of every method and a peer
 
     from mimkit.eval import cli as eval_cli
 

@@ -2,7 +2,7 @@
 
 CAE predicts, for every masked patch, the id of a discrete visual token (DALL-E's dVAE, vocabulary
 8192). Without the DALL-E weights, the closest offline task is to predict the id of the nearest
-centroid of a k-means codebook fitted on the training data's patches (methods_a §3.7 (a)). Patches
+centroid of a k-means codebook fitted on the training data's patches. Patches
 are cut in :func:`mimkit.nn.patch.patchify`'s layout from the images *as the method sees them*
 (normalized with the data mean/std) and normalized per patch (MAE's norm-pix), so a code describes a
 patch's shape, not its brightness or contrast.

@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """Training data. ``dataset``: ``fashion_mnist`` or a path to an image folder (class sub-folders
     optional). ``in_memory``: keep the whole uint8 set on the device and augment there (batched);
-    otherwise a DataLoader with ``num_workers`` processes. ``batch_size`` is per process."""
+    otherwise a DataLoader with ``num_workers`` processes. ``batch_size`` is per process. A directory
+    written by ``mimkit data prepare`` (tar shards) is streamed (``in_memory: false``) through a
+    shuffle buffer of ``shuffle_buffer`` samples, resuming mid-epoch at the exact sample."""
 
     dataset: str = "fashion_mnist"
     root: str | None = None
@@ -44,12 +46,14 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     skip_corrupt: bool = False
     limit: int | None = None
+    shuffle_buffer: int = 4096
+    decode: str = "cpu"  # image folders streamed: cpu (PIL workers), gpu (nvJPEG, mimkit.data.gpu), auto
 
 
 @dataclass
 class OptimConfig:
     """AdamW with MAE's grouping; ``lr = base_lr * effective_batch / 256`` unless ``lr`` is set.
-    Warmup and cosine are per iteration over fractional epochs (methods_b §2.5). MAE warms up from 0;
+    Warmup and cosine are per iteration over fractional epochs. MAE warms up from 0;
     ``warmup_from_min_lr`` starts the warmup at ``min_lr`` instead (Latent MIM's code).
     ``min_lr_ratio``: the floor as a fraction of the peak lr (Latent MIM's ``min_lr_frac`` 0.25, so it
     follows the batch-scaled lr); wins over ``min_lr``.
@@ -83,7 +87,12 @@ class TrainConfig:
     resumes and records the changes in ``metrics.jsonl``. ``max_nonfinite``: skipped (non-finite)
     steps after which the run stops; ``max_nonfinite_fraction``: a run whose share of skipped steps
     is above this fails at its end. ``dist_timeout_minutes``: how long a rank waits for the others
-    in a collective before failing (torchrun)."""
+    in a collective before failing (torchrun). ``strategy``: ``ddp`` (default: replicated model,
+    single-file ``checkpoint.pt``) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state
+    sharded over the processes; DCP checkpoint directories ``dcp/step-<step>`` that resume on any
+    number of processes, plus ``encoder.safetensors`` at the end). ``activation_checkpointing``:
+    recompute each transformer block's activations in the backward pass (any method, either
+    strategy; same numbers, less memory, about one more forward pass)."""
 
     epochs: float = 800.0
     max_steps: int | None = None
@@ -104,6 +113,8 @@ class TrainConfig:
     ckpt_every_minutes: float | None = None
     resume_changes: str = "refuse"
     dist_timeout_minutes: float = 30.0
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -332,6 +343,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("rrc_flip", "flip", "none")
 RESUME_CHANGES = ("refuse", "allow")
+STRATEGIES = ("ddp", "fsdp")
 
 
 def _fmt(v: Any) -> str:
@@ -366,12 +378,14 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
 
     # model shapes
     enc, dec = cfg.model.encoder, cfg.model.decoder
-    need(enc.img_size >= 1, "model.encoder.img_size", enc.img_size, "must be >= 1", "e.g. 224 (28 for Fashion-MNIST)")
+    sides = [enc.img_size] if isinstance(enc.img_size, int) else list(enc.img_size)
+    need(all(s >= 1 for s in sides), "model.encoder.img_size", enc.img_size, "must be >= 1 (a side, or [H, W])",
+         "e.g. 224, [224, 320] (28 for Fashion-MNIST)")
     need(enc.patch_size >= 1, "model.encoder.patch_size", enc.patch_size, "must be >= 1", "e.g. 16 (4 for 28x28 images)")
-    if enc.img_size >= 1 and enc.patch_size >= 1:
-        need(enc.img_size % enc.patch_size == 0 and enc.patch_size < enc.img_size, "model.encoder.patch_size",
-             enc.patch_size, f"must divide model.encoder.img_size={enc.img_size} and be smaller",
-             "pick a divisor, e.g. 16 for 224 or 4 for 28")
+    if all(s >= 1 for s in sides) and enc.patch_size >= 1:
+        need(all(s % enc.patch_size == 0 for s in sides) and enc.patch_size < max(sides), "model.encoder.patch_size",
+             enc.patch_size, f"must divide every side of model.encoder.img_size={_fmt(enc.img_size)} and be smaller",
+             "pick a common divisor, e.g. 16 for 224 or [224, 320], 4 for 28")
     need(enc.in_chans >= 1, "model.encoder.in_chans", enc.in_chans, "must be >= 1", "3 for RGB, 1 for grey-scale")
     need(enc.depth >= 1, "model.encoder.depth", enc.depth, "must be >= 1 (an encoder with no blocks learns nothing)",
          "e.g. 12 (ViT-B) or 6")
@@ -389,7 +403,14 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     need(enc.norm_eps > 0, "model.encoder.norm_eps", enc.norm_eps, "must be > 0", "e.g. 1e-6")
     need(enc.layer_scale is None or enc.layer_scale > 0, "model.encoder.layer_scale", enc.layer_scale,
          "must be > 0 or null", "null turns it off")
-    tokens = (enc.img_size // enc.patch_size) ** 2 if enc.patch_size >= 1 and enc.img_size >= 1 else None
+    need(cfg.model.init_parts in ("all", "encoder"), "model.init_parts", cfg.model.init_parts,
+         "is not one of all, encoder", "all loads every matching tensor, encoder only the encoder")
+    if check_environment and cfg.model.init:
+        need(Path(cfg.model.init).expanduser().exists(), "model.init", cfg.model.init, "does not exist",
+             "give the path of an official MAE checkpoint, a timm ViT state dict / safetensors, a mimkit checkpoint "
+             "or export, or a Hugging Face ViTMAE directory (null = random init)")
+    tokens = (math.prod(s // enc.patch_size for s in (sides * 2)[:2])
+              if enc.patch_size >= 1 and all(s >= 1 for s in sides) else None)
 
     # masking (methods that have method.masking); method-specific options are the method's to check
     masking = getattr(cfg.method, "masking", None)
@@ -428,6 +449,8 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     need(bool(str(d.dataset).strip()), "data.dataset", d.dataset, "is empty", "use fashion_mnist or an image folder path")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1 (images per process)", "e.g. 64")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "0 decodes in the main process")
+    need(d.decode in ("cpu", "gpu", "auto"), "data.decode", d.decode, "is not one of cpu, gpu, auto",
+         "e.g. data.decode=cpu (PIL workers) or gpu (nvJPEG)")
     need(d.augment in AUGMENTS, "data.augment", d.augment, f"is not one of {', '.join(AUGMENTS)}",
          "e.g. data.augment=rrc_flip")
     lo, hi = d.crop_scale
@@ -444,6 +467,8 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
                  "e.g. [0.229,0.224,0.225] or null for the data set's own")
         else:
             need(all(finite(x) for x in v), "data.mean", list(v), "must be finite numbers", "or null")
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1 (samples held for "
+         "shuffling a shard stream; 1 = shard order only)", "e.g. data.shuffle_buffer=4096")
     need(d.limit is None or d.limit >= 1, "data.limit", d.limit,
          "must be a positive number of images (null = all)", "e.g. data.limit=1000, or data.limit=null")
     accum_ok = cfg.optim.accum_iter >= 1
@@ -496,6 +521,8 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
          f"is not one of {', '.join(RESUME_CHANGES)}", "refuse (default) or allow")
     need(finite(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "train.dist_timeout_minutes",
          t.dist_timeout_minutes, "must be > 0", "e.g. 30")
+    need(t.strategy in STRATEGIES, "train.strategy", t.strategy, f"is not one of {', '.join(STRATEGIES)}",
+         "ddp (default; ViT-B and smaller) or fsdp (sharded parameters, for ViT-L/H/g)")
     need(bool(str(t.out_dir).strip()), "train.out_dir", t.out_dir, "is empty", "give a run directory")
     need(isinstance(t.resume, str) and bool(t.resume.strip()), "train.resume", t.resume, "is empty",
          "use auto, none or a checkpoint path")
@@ -522,6 +549,9 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
         v = getattr(e, key)
         need(v is None or v >= 1, f"eval.{key}", v, "must be >= 1 or null", "null uses every image")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1", "e.g. 512")
+    need(not (t.strategy == "fsdp" and e.knn_every_epochs > 0), "eval.knn_every_epochs", e.knn_every_epochs,
+         "needs train.strategy=ddp (a sharded model is gathered for evaluation only at the end)",
+         "set eval.knn_every_epochs=0 (the kNN at the end still runs) or train.strategy=ddp")
 
     # this machine
     if check_environment and device_ok:

@@ -10,7 +10,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """MAE's loss: per-patch mean squared error averaged over all masked patches of the batch.
 
     ``pred, target (S, L, P)``, ``mask (S, L)`` with 1 = masked -> scalar
-    ``sum(mask * mean_c (pred - target)^2) / sum(mask)`` (methods_b §1.3: not a per-image mean).
+    ``sum(mask * mean_c (pred - target)^2) / sum(mask)`` (not a per-image mean).
     """
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     mask = mask.float()
@@ -54,7 +54,7 @@ def average_patch_similarity(x: torch.Tensor, include_diagonal: bool = True) -> 
 
 
 def patch_disc(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.2, std_eps: float = 1e-4) -> torch.Tensor:
-    """Latent MIM's PatchDisc (``infonce_patches``, methods_a §1.2 step 6): InfoNCE among the target
+    """Latent MIM's PatchDisc (``infonce_patches``): InfoNCE among the target
     patches of one image, negatives are the other targets of the *same* image.
 
     ``pred, target (B, m, D)`` with row ``k`` of ``pred`` predicting row ``k`` of ``target`` -> scalar
@@ -145,14 +145,14 @@ def consistency_loss(
                 o = m[:, i] * m[:, j]
                 terms.append(masked_reduce(per_patch_distance(pred[:, i], pred[:, j], dist), o))
         v = torch.stack(terms).mean()
-    # value of the ordered stop-gradient form with its (half) gradient: methods_b §4.3 identity
+    # value of the ordered stop-gradient form with its (half) gradient (the identity is spelled out in the EMAE module docstring)
     return 0.5 * (v + v.detach())
 
 
 def homologous_contrastive(
     features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None, temperature: float = 0.25
 ) -> torch.Tensor:
-    """MixedAE's homologous contrastive loss (HomoCon, methods_b §3.5) inside each mixed sequence.
+    """MixedAE's homologous contrastive loss (HomoCon) inside each mixed sequence.
 
     ``features (N, T, D)`` patch features of ``N`` mixed sequences; ``labels (T,)`` or ``(N, T)`` the
     source image of each token; ``valid (N, T)`` bool or ``None`` (padding tokens are neither anchors

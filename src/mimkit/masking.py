@@ -1,6 +1,6 @@
 """Mask generators. Every generator returns one :class:`MaskPlan`.
 
-All masking reduces to "a score per token -> argsort -> permutation -> slices" (methods_b §1.2):
+All masking reduces to "a score per token -> argsort -> permutation -> slices":
 the first ``n_keep`` ids of a sequence's permutation are visible, the rest are masked. Views (EMAE)
 are flattened into the batch axis: sequence ``s = b * num_views + v`` belongs to image ``b``.
 
@@ -180,7 +180,7 @@ class MaskPlan:
 
 def num_keep(num_tokens: int, mask_ratio: float, count: int | None = None) -> int:
     """The one keep-count rule: ``count`` when given (``1 <= count <= L``), else MAE's
-    ``int(L * (1 - ratio))`` (floor, methods_b pitfall 2.9.4), at least 1.
+    ``int(L * (1 - ratio))`` (floor), at least 1.
 
     At ``L = 49``, ratio 0.9 this keeps 4 tokens; Latent MIM's presets set ``num_keep`` (5 of 49,
     20 of 196, the official ``num_vis``) explicitly."""
@@ -194,6 +194,9 @@ def num_keep(num_tokens: int, mask_ratio: float, count: int | None = None) -> in
 
 
 def _uniform(shape, device, generator) -> torch.Tensor:
+    # no ``generator=None`` argument: torch.compile cannot trace it with a symbolic batch size
+    if generator is None:
+        return torch.rand(shape, device=device)
     return torch.rand(shape, device=device, generator=generator)
 
 
@@ -366,11 +369,11 @@ class BlockMasking(MaskGenerator):
 
 
 # --------------------------------------------------------------------------------------------------
-# Several views per image (EMAE, methods_b §4): views are flattened into the batch, s = b * V + v.
+# Several views per image (EMAE): views are flattened into the batch, s = b * V + v.
 
 
 def _rotated_views(perm: torch.Tensor, starts: list[int], sizes: list[int], scores=None) -> MaskPlan:
-    """View ``v`` sees ``perm[:, starts[v] : starts[v] + sizes[v]]`` (methods_b §1.2 rotated trick).
+    """View ``v`` sees ``perm[:, starts[v] : starts[v] + sizes[v]]``.
 
     ``perm (B, L)`` is rolled by ``-starts[v]`` for every view, so MAE's unchanged gather of the first
     ``n_keep`` ids and its decoder un-shuffle serve each view. Unequal ``sizes`` are padded to the
@@ -413,7 +416,7 @@ def partition_slots(perm: torch.Tensor, num_parts: int) -> torch.Tensor:
 
 
 class PartitionMasking(MaskGenerator):
-    """EMAE's parallel masks (methods_b §4.1, [SLIDES] Algorithm 1): the ``L`` tokens of an image are
+    """EMAE's parallel masks ([SLIDES] Algorithm 1): the ``L`` tokens of an image are
     split into ``K`` disjoint random parts that cover the image; view ``k`` sees part ``k`` only, so
     each view masks ``(K-1)/K`` of the image and every token is visible in exactly one view.
 
@@ -445,7 +448,7 @@ class PartitionMasking(MaskGenerator):
 
 
 class RandomViewsMasking(MaskGenerator):
-    """EMAE's "pure random" ablation arm ([PROPOSAL] reading of the deck, methods_b §4.6): ``K``
+    """EMAE's "pure random" ablation arm ([PROPOSAL] reading of the deck): ``K``
     independent MAE masks per image at ``mask_ratio``, same compute as the partition but no coverage
     guarantee. ``noise (B, K, L)`` or ``(B*K, L)``. Returns ``B * K`` sequences."""
 
@@ -473,7 +476,7 @@ class RandomViewsMasking(MaskGenerator):
 
 
 class ComplementaryMasking(MaskGenerator):
-    """EMAE's "complementary" ablation arm ([PROPOSAL] reading, methods_b §4.6): two views per image,
+    """EMAE's "complementary" ablation arm ([PROPOSAL] reading): two views per image,
     view 0 is an MAE mask at ``mask_ratio`` (25 % visible at 0.75) and view 1 sees exactly the tokens
     view 0 masks (75 % visible). View 0 is padded to view 1's length. ``noise (B, L)``."""
 
@@ -496,12 +499,12 @@ class ComplementaryMasking(MaskGenerator):
 
 
 # --------------------------------------------------------------------------------------------------
-# Salience-based masking with an adaptive ratio (SBAM / AMR, methods_b §5)
+# Salience-based masking with an adaptive ratio (SBAM / AMR)
 
 
 @torch.no_grad()
 def token_salience(tokens: torch.Tensor, temperature: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
-    """SBAM's token salience (methods_b §5.1, [CODE] ``saliency_guided_masking``).
+    """SBAM's token salience ([CODE] ``saliency_guided_masking``).
 
     ``tokens (B, L, D)`` layer-0 embeddings (patch embedding + position, cls excluded) ->
     ``(B, L)`` in ``[0, 1]``: ``A = X X^T / temperature`` (no ``1/sqrt(D)``: official), row softmax,
@@ -522,7 +525,7 @@ def token_salience(tokens: torch.Tensor, temperature: float = 1.0, eps: float = 
 def adaptive_keep_counts(
     salience: torch.Tensor, ratio: float, delta_ratio: float, threshold: float, per_sample: bool
 ) -> torch.Tensor:
-    """AMR (methods_b §5.3): ``R = r - Δr + 2Δr * mean(1[S > δ])`` -> visible counts.
+    """AMR: ``R = r - Δr + 2Δr * mean(1[S > δ])`` -> visible counts.
 
     ``salience (B, L)``; the mean is over tokens *and the batch* unless ``per_sample`` (then one ratio
     per image). Returns ``(B,)`` int64 counts ``n = floor(L (1 - R))`` clamped so the realized ratio
@@ -548,7 +551,7 @@ AMR_MODES = ("off", "batch", "sample")
 
 @dataclass
 class SalienceOptions:
-    """SBAM/AMR knobs (``method.masking.sbam.*``; defaults: methods_b §5.5).
+    """SBAM/AMR knobs (``method.masking.sbam.*``; defaults:).
 
     ``amr_mode``: ``off`` | ``batch`` (official: one ratio per batch) | ``sample`` (one per image,
     padded); ``delta_ratio`` Δr and ``threshold`` δ of AMR; ``noise``: the score adds
@@ -564,7 +567,7 @@ class SalienceOptions:
 
 
 class SalienceMasking(MaskGenerator):
-    """SBAM: mask the most salient tokens, with an adaptive ratio (methods_b §5).
+    """SBAM: mask the most salient tokens, with an adaptive ratio.
 
     ``score = S + noise * U[0, 1)`` with ``S`` = :func:`token_salience` of ``tokens`` (the official
     noise is ``U[0, 0.5)``); ``argsort(score)`` ascending, keep the first ``n`` (low-salience tokens

@@ -4,7 +4,7 @@ Each provider is a small module (or callable) that methods compose:
 
 * :class:`PixelTarget` — per-patch (normalized) pixels (MAE, EMAE, SBAM, MixedAE, CAE's pixel option).
 * :class:`LatentTarget` — an encoder branch producing latent targets, in one of four arms
-  (Latent MIM's ablation, methods_a §1.3; CAE's alignment target is the ``stopgrad`` arm):
+  (Latent MIM's ablation; CAE's alignment target is the ``stopgrad`` arm):
 
   ========== ================================================ ===================================
   kind       branch that computes the target                  gradient / update
@@ -213,7 +213,23 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         feats = self.encoder.forward_features(images, norm=self.norm).float()
+        feats = one_prefix_token(feats, self.encoder)
         return resample_tokens(feats, self.grid_size, grid) if grid is not None else feats
+
+
+def one_prefix_token(feats: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+    """``(B, P + L, D) -> (B, 1 + L, D)``: teachers of any timm family as a class token then patches.
+
+    Encoders with register or distillation tokens (``P > 1``) keep their class token and drop the
+    others; encoders without a class token (``has_class_token=False``, timm's ``class_token=False``
+    models) get the mean of their patch tokens in its place. Plain ViTs (``P = 1``) pass unchanged."""
+    p = int(getattr(encoder, "num_prefix_tokens", 1))
+    if p == 1:
+        return feats
+    patches = feats[:, p:]
+    if getattr(encoder, "has_class_token", p > 0):
+        return torch.cat([feats[:, :1], patches], dim=1)
+    return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
 
 def read_clip_visual(path: str | Path) -> dict | None:
@@ -251,7 +267,7 @@ def read_clip_visual(path: str | Path) -> dict | None:
 
 
 class ClipImageTower(nn.Module):
-    """CLIP's image tower as a teacher (CAE v2's target, methods_a §4.2 step 1): timm's CLIP ViT
+    """CLIP's image tower as a teacher (CAE v2's target): timm's CLIP ViT
     (``pre_norm``, QuickGELU as OpenAI's weights) whose ``forward_features`` applies ``ln_post`` to
     *every* token and then the visual projection: ``(B, 3, S, S) -> (B, 1+L, out_dim)``
     (``norm=False``: the last block's tokens, no ``ln_post``, no projection)."""
@@ -320,7 +336,7 @@ DROP_MODES = ("similarity", "random")
 
 
 class TokenDropper:
-    """Per-block token selection for :meth:`mimkit.nn.ViTEncoder.run_blocks` (PCAE, methods_a §2.2).
+    """Per-block token selection for :meth:`mimkit.nn.ViTEncoder.run_blocks` (PCAE).
 
     After each block in ``after_blocks`` keep ``int(n * keep)`` of the ``n`` patch tokens:
     ``similarity`` keeps those *least* similar to the mean token (cosine of each L2-normalised token

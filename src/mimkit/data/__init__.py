@@ -6,6 +6,8 @@
 * :mod:`.augment`: on-device :func:`random_resized_crop_flip`, :func:`flip_only`, :func:`normalize`.
 * :mod:`.loaders`: :class:`InMemoryLoader`, :class:`FolderLoader`, :func:`build_dataset`,
   :func:`build_loader`.
+* :mod:`.shards`: webdataset tar shards: :func:`prepare_shards` (``mimkit data prepare``) and the
+  streaming :class:`ShardLoader` (shuffle buffer, exact resumable position).
 
 Every failure to find or read data raises :class:`DataError` with the path and a fix.
 """
@@ -40,6 +42,7 @@ from .loaders import (
     folder_transform,
     shard_indices,
 )
+from .shards import ShardLoader, is_shard_dir, prepare_shards
 
 __all__ = [
     "BASE_URL",
@@ -51,6 +54,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
     "SPLITS",
+    "ShardLoader",
     "DataError",
     "DatasetInfo",
     "FileChecksum",
@@ -64,9 +68,11 @@ __all__ = [
     "find_fashion_mnist",
     "flip_only",
     "folder_transform",
+    "is_shard_dir",
     "load_fashion_mnist",
     "load_folder_to_tensor",
     "normalize",
+    "prepare_shards",
     "random_resized_crop_flip",
     "read_idx",
     "rrc_params",

@@ -303,20 +303,23 @@ class ImageFolder(torch.utils.data.Dataset):
         return bad
 
 
-def _resize(image: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
+def _resize(image: Image.Image, size: int | Sequence[int], crop: bool, resample: Image.Resampling) -> Image.Image:
+    """To ``size`` (a side, or ``(H, W)``): with ``crop`` scaled to cover it (aspect kept) and
+    center-cropped, else resized straight to it."""
+    oh, ow = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if not crop:
-        return image.resize((size, size), resample)
+        return image.resize((ow, oh), resample)
     w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = max(oh / h, ow / w)  # for a square output: the shorter side to ``size``
+    nw, nh = max(ow, round(w * scale)), max(oh, round(h * scale))
     image = image.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    left, top = (nw - ow) // 2, (nh - oh) // 2
+    return image.crop((left, top, left + ow, top + oh))
 
 
 def load_folder_to_tensor(
     root: str | os.PathLike[str] | ImageFolder,
-    size: int,
+    size: int | Sequence[int],
     *,
     labeled: bool | Literal["auto"] = "auto",
     mode: Literal["RGB", "L"] = "RGB",
@@ -330,9 +333,9 @@ def load_folder_to_tensor(
     Args:
         root: folder path, or an existing :class:`ImageFolder` (then ``labeled``, ``mode``,
             ``skip_corrupt`` and ``extensions`` are taken from it).
-        size: output side length.
-        crop: ``True``: resize the shorter side to ``size`` then center-crop (keeps aspect ratio);
-            ``False``: resize straight to ``size x size``.
+        size: output side length, or ``(H, W)``.
+        crop: ``True``: resize so the image covers ``size`` then center-crop (keeps aspect ratio);
+            ``False``: resize straight to ``size``.
         interpolation: PIL resampling filter.
         skip_corrupt: leave out unreadable files instead of raising.
 

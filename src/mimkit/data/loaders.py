@@ -175,6 +175,9 @@ class InMemoryLoader:
             if h != w:
                 raise ValueError(f"images are {h}x{w} (not square): pass out_size")
             out_size = h
+        out_hw = _hw(out_size)
+        if out_hw[0] != out_hw[1]:
+            ratio = _relative_ratio(ratio, out_hw)
         if len(mean) not in (1, c) or len(std) not in (1, c):
             raise ValueError(f"mean/std need 1 or {c} entries, got {len(mean)} and {len(std)}")
         self.device = torch.device(device)
@@ -186,7 +189,8 @@ class InMemoryLoader:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.augment = augment
-        self.out_size = int(out_size)
+        self.out_size = int(out_size) if isinstance(out_size, int) else out_hw
+        self.out_hw = out_hw
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
@@ -238,9 +242,9 @@ class InMemoryLoader:
         return g
 
     def _transform(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """uint8 ``(B, C, H, W)`` -> normalized float32 ``(B, C, S, S)``."""
-        s = self.out_size
-        same_size = x.shape[-2:] == (s, s)
+        """uint8 ``(B, C, H, W)`` -> normalized float32 ``(B, C, S_h, S_w)``."""
+        s = self.out_hw
+        same_size = tuple(x.shape[-2:]) == s
         if self.augment == "rrc_flip":
             x = aug.random_resized_crop_flip(
                 x.float().div_(255), s, self.scale, self.ratio, self.flip_p, g, self.interpolation
@@ -252,7 +256,7 @@ class InMemoryLoader:
                 x = aug.flip_only(x, self.flip_p, g)
             x = x.float().div_(255)
             if not same_size:
-                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                x = F.interpolate(x, size=s, mode="bilinear", align_corners=False, antialias=True)
         return (x - self._mean_t) / self._std_t
 
     def iter_from(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -374,8 +378,31 @@ def _worker_signals(_worker_id: int) -> None:
         signal.signal(signal.SIGTERM, _deferred_exit)
 
 
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _relative_ratio(ratio: tuple[float, float], out_hw: tuple[int, int]) -> tuple[float, float]:
+    """A random-resized-crop aspect range ``w / h`` taken relative to a rectangular output's ``W / H``, so
+    crops are not stretched on average when resized to ``(H, W)`` (the range is unchanged for squares)."""
+    a = out_hw[1] / out_hw[0]
+    return ratio[0] * a, ratio[1] * a
+
+
+class _CoverCrop:
+    """Resize a PIL image so it covers ``(H, W)`` (aspect kept, bicubic), then center-crop to it."""
+
+    def __init__(self, out_hw: tuple[int, int]):
+        self.out_hw = out_hw
+
+    def __call__(self, image):
+        from .folder import _resize
+
+        return _resize(image, self.out_hw, True, Image.Resampling.BICUBIC)
+
+
 def folder_transform(
-    out_size: int,
+    out_size: int | Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
     augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
@@ -383,15 +410,26 @@ def folder_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = 0.5,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """torchvision CPU transform: PIL image -> normalized float ``(C, out_size, out_size)``.
+    """torchvision CPU transform: PIL image -> normalized float ``(C, H, W)`` (``out_size``: a side or ``(H, W)``).
 
     ``"rrc_flip"``: RandomResizedCrop(bicubic) + RandomHorizontalFlip; ``"flip"``: Resize(shorter
     side, bicubic) + CenterCrop + RandomHorizontalFlip; ``"none"``: Resize + CenterCrop. All end
-    with ToTensor + Normalize.
+    with ToTensor + Normalize. For a rectangular ``(H, W)`` the crop aspect range is relative to
+    ``W / H`` and Resize + CenterCrop becomes a resize that covers ``(H, W)`` then a center crop.
     """
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC
+    out_hw = _hw(out_size)
+    if out_hw[0] != out_hw[1]:
+        if augment not in ("rrc_flip", "flip", "none"):
+            raise ValueError(f"augment must be 'rrc_flip', 'flip' or 'none', got {augment!r}")
+        if augment == "rrc_flip":
+            ops: list[Any] = [T.RandomResizedCrop(out_hw, scale=scale, ratio=_relative_ratio(ratio, out_hw),
+                                                  interpolation=bicubic), T.RandomHorizontalFlip(flip_p)]
+        else:
+            ops = [_CoverCrop(out_hw)] + ([T.RandomHorizontalFlip(flip_p)] if augment == "flip" else [])
+        return T.Compose([*ops, T.ToTensor(), T.Normalize(list(mean), list(std))])
     if augment == "rrc_flip":
         ops: list[Any] = [
             T.RandomResizedCrop(out_size, scale=scale, ratio=ratio, interpolation=bicubic),
@@ -478,7 +516,7 @@ class FolderLoader:
         self.pin_memory = pin_memory
         workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = torch.utils.data.DataLoader(
-            _SeededDataset(folder, transform, (folder.in_chans, out_size, out_size)),
+            _SeededDataset(folder, transform, (folder.in_chans, *_hw(out_size))),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
@@ -592,7 +630,7 @@ def build_dataset(
     split: str = "train",
     *,
     root: str | os.PathLike[str] | None = None,
-    in_memory_size: int | None = None,
+    in_memory_size: int | Sequence[int] | None = None,
     labeled: bool | Literal["auto"] = "auto",
     mode: Literal["RGB", "L"] = "RGB",
     skip_corrupt: bool = False,
@@ -680,6 +718,7 @@ def build_loader(
     augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
     device: torch.device | str = "cpu",
     num_workers: int = 4,
+    decode: str = "cpu",
     **kwargs: Any,
 ) -> InMemoryLoader | FolderLoader:
     """An :class:`InMemoryLoader` (in-memory data) or :class:`FolderLoader` for ``dataset``.
@@ -691,6 +730,8 @@ def build_loader(
         augment: ``"rrc_flip"``, ``"flip"`` or ``"none"``.
         device: where batches are produced.
         num_workers: worker processes (folders only).
+        decode: folders only: ``"cpu"`` (PIL in the workers), ``"gpu"`` (nvJPEG on ``device``,
+            :class:`~mimkit.data.gpu.JpegBatchLoader`) or ``"auto"`` (gpu where it works).
         **kwargs: passed on (``scale``, ``shuffle``, ``drop_last``, ``seed``, ``rank``,
             ``world_size``, ...).
     """
@@ -707,6 +748,12 @@ def build_loader(
             **kwargs,
         )
     assert dataset.folder is not None
+    if decode != "cpu":
+        from .gpu import JpegBatchLoader, resolve_decode
+
+        if resolve_decode(decode, device) == "gpu":
+            return JpegBatchLoader(dataset.folder, batch_size, out_size=out_size or 224, mean=dataset.mean,
+                                   std=dataset.std, augment=augment, device=device, num_workers=num_workers, **kwargs)
     return FolderLoader(
         dataset.folder,
         batch_size,

@@ -2,9 +2,10 @@
 
 Every protocol asks an encoder for ``forward_features(images, norm=True, block=None) -> (B, P + L, D)``
 (``P`` prefix tokens — class, distillation, register tokens — then ``L`` patch tokens) and reads a few
-attributes: ``num_prefix_tokens``, ``has_class_token``, ``embed_dim``, ``num_heads``, ``img_size``,
-``in_chans``, ``patch_size`` and, for encoders whose last normalisation comes *after* pooling (timm's
-``fc_norm``, MAE's fine-tuned models), ``pool_norm``. :class:`mimkit.nn.ViTEncoder` has them (one
+attributes: ``num_prefix_tokens``, ``has_class_token``, ``embed_dim``, ``num_heads``, ``img_size``
+(a side, or ``(H, W)`` for a rectangle; ``img_hw`` is always the pair), ``in_chans``, ``patch_size``
+and, for encoders whose last normalisation comes *after* pooling (timm's ``fc_norm``, MAE's fine-tuned
+models), ``pool_norm``. :class:`mimkit.nn.ViTEncoder` has them (one
 class token, final LayerNorm on the tokens). :func:`wrap_encoder` adapts the rest:
 
 * :class:`TimmEncoder` — a timm ``VisionTransformer`` of any family (plain, CLIP-style with a pre-norm,
@@ -20,6 +21,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def _hw(size) -> tuple[int, int] | None:
+    """``size`` (a side or ``(H, W)``) as ``(H, W)``; ``None`` stays ``None``."""
+    if size is None:
+        return None
+    if isinstance(size, int | float):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _side_or_pair(hw: tuple[int, int]) -> int | tuple[int, int]:
+    """A square as its side (as before), a rectangle as ``(H, W)``."""
+    return hw[0] if hw[0] == hw[1] else hw
 
 
 def _num_heads(blocks) -> int | None:
@@ -46,7 +62,8 @@ class TimmEncoder(nn.Module):
         self.embed_dim = int(model.embed_dim)
         self.num_heads = _num_heads(model.blocks) or 1
         pe = model.patch_embed
-        self.img_size = int(pe.img_size[0]) if getattr(pe, "img_size", None) is not None else 224
+        self.img_hw = _hw(getattr(pe, "img_size", None)) or (224, 224)
+        self.img_size = _side_or_pair(self.img_hw)
         self.patch_size = int(pe.patch_size[0])
         self.in_chans = int(pe.proj.in_channels)
         self.grid_size = tuple(int(g) for g in pe.grid_size)
@@ -84,19 +101,20 @@ class ModuleEncoder(nn.Module):
     Args:
         module: called as ``module.forward_features(x)`` when it has that method, else ``module(x)``.
         num_prefix_tokens: how many leading tokens are not patches (1 for a class token, 0 for none).
-        img_size / in_chans: the input the module expects (data are resized / converted to it).
+        img_size / in_chans: the input the module expects, a side or ``(H, W)`` (data are resized /
+            converted to it).
         num_heads: for the attentive probe (default: the module's ``num_heads``, else 1).
     """
 
-    def __init__(self, module: nn.Module, num_prefix_tokens: int = 1, img_size: int | None = None,
+    def __init__(self, module: nn.Module, num_prefix_tokens: int = 1, img_size: int | tuple[int, int] | None = None,
                  in_chans: int | None = None, num_heads: int | None = None, has_class_token: bool | None = None):
         super().__init__()
         self.module = module
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.has_class_token = self.num_prefix_tokens > 0 if has_class_token is None else has_class_token
-        own = getattr(module, "img_size", None)
-        own = own[0] if isinstance(own, tuple | list) else own
-        self.img_size = int(img_size or own or 224)
+        self.img_hw = _hw(img_size) or _hw(getattr(module, "img_hw", None) or getattr(module, "img_size", None)) \
+            or (224, 224)
+        self.img_size = _side_or_pair(self.img_hw)
         self.in_chans = int(in_chans or getattr(module, "in_chans", 3))
         self.num_heads = int(num_heads or getattr(module, "num_heads", 1))
         self.pool_norm = None
@@ -108,8 +126,8 @@ class ModuleEncoder(nn.Module):
         if self._embed_dim is None:
             dev = next(self.module.parameters()).device
             with torch.no_grad():
-                self._embed_dim = int(self.forward_features(torch.zeros(1, self.in_chans, self.img_size,
-                                                                        self.img_size, device=dev)).shape[-1])
+                self._embed_dim = int(self.forward_features(torch.zeros(1, self.in_chans, *self.img_hw,
+                                                                        device=dev)).shape[-1])
         return int(self._embed_dim)
 
     def forward_features(self, images: torch.Tensor, norm: bool = True, block: int | None = None) -> torch.Tensor:
@@ -145,11 +163,66 @@ def wrap_encoder(encoder: nn.Module, **kw) -> nn.Module:
     return ModuleEncoder(encoder, **kw)
 
 
-def encoder_img_size(encoder: nn.Module) -> int:
-    """The square input side the encoder expects."""
-    if getattr(encoder, "img_size", None) is not None and not hasattr(encoder, "cfg"):
-        return int(encoder.img_size)
-    return int(encoder.grid_size[0] * encoder.patch_size)
+def encoder_img_hw(encoder: nn.Module) -> tuple[int, int]:
+    """The input ``(H, W)`` the encoder expects (a mimkit ``ViTEncoder``: its patch grid times the patch
+    size; a wrapper: its ``img_hw`` / ``img_size``)."""
+    grid, p = getattr(encoder, "grid_size", None), getattr(encoder, "patch_size", None)
+    if hasattr(encoder, "cfg") and grid is not None and p:
+        return int(grid[0]) * int(p), int(grid[1]) * int(p)
+    hw = _hw(getattr(encoder, "img_hw", None)) or _hw(getattr(encoder, "img_size", None))
+    if hw is not None:
+        return hw
+    return int(grid[0]) * int(p), int(grid[1]) * int(p)
+
+
+def encoder_img_size(encoder: nn.Module) -> int | tuple[int, int]:
+    """The input size the encoder expects: its side when square (as before), else ``(H, W)``."""
+    return _side_or_pair(encoder_img_hw(encoder))
+
+
+def token_grid(encoder: nn.Module, num_patches: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The ``(gh, gw)`` patch grid of ``num_patches`` tokens of ``image_hw`` images: the encoder's
+    ``grid_size`` when it fits, else the factorisation of ``num_patches`` with the images' aspect (a
+    square grid for square images). ValueError when no grid fits."""
+    grid = getattr(encoder, "grid_size", None)
+    if grid is not None and int(grid[0]) * int(grid[1]) == num_patches:
+        return int(grid[0]), int(grid[1])
+    h, w = int(image_hw[0]), int(image_hw[1])
+    for gh in range(1, num_patches + 1):
+        gw = num_patches // gh
+        if gh * gw == num_patches and gh * w == gw * h:
+            return gh, gw
+    raise ValueError(f"{num_patches} patch tokens do not form a grid with the {h}x{w} images' aspect; "
+                     "give the encoder a grid_size attribute (gh, gw)")
+
+
+def check_input_size(encoder: nn.Module, image_hw: tuple[int, int], in_chans: int) -> None:
+    """A one-line :class:`~mimkit.config.ConfigError` when ``encoder`` cannot take ``image_hw`` images:
+    checked against its patch grid when it has one (mimkit, timm), else by encoding one blank image."""
+    from mimkit.config import ConfigError
+
+    h, w = image_hw
+    grid, p = getattr(encoder, "grid_size", None), getattr(encoder, "patch_size", None)
+    if grid is not None and p:
+        gh, gw = int(grid[0]), int(grid[1])
+        if h % int(p) or w % int(p) or (h // int(p), w // int(p)) != (gh, gw):
+            raise ConfigError(f"evaluation images of {h}x{w} do not fit the encoder's {gh * p}x{gw * p} input "
+                              f"({gh}x{gw} patches of {p} px); evaluate at the encoder's size (img_size)")
+        return
+    if not isinstance(encoder, ModuleEncoder):
+        return
+    fn = getattr(encoder.module, "forward_features", None) or encoder.module
+    try:
+        dev = next(encoder.module.parameters()).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    try:
+        with torch.no_grad():
+            fn(torch.zeros(1, in_chans, h, w, device=dev))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"the encoder does not take {in_chans}x{h}x{w} images ({first}); pass the input it "
+                          "expects as img_size=(H, W) (and in_chans)") from None
 
 
 def encoder_in_chans(encoder: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""Attentive probe, exactly as CAE defines it (methods_a §5.3; CAE ``modeling_finetune.py``,
+"""Attentive probe, exactly as CAE defines it (CAE ``modeling_finetune.py``,
 ``run_attentive.py``).
 
 Input: all output tokens ``X (B, 1+N, D)`` of the frozen encoder (eval mode, after the final LN).

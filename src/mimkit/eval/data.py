@@ -5,7 +5,7 @@
 * :func:`resolve_norm` — mean/std: explicit flags > ``config['data']['mean'/'std']`` > defaults by
   channel count (ImageNet for 3 channels, Fashion-MNIST for 1).
 * :func:`load_split` — ``fashion_mnist`` or an image folder, resized to the encoder's input size and
-  converted to its channel count, as uint8 ``(N, C, S, S)`` + int64 labels, optionally limited to a
+  converted to its channel count, as uint8 ``(N, C, H, W)`` + int64 labels, optionally limited to a
   seeded random subset (drawn from the file list *before* decoding, so ``--limit-train 5000`` on a
   folder of a million images decodes 5000).
 
@@ -17,9 +17,10 @@ it.
 
 Resize: folder images (any size) follow MAE's and Latent MIM's evaluation transform — resize the
 shorter side to ``size / crop_pct`` (256 for 224 at the default ``crop_pct`` 0.875), then centre-crop
-``size``. ``crop_pct=1`` resizes the shorter side straight to ``size``. The built-in Fashion-MNIST is
-taken whole at its native 28 px (resized only when the encoder expects another size), as in
-pretraining.
+``size``. ``crop_pct=1`` resizes the shorter side straight to ``size``. A rectangular encoder input
+``(H, W)`` generalises this: resize (aspect kept) so the image covers ``(H / crop_pct, W / crop_pct)``,
+centre-crop that, then centre-crop ``(H, W)``. The built-in Fashion-MNIST is taken whole at its native
+28 px (interpolated to the encoder's ``(H, W)`` only when it expects another size), as in pretraining.
 
 Folder layouts for ``--dataset PATH``: ``PATH/train/<class>/…`` with ``PATH/val|test/<class>/…`` gives
 the two splits; a plain ``PATH/<class>/…`` folder is split deterministically (80 % train / 20 % test,
@@ -114,8 +115,21 @@ def resolve_norm(config: dict | None, in_chans: int, mean=None, std=None) -> tup
     return FMNIST_MEAN * in_chans, FMNIST_STD * in_chans, "default (Fashion-MNIST)"
 
 
-def adapt_images(images: torch.Tensor, size: int, in_chans: int) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` -> uint8 ``(N, in_chans, size, size)`` (bicubic resize; grey↔RGB)."""
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, int | float):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _size_text(hw: tuple[int, int]) -> str:
+    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+
+
+def adapt_images(images: torch.Tensor, size: int | tuple[int, int], in_chans: int) -> torch.Tensor:
+    """uint8 ``(N, C, h, w)`` -> uint8 ``(N, in_chans, H, W)`` for ``size`` a side ``H = W`` or ``(H, W)``
+    (bicubic resize; grey↔RGB)."""
+    oh, ow = _hw(size)
     c = images.shape[1]
     if c != in_chans:
         if c == 1:
@@ -125,13 +139,13 @@ def adapt_images(images: torch.Tensor, size: int, in_chans: int) -> torch.Tensor
             images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         else:
             raise ValueError(f"cannot convert {c}-channel images to {in_chans} channels")
-    if images.shape[-1] != size or images.shape[-2] != size:
+    if images.shape[-1] != ow or images.shape[-2] != oh:
         out = []
         for i in range(0, len(images), 2048):
-            x = F.interpolate(images[i : i + 2048].float(), size=(size, size), mode="bicubic", align_corners=False,
+            x = F.interpolate(images[i : i + 2048].float(), size=(oh, ow), mode="bicubic", align_corners=False,
                               antialias=True)
             out.append(x.round().clamp(0, 255).to(torch.uint8))
-        images = torch.cat(out) if out else images.new_empty(0, images.shape[1], size, size)
+        images = torch.cat(out) if out else images.new_empty(0, images.shape[1], oh, ow)
     return images
 
 
@@ -206,14 +220,15 @@ def _check_layout(root: Path, split: str, sub: Path | None) -> None:
         raise DataError(f"{root} has a train/ folder but no val/ or test/ folder; add one, or pass --test-dataset")
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre ``size x size`` crop of ``(N, C, H, W)`` images at least that large."""
+def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Centre ``size x size`` (or ``(H, W)``) crop of ``(N, C, H, W)`` images at least that large."""
+    oh, ow = _hw(size)
     h, w = images.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return images[..., top : top + size, left : left + size].contiguous()
+    top, left = (h - oh) // 2, (w - ow) // 2
+    return images[..., top : top + oh, left : left + ow].contiguous()
 
 
-def _decode(folder, size: int, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(folder, size: int | tuple[int, int], show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``load_folder_to_tensor`` in chunks of 512 files, with a progress bar."""
     import copy
 
@@ -234,7 +249,7 @@ def _decode(folder, size: int, show_progress: bool) -> tuple[torch.Tensor, torch
 def load_split(
     spec: str,
     split: str,
-    img_size: int,
+    img_size: int | tuple[int, int],
     in_chans: int,
     limit: int | None = None,
     seed: int = 0,
@@ -248,11 +263,15 @@ def load_split(
     ``split_folder=False`` returns every image of a plain folder (used for ``--test-dataset``).
     ``class_names``: the evaluation's class -> index map (the training split's classes); folder labels
     are mapped into it by name (module doc). ``crop_pct``: MAE's resize-then-centre-crop ratio for folder
-    images. Returns ``(uint8 (N, in_chans, S, S), int64 (N,), info)``; ``info`` names the source, the
-    classes and the resize rule.
+    images. ``img_size``: a side or ``(H, W)``. Returns ``(uint8 (N, in_chans, H, W), int64 (N,), info)``;
+    ``info`` names the source, the classes and the resize rule.
     """
     from mimkit.data.errors import DataError
 
+    hw = _hw(img_size)
+    square = hw[0] == hw[1]
+    if square:
+        img_size = hw[0]
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct {crop_pct}: must be in (0, 1] (MAE evaluates at 0.875 = 224/256)")
     if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
@@ -265,7 +284,8 @@ def load_split(
             labels = remap[labels]
         images, labels = _subset(images, labels, limit, seed)
         info = {"dataset": "fashion_mnist", "split": split, "classes": list(class_names or classes),
-                "resize": "whole image (native 28 px)" if img_size == 28 else f"whole image resized to {img_size}"}
+                "resize": "whole image (native 28 px)" if img_size == 28 else
+                f"whole image resized to {_size_text(hw)}"}
     else:
         from mimkit.data import ImageFolder
 
@@ -293,16 +313,21 @@ def load_split(
         where = str(sub or root) + (f" ({split} part)" if sub is None and split_folder else "")
         remap = remap_classes(folder_classes, class_names, where)
         folder.samples = [folder.samples[i] for i in keep.tolist()]
-        load_size = img_size if crop_pct >= 1 else int(round(img_size / crop_pct))
+        load_hw = hw if crop_pct >= 1 else (int(round(hw[0] / crop_pct)), int(round(hw[1] / crop_pct)))
+        load_size = load_hw[0] if square else load_hw
         images, labels = _decode(folder, load_size, show_progress)
-        if load_size != img_size:
+        if load_hw != hw:
             images = center_crop(images, img_size)
         if remap is not None:
             labels = remap[labels]
         info["classes"] = list(class_names or folder_classes)
         info["folder_classes"] = folder_classes
-        info["resize"] = (f"shorter side to {load_size}, centre crop {img_size} (crop_pct {crop_pct:g})"
-                          if load_size != img_size else f"shorter side to {img_size}, centre crop")
+        if square:
+            info["resize"] = (f"shorter side to {load_size}, centre crop {img_size} (crop_pct {crop_pct:g})"
+                              if load_size != img_size else f"shorter side to {img_size}, centre crop")
+        else:
+            info["resize"] = (f"cover {_size_text(load_hw)} (aspect kept), centre crop {_size_text(hw)}"
+                              + (f" (crop_pct {crop_pct:g})" if load_hw != hw else ""))
     images = adapt_images(images, img_size, in_chans)
     info["n"] = len(labels)
     return images, labels, info

@@ -1,6 +1,6 @@
 """Few-shot transfer: k-shot logistic regression on frozen features, repeated random draws.
 
-Latent MIM reports mean ± std over repeated draws but not the shots or the classifier (methods_a §5.7);
+Latent MIM reports mean ± std over repeated draws but not the shots or the classifier;
 this follows the suggestion there: for each draw, ``shots`` training images per class are sampled
 (without replacement, seeded), features are standardised with the support set's mean/std, and a
 scikit-learn ``LogisticRegression(C, max_iter)`` is fitted and tested on the whole test set.

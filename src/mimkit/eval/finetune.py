@@ -1,4 +1,4 @@
-"""Full fine-tuning (MAE ``main_finetune.py`` recipe, methods_b §2.7).
+"""Full fine-tuning (MAE ``main_finetune.py`` recipe).
 
 * Model: the pretrained encoder with its final ``norm`` removed, global pooling (mean of the patch
   tokens, cls excluded) → a new ``LayerNorm`` ``fc_norm`` → ``Linear`` head (weight trunc-normal std
@@ -19,7 +19,7 @@
 * Pooling: ``global_pool="mean"`` (MAE's default) or ``"cls"`` (MAE's ``--cls_token``: the class
   token after the encoder's own final norm).
 
-Presets: :data:`FINETUNE_PRESETS` (``mae_vit_base`` = the published recipe; ``small`` = methods_b §6.4;
+Presets: :data:`FINETUNE_PRESETS` (``mae_vit_base`` = the published recipe; ``small`` =;
 ``quick`` = a CPU smoke setting).
 """
 
@@ -68,9 +68,9 @@ class FinetuneConfig:
 
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
-    # MAE ViT-B/16 on ImageNet-1k (methods_b §2.7).
+    # MAE ViT-B/16 on ImageNet-1k.
     "mae_vit_base": FinetuneConfig(rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
-    # methods_b §6.4, small data (CIFAR / Fashion-MNIST): 50 epochs, lr 1e-3 × batch/512 (= blr 5e-4),
+    #, small data (CIFAR / Fashion-MNIST): 50 epochs, lr 1e-3 × batch/512 (= blr 5e-4),
     # layer decay 0.75, drop path 0.1, smoothing 0.1; batch 256; milder crops for tiny images; no mixup.
     "small": FinetuneConfig(epochs=50, batch_size=256, base_lr=5e-4, layer_decay=0.75, mixup=0.0, cutmix=0.0,
                             crop_scale=(0.35, 1.0)),
@@ -191,7 +191,7 @@ def rand_augment(images: torch.Tensor, spec: str, mean, generator: torch.Generat
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
-    h = images.shape[-1]
+    h = min(images.shape[-2:])  # timm: 0.45 of the shorter side
     ra = rand_augment_transform(spec, {"translate_const": int(h * 0.45),
                                        "img_mean": tuple(int(round(255 * m)) for m in mean)})
     state, np_state = random.getstate(), np.random.get_state()
@@ -274,7 +274,7 @@ def finetune(
         g.pop("names")
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
     iters = max(len(train_images) // bs, 1)
-    size = train_images.shape[-1]
+    size = tuple(int(v) for v in train_images.shape[-2:])  # (H, W): the crop comes back at the input size
     history = []
     best, best_epoch = -1.0, 0
     model.train()

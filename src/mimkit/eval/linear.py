@@ -1,4 +1,4 @@
-"""Linear probe (MAE ``main_linprobe.py`` recipe, methods_b §2.6).
+"""Linear probe (MAE ``main_linprobe.py`` recipe).
 
 Head = ``BatchNorm1d(D, affine=False, eps=1e-6)`` → ``Linear(D, C)`` (weight trunc-normal std 0.01,
 bias 0). The BatchNorm has no parameters; it standardises the (badly scaled) frozen features with batch
@@ -7,7 +7,7 @@ statistics during training and running statistics at test time.
 Two ways to train it:
 
 * :func:`train_linear_probe` — on cached features (the default: features are extracted once, without
-  augmentation; seconds on a CPU). This is the small-scale simplification methods_a §5.2 allows.
+  augmentation; seconds on a CPU). A small-scale simplification of MAE's recipe (no augmentation during the probe).
 * :func:`linear_probe_augmented` — MAE's recipe: every batch goes through RandomResizedCrop + flip and
   the frozen encoder (eval mode, no gradients). Test images are encoded without augmentation (our
   images are already at the encoder's size, so there is no resize-256/centre-crop step).
@@ -212,7 +212,7 @@ def linear_probe_augmented(
     bs = min(cfg.batch_size, len(train_images))
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, bs)
     opt = make_optimizer(model.parameters(), cfg, lr)
-    size = train_images.shape[-1]
+    size = tuple(int(v) for v in train_images.shape[-2:])  # (H, W)
     losses = []
     try:
         batches = scheduled_batches(len(train_images), bs, cfg.epochs, opt, lr, cfg.warmup_epochs, cfg.min_lr, gen)
@@ -258,9 +258,9 @@ def logistic_probe(
     C: float = 1.0,
     max_iter: int = 1000,
 ) -> dict:
-    """The ANCHORS.md linear probe: scikit-learn ``LogisticRegression(C, max_iter)`` (lbfgs) on
+    """The standard logistic-regression linear probe: scikit-learn ``LogisticRegression(C, max_iter)`` (lbfgs) on
     features standardized with the train set's statistics. A converged convex fit, so it needs no
-    lr/epoch tuning and is comparable with the peers' numbers in ``../shared/ANCHORS.md``.
+    lr/epoch tuning and is comparable with the peer anchors in BENCHMARKS.md.
 
     ``train_feats (N, D)``, ``test_feats (M, D)``; returns ``{"top1": %, "per_class": [...]}``."""
     from sklearn.linear_model import LogisticRegression

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mimkit.eval.adapters import encoder_img_size, encoder_in_chans, wrap_encoder
+from mimkit.eval.adapters import check_input_size, encoder_img_hw, encoder_in_chans, wrap_encoder
 from mimkit.eval.data import LoadedCheckpoint, load_split, resolve_norm
 from mimkit.eval.features import check_pool, extract_features, progress
 
@@ -80,7 +80,10 @@ class EvalContext:
         self.opts = opts = opts or EvalOptions()
         self.encoder = wrap_encoder(ckpt.encoder).to(opts.device).eval()
         self.in_chans = encoder_in_chans(self.encoder)
-        self.img_size = encoder_img_size(self.encoder)
+        self.img_hw = encoder_img_hw(self.encoder)  # (H, W)
+        h, w = self.img_hw
+        self.img_size = h if h == w else [h, w]  # a side for a square input (as before), else [H, W]
+        check_input_size(self.encoder, self.img_hw, self.in_chans)
         self.mean, self.std, self.norm_source = resolve_norm(ckpt.config, self.in_chans, opts.mean, opts.std)
         self.autocast = _amp_dtype(opts)
         self._data: dict[str, tuple] = {}
@@ -101,11 +104,11 @@ class EvalContext:
                 classes = self.data("train")[2]["classes"] if "train" in self._data else split_classes(o.dataset)
             kw = dict(class_names=classes, crop_pct=o.crop_pct, show_progress=o.progress)
             if split == "test" and o.test_dataset:
-                self._data[split] = load_split(o.test_dataset, "test", self.img_size, self.in_chans, o.limit_test,
+                self._data[split] = load_split(o.test_dataset, "test", self.img_hw, self.in_chans, o.limit_test,
                                                o.seed, split_folder=False, **kw)
             else:
                 limit = o.limit_train if split == "train" else o.limit_test
-                self._data[split] = load_split(o.dataset, split, self.img_size, self.in_chans, limit, o.seed, **kw)
+                self._data[split] = load_split(o.dataset, split, self.img_hw, self.in_chans, limit, o.seed, **kw)
         return self._data[split]
 
     def labels(self, split: str) -> torch.Tensor:
@@ -391,22 +394,23 @@ def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None,
 
     o = ctx.opts
     cfg = cfg or SegProbeConfig(seed=o.seed)
-    s, c = ctx.img_size, ctx.in_chans
+    hw, c = ctx.img_hw, ctx.in_chans
+    s = hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
     if o.dataset in ("fashion_mnist", "fashion-mnist", "fmnist"):
         def canvases(n, split, seed):
             x, m = make_canvas_set(n, 56, canvas_objects, split, seed)
             from mimkit.eval.data import adapt_images
 
-            m = F.interpolate(m[:, None].float(), size=(s, s), mode="nearest")[:, 0].long() - 1  # 1.. -> 0..
-            return adapt_images(x, s, c), m
+            m = F.interpolate(m[:, None].float(), size=hw, mode="nearest")[:, 0].long() - 1  # 1.. -> 0..
+            return adapt_images(x, hw, c), m
 
         (xtr, mtr), (xte, mte) = canvases(o.limit_train or 1000, "train", o.seed), canvases(o.limit_test or 250,
                                                                                             "test", o.seed + 1)
         source = f"generated Fashion-MNIST canvases (56 px, {canvas_objects} garments, resized to {s})"
         num_classes = num_classes or 11
     else:
-        xtr, mtr = load_segmentation_folder(o.dataset, "train", s, c, o.limit_train, o.seed)
-        xte, mte = load_segmentation_folder(o.dataset, "test", s, c, o.limit_test, o.seed)
+        xtr, mtr = load_segmentation_folder(o.dataset, "train", hw, c, o.limit_train, o.seed)
+        xte, mte = load_segmentation_folder(o.dataset, "test", hw, c, o.limit_test, o.seed)
         source = o.dataset
         if num_classes is None:
             both = torch.cat([mtr.flatten(), mte.flatten()])

@@ -51,6 +51,11 @@ def expand_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, str | No
     return out
 
 
+def _px(size) -> str:
+    """``28`` for a square input, ``28x40`` for ``[28, 40]``."""
+    return f"{size[0]}x{size[1]}" if isinstance(size, list | tuple) else str(size)
+
+
 def format_value(name: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -192,7 +197,8 @@ def setup_markdown(rows: list[dict], protocols: Sequence[str], seeds: Sequence[i
              f"- data: train {tr.get('dataset')} ({st['n_train']} images), test {te.get('dataset')}"
              f"{' (' + te['folder'] + ')' if te.get('folder') else ''} ({st['n_test']} images), "
              f"{st['num_classes']} classes; {tr.get('resize', '')}",
-             f"- encoder input {st['img_size']} px, {st['in_chans']} channel(s), mean {st['mean']} / std {st['std']} "
+             f"- encoder input {_px(st['img_size'])} px, {st['in_chans']} channel(s), mean {st['mean']} / "
+             f"std {st['std']} "
              f"({st['norm_source']}); features: block {'last' if st['block'] is None else st['block']}, final "
              f"LayerNorm {'on' if st['final_norm'] else 'off'}; autocast {st.get('amp')}",
              f"- seeds: {', '.join(map(str, seeds)) if seeds else st.get('seed')}"

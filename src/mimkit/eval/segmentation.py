@@ -87,11 +87,11 @@ def write_canvas_folder(root: str | Path, n_train: int = 200, n_val: int = 50, c
     return root
 
 
-def load_segmentation_folder(root: str | Path, split: str, size: int, in_chans: int, limit: int | None = None,
-                             seed: int = 0, reduce_zero_label: bool = True):
-    """Images (uint8 ``(N, in_chans, size, size)``, bicubic) and masks (int64 ``(N, size, size)``,
-    nearest) of an ADE20K-layout folder; ``split`` ``train`` (``training``) or ``test``
-    (``validation``). Masks use 255 for ignored pixels (after ``reduce_zero_label``)."""
+def load_segmentation_folder(root: str | Path, split: str, size: int | tuple[int, int], in_chans: int,
+                             limit: int | None = None, seed: int = 0, reduce_zero_label: bool = True):
+    """Images (uint8 ``(N, in_chans, H, W)``, bicubic) and masks (int64 ``(N, H, W)``, nearest) of an
+    ADE20K-layout folder, resized straight to ``size`` (a side, or ``(H, W)``); ``split`` ``train``
+    (``training``) or ``test`` (``validation``). Masks use 255 for ignored pixels (after ``reduce_zero_label``)."""
     from PIL import Image
 
     from mimkit.data.errors import DataError
@@ -109,14 +109,15 @@ def load_segmentation_folder(root: str | Path, split: str, size: int, in_chans: 
         keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
         files = [files[i] for i in keep.tolist()]
     mode = "L" if in_chans == 1 else "RGB"
+    oh, ow = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     xs, ms = [], []
     for f in files:
         ann = ann_dir / (f.stem + ".png")
         if not ann.is_file():
             raise DataError(f"{f} has no annotation {ann}; every image needs a mask PNG of the same name")
         try:
-            im = Image.open(f).convert(mode).resize((size, size), Image.Resampling.BICUBIC)
-            mk = Image.open(ann).resize((size, size), Image.Resampling.NEAREST)
+            im = Image.open(f).convert(mode).resize((ow, oh), Image.Resampling.BICUBIC)
+            mk = Image.open(ann).resize((ow, oh), Image.Resampling.NEAREST)
         except OSError as e:
             raise DataError(f"cannot read {f} or its mask ({e}); replace or delete the pair") from e
         a = np.asarray(im, dtype=np.uint8)
@@ -180,17 +181,17 @@ class SegProbeConfig:
 
 def patch_grid(encoder: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 64, device=None,
                autocast_dtype="auto", show_progress: bool = False) -> torch.Tensor:
-    """Frozen patch tokens as a float16 grid ``(N, D, h, w)`` (prefix tokens dropped)."""
+    """Frozen patch tokens as a float16 grid ``(N, D, gh, gw)`` (prefix tokens dropped; the encoder's patch
+    grid, square for square images)."""
+    from mimkit.eval.adapters import token_grid
     from mimkit.eval.features import extract_features
 
     tokens = extract_features(encoder, images, pool="all", batch_size=batch_size, mean=mean, std=std, device=device,
                               autocast_dtype=autocast_dtype, show_progress=show_progress, out_dtype=torch.float16)
     patches = tokens[:, int(getattr(encoder, "num_prefix_tokens", 1)):]
     n, L, d = patches.shape
-    h = int(round(L**0.5))
-    if h * h != L:
-        raise ValueError(f"{L} patch tokens do not form a square grid")
-    return patches.transpose(1, 2).reshape(n, d, h, h)
+    gh, gw = token_grid(encoder, L, tuple(images.shape[-2:]))
+    return patches.transpose(1, 2).reshape(n, d, gh, gw)
 
 
 def segmentation_linear_probe(encoder: nn.Module, train_images, train_masks, test_images, test_masks,

@@ -66,10 +66,17 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    """Encoder + decoder shapes shared by all methods."""
+    """Encoder + decoder shapes shared by all methods.
+
+    ``init``: start pretraining from these weights (:mod:`mimkit.init_from`): an official MAE
+    pretraining checkpoint, a timm ViT state dict / safetensors file, a mimkit checkpoint or export, or
+    a Hugging Face ``ViTMAEForPreTraining`` directory; ``null`` = random initialisation. ``init_parts``:
+    ``all`` (every matching tensor: encoder, decoder, ...) or ``encoder`` (the rest starts fresh)."""
 
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    init: str | None = None
+    init_parts: str = "all"
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """CAE — Context Autoencoder (Chen et al., "Context Autoencoder for Self-Supervised Representation
-Learning", IJCV 2023), after Atten4Vis/CAE ``models/modeling_cae.py`` (methods_a §3).
+Learning", IJCV 2023), after Atten4Vis/CAE ``models/modeling_cae.py``.
 
 Representation learning (encoder ``F``) is separated from the pretext task (decoder ``G``): a latent
 contextual regressor ``H`` predicts the masked patches' representations *in the encoder's space*
@@ -27,10 +27,10 @@ Targets (``target``; the presets say which one reproduces what):
   function) or a TorchScript file; it receives the images as the method gets them (normalized with
   the data mean/std) and returns ``(B, L)`` or ``(B, h, w)`` long ids on the encoder's grid; it does
   its own resizing and pixel mapping. It is loaded at the first training step (never saved).
-* ``codebook`` — the offline stand-in for DALL-E tokens (methods_a §3.7 (a)): the id of the nearest
+* ``codebook`` — the offline stand-in for DALL-E tokens: the id of the nearest
   centroid of a k-means codebook fitted on per-patch normalized training patches
   (:mod:`mimkit.codebook`), cross-entropy over ``codebook_size`` codes.
-* ``pixel`` — per-patch normalized pixels with MSE over the masked patches (methods_a §3.7 (b)).
+* ``pixel`` — per-patch normalized pixels with MSE over the masked patches.
 
 Ablations: ``align_weight=0`` (no alignment: the target branch is still run, without gradient, to log
 ``align_cos``), ``model.decoder.depth=0`` (no decoder: ``Linear(LN(z_m))``, "the regressor output mapped
@@ -133,7 +133,7 @@ def load_tokenizer(spec: str):
 
 
 def cae_init(module: nn.Module, encoder: ViTEncoder, tokens: list[nn.Parameter]) -> None:
-    """CAE's initialisation (methods_a §3.5 pitfall 6): xavier-uniform for every Linear (zero bias),
+    """CAE's initialisation: xavier-uniform for every Linear (zero bias),
     LN 1/0, then trunc-normal(0.02, cut at ±0.02 as the official helper) for the conv patch
     embedding, the cls token and the given mask tokens."""
     init_mae_weights(module)
@@ -236,7 +236,7 @@ class CAE(Method):
         if enc.cfg.img_size == 28 and enc.in_chans == 1:
             data = "--dataset fashion_mnist"
         else:
-            data = f"--dataset /path/to/train/images --img-size {enc.cfg.img_size} --in-chans {enc.in_chans}"
+            data = f"--dataset /path/to/train/images --img-size {max(enc.img_hw)} --in-chans {enc.in_chans}"
         return f"python -m mimkit.codebook fit {data} --patch {enc.patch_size} --k {o.codebook_size} --out {o.codebook_path}"
 
     @staticmethod

@@ -1,5 +1,5 @@
 """CAE v2 — Context Autoencoder with CLIP Latent Alignment (Zhang et al., TMLR 2023), after
-Atten4Vis/CAE ``models/modeling_cae.py`` with ``model_type='caev2'`` (methods_a §4).
+Atten4Vis/CAE ``models/modeling_cae.py`` with ``model_type='caev2'``.
 
 CAE's encoder and latent regressor are kept; the DALL-E decoder and the alignment branch are dropped.
 A frozen teacher (CLIP's image tower in the paper; any local model here) supervises the student's
@@ -16,7 +16,7 @@ One step, shapes for B images, L patches, n visible, m masked, student width d, 
     Y     = l2n(Linear(LN([z_cls ; z_v ; z_m])))   (B, 1+n+m, Dt) one LN shared by the three groups
     loss  = mean over the supervised tokens of (1 - <Y, T>)    supervise ⊆ {cls, visible, masked}
 
-Both sides are in the token order ``[cls, visible (ids_v order), masked (ids_m order)]`` (pitfall 1).
+Both sides are in the token order ``[cls, visible (ids_v order), masked (ids_m order)]``.
 
 The teacher (:class:`~mimkit.targets.FrozenTeacher`) is read from ``teacher_path`` (a mimkit checkpoint
 or export, a timm ViT state dict, an official MAE file; :meth:`FrozenTeacher.from_file`). Its weights
@@ -220,9 +220,9 @@ class CAEv2(Method):
         c = int(getattr(enc, "in_chans", x.shape[1]))
         if c != x.shape[1] and x.shape[1] == 1:
             x = x.expand(-1, c, -1, -1)
-        size = int(enc.grid_size[0] * enc.patch_size)
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        size = (int(enc.grid_size[0] * enc.patch_size), int(enc.grid_size[1] * enc.patch_size))
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
         return x
 
     @torch.no_grad()

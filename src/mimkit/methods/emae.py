@@ -1,11 +1,11 @@
-"""EMAE — "Efficient Masked Autoencoders with Self-Consistency" (Li et al., TPAMI 2024), methods_b §4.
+"""EMAE — "Efficient Masked Autoencoders with Self-Consistency" (Li et al., TPAMI 2024).
 
 MAE with K parallel views per image. The K visible parts form a partition of the image (every token
 is visible in exactly one view, [SLIDES] Algorithm 1) and all views go through the encoder and
 decoder in one pass, stacked in the batch (sequence ``s = b * K + k``). Shapes for B images::
 
     tokens = encoder.patch_tokens(images)                (B, L, D)      once per image
-    plan   = PartitionMasking(K)(B, L)                   (B*K, n) ids   rotated permutations, §1.2
+    plan   = PartitionMasking(K)(B, L)                   (B*K, n) ids   rotated permutations
     pred   = decoder(encoder(gather(tokens, ids)))       (B*K, L, P)    one forward pass
     target = norm_pix(patchify(images))                  (B, L, P)      once per image
     L_whole = mean_k MAE_loss(pred_k, target, m_k)                     MAE's reduction per view
@@ -16,15 +16,15 @@ Which source each choice follows:
 
 * K disjoint covering equal parts, K views in one pass, ``L_whole + L_cons`` with weights 1, 1: [SLIDES].
 * ``L_whole`` **averaged** over views (not summed) so that K = 1 is exactly MAE and λ keeps its
-  meaning across K: [PROPOSAL] (methods_b §4.2 step 6).
+  meaning across K: [PROPOSAL].
 * Consistency on the decoder outputs (normalized-pixel space), only at positions masked in both views
   of a pair (o_ij = m_i * m_j), per pair normalized by the pair's overlap count: [PROPOSAL]
-  (methods_b §4.3; the paper's distance and stop-gradient were not recovered).
+  (the paper's distance and stop-gradient were not recovered).
 * Default ``consistency_dist = mse``, ``consistency_mode = pairwise_sym``: the ordered-pair
-  stop-gradient form of methods_b §4.3,
+  stop-gradient form,
   ``L_cons = 1/(K(K-1)) sum_{i!=j} sum o_ij d(pred_i, sg(pred_j)) / sum o_ij`` — value *and* gradient.
   It is computed as the symmetric no-stop-gradient pairwise mean ``v`` (same value, twice the
-  gradient, the §4.3 identity) returned as ``(v + v.detach()) / 2``. For ``mse`` with equal overlap
+  gradient, the identity below) returned as ``(v + v.detach()) / 2``. For ``mse`` with equal overlap
   counts for every pair (true for the equal-size partition) it uses the O(K) identity
   ``sum_{i<j in M} |a_i - a_j|^2 = |M| sum_{i in M} |a_i - mean_M a|^2`` per position; otherwise it
   loops over the K(K-1)/2 pairs.
@@ -32,7 +32,7 @@ Which source each choice follows:
   towards the detached mean of those predictions (one-directional, so stop-gradient matters).
 * Masking alternatives (EMAE's ablation arms) through ``method.masking.kind``: ``random_views``
   ("pure random", K independent masks) and ``complementary`` (two views) — [PROPOSAL] readings of the
-  deck's table (methods_b §4.6).
+  deck's table.
 
 Cost: ≈ K × MAE per image (encoder and decoder on K·B sequences). Quote images/iter and
 sequences/iter separately.

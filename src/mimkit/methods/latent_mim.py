@@ -1,5 +1,4 @@
-"""Latent MIM (Wei, Gupta, Morgado, ECCV 2024), after yibingwei-1/LatentMIM ``models_lmim.py``
-(methods_a §1). Masked modeling in latent space: an online ViT encodes a few visible patches, a
+"""Latent MIM (Wei, Gupta, Morgado, ECCV 2024), after yibingwei-1/LatentMIM ``models_lmim.py``. Masked modeling in latent space: an online ViT encodes a few visible patches, a
 decoder predicts the latents of the masked patches, a target encoder that sees *only the masked
 patches* produces the targets.
 
@@ -14,7 +13,7 @@ One step, shapes for B images, grid L = G*G, n visible, m = L - n targets, P = p
     pred    = decoder(z_V, vis, tgt)                      (B, m, D)   same order as tgt
     loss    = PatchDisc(pred, z_T) + lambda * [(s(pred) - gamma)^2 + (s(z_V[:, 1:]) - gamma)^2]
 
-Ablation arms (methods_a §1.3) are options of :class:`LatentMIMOptions`: ``target`` (``naive``: the
+Ablation arms are options of :class:`LatentMIMOptions`: ``target`` (``naive``: the
 online encoder with gradients through both branches; ``separate``: a second encoder + projector
 trained jointly by back-prop, initialised as a copy of the online one; ``stopgrad``: the online
 encoder under ``no_grad``; ``ema``), ``loss`` (``patchdisc``, ``mse``, ``l1``, ``huber``),
@@ -81,7 +80,7 @@ class ProjectorOptions:
 
 @dataclass
 class LatentMIMOptions(MethodOptions):
-    """Latent MIM knobs; defaults = the published ViT-B / IN-1K recipe (methods_a §1.4).
+    """Latent MIM knobs; defaults = the published ViT-B / IN-1K recipe.
 
     * ``target``: ``ema`` | ``naive`` | ``separate`` | ``stopgrad``; ``momentum`` -> ``momentum_final``
       along a cosine over training (0.99 -> 1.0). ``target_depth``: blocks of the target encoder
@@ -181,21 +180,28 @@ class LatentMIM(Method):
 
     # -- pieces ---------------------------------------------------------------------------------
     @property
-    def train_size(self) -> int:
-        """Image side the gapped patchify needs: ``G * (p + gap)``."""
-        return self.encoder.grid_size[0] * (self.encoder.patch_size + self.options.patch_gap)
+    def train_hw(self) -> tuple[int, int]:
+        """Image ``(H, W)`` the gapped patchify needs: ``(G_h * (p + gap), G_w * (p + gap))``."""
+        cell = self.encoder.patch_size + self.options.patch_gap
+        return self.encoder.grid_size[0] * cell, self.encoder.grid_size[1] * cell
+
+    @property
+    def train_size(self) -> int | tuple[int, int]:
+        """Image side the gapped patchify needs, ``G * (p + gap)`` (``(H, W)`` for a non-square grid)."""
+        h, w = self.train_hw
+        return h if h == w else (h, w)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, C, S, S)`` at ``img_size`` (or already at :attr:`train_size`) -> ``(B, C, T, T)``, ``T = train_size``."""
-        size = self.train_size
-        if images.shape[-1] == size and images.shape[-2] == size:
+        """``(B, C, H, W)`` at ``img_size`` (or already at :attr:`train_hw`) -> ``(B, C, T_h, T_w)`` at :attr:`train_hw`."""
+        size = self.train_hw
+        if tuple(images.shape[-2:]) == size:
             return images
-        if images.shape[-2:] != (self.encoder.cfg.img_size,) * 2:
+        hw = self.encoder.img_hw
+        if tuple(images.shape[-2:]) != hw:
             raise ValueError(
-                f"expected images of {self.encoder.cfg.img_size}x{self.encoder.cfg.img_size} (or {size}x{size}), "
-                f"got {tuple(images.shape[-2:])}"
+                f"expected images of {hw[0]}x{hw[1]} (or {size[0]}x{size[1]}), got {tuple(images.shape[-2:])}"
             )
-        return F.interpolate(images, size=(size, size), mode=self.options.resize, align_corners=False)
+        return F.interpolate(images, size=size, mode=self.options.resize, align_corners=False)
 
     @staticmethod
     def _encode(branch: nn.Module, patches: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -258,7 +264,7 @@ class LatentMIM(Method):
             plan = self.make_plan(images, progress, generator, tokens=tokens)
         if plan.num_views != 1 or plan.keep_valid is not None:
             raise ValueError("latent_mim takes one view per image with equal visible counts")
-        vis_ids, tgt_ids = plan.ids_keep, plan.target_ids()  # both in permutation order (pitfall 1)
+        vis_ids, tgt_ids = plan.ids_keep, plan.target_ids()  # both in permutation order
 
         metrics: dict[str, torch.Tensor | float] = {}
         if o.target == "ema":

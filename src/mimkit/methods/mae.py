@@ -1,4 +1,4 @@
-"""MAE (He et al., CVPR 2022), faithful to facebookresearch/mae ``models_mae.py`` (methods_b §2).
+"""MAE (He et al., CVPR 2022), faithful to facebookresearch/mae ``models_mae.py``.
 
 One step, shapes for B images, L patches, n visible, P = p*p*C::
 

@@ -1,5 +1,5 @@
 """MixedAE — "Mixed Autoencoder for Self-supervised Visual Representation Learning" (Chen et al.,
-CVPR 2023), methods_b §3. No official code was released; this is the only working implementation we
+CVPR 2023). No official code was released; this is the only working implementation we
 know of, so every choice the paper leaves open is an option whose default is the spec's [PROPOSAL].
 
 Groups of ``G = 1/r`` images of the (already shuffled) batch are mixed into one encoder sequence: a
@@ -12,26 +12,26 @@ for B images, ``n`` tokens owned per image (``n = ceil(L/G)``, shorter parts pad
 
     tokens = encoder.patch_tokens(images)                 (B, L, D)       positions added before mixing
     plan   = PartitionMasking(G)(B/G, L)                  ids_keep (B, n) image b = g*G + k owns part k of
-                                                          group g's permutation (rotated views, §1.2)
+                                                          group g's permutation (rotated views, as in masking.py)
     x_mix  = mix(gather(tokens, ids_keep))                (B/G, G*n, D)   member-major; + segment embedding
     z      = encoder(cls + x_mix, TopK in training)       (B/G, 1+G*n, D) after the final norm
     L_con  = HomoCon(z[:, 1:], member of each slot)       positives: same source image, same sequence
     latent = unmix(z)                                     (B, 1+n, D)     the group's cls + own tokens
     pred   = MAE decoder(latent, ids_restore)             (B, L, P)       mask tokens where others own
-    L_pix  = masked MSE, mask[b, l] = 1 iff b does not own l   (MAE's reduction, methods_b §1.3)
+    L_pix  = masked MSE, mask[b, l] = 1 iff b does not own l   (MAE's reduction)
     loss   = pixel_weight * L_pix + contrastive_weight * L_con
 
 The mixed sequence lists each member's tokens one member after the other rather than in grid order;
 attention does not depend on token order (positions are in the embeddings), so this is the grid-order
-mixed sequence of §3.3 up to a permutation, and unmixing is a reshape. When ``G`` does not divide
+mixed sequence of the paper up to a permutation, and unmixing is a reshape. When ``G`` does not divide
 ``L`` (49 Fashion-MNIST patches, G = 4: parts of 13, 12, 12, 12) the shorter parts are padded and the
 padding is masked out of the encoder's attention (key padding), the loss and every metric.
 
-Which source each choice follows (methods_b §3; [SLIDES] = the authors' deck, [ABS] = abstract /
+Which source each choice follows ([SLIDES] = the authors' deck, [ABS] = abstract /
 TL;DR page, [PROPOSAL] = the sources are silent):
 
 * symmetric mixing, every member reconstructed, groups of ``G = 1/r``: [SLIDES]; default ``G = 4``
-  (r = 0.25, MAE's 75 % masking per image, no extra random masking): inferred (§3.2).
+  (r = 0.25, MAE's 75 % masking per image, no extra random masking): inferred from the paper.
 * partners = consecutive chunks of ``G`` images of the shuffled batch: [PROPOSAL]. The batch must be a
   multiple of ``G`` (:meth:`MixedAE.check_batch_size`).
 * homologous attention ``softmax(TopK(q k^T / sqrt(d)))`` in the encoder, training only, the same
@@ -90,7 +90,7 @@ PROJECTORS = ("none", "mlp")
 
 @dataclass
 class MixedAEOptions(MethodOptions):
-    """MixedAE knobs; defaults = methods_b §3.7 (tags in the module docstring).
+    """MixedAE knobs; defaults = the paper's ViT-B recipe (sources in the module docstring).
 
     * ``group_size``: G = 1/r images per mixed sequence (4 [inferred]); ``partition_strict``: refuse a
       G that does not divide the number of patches.
@@ -205,7 +205,7 @@ class MixedAE(Method):
         if o.partition_strict and length % g:
             raise ValueError(f"method.group_size {g} does not divide the {length} patches (partition_strict=true)")
         self.group_size = g
-        # K counts keys including cls: T = 1 + L (methods_b §3.4)
+        # K counts keys including cls: T = 1 + L
         keys = 1 + length
         self.topk_k = o.topk if o.topk is not None else math.ceil((o.topk_ratio or 1.0 / g) * keys - 1e-9)
         d = model.decoder

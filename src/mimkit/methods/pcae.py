@@ -185,7 +185,7 @@ class PCAE(Method):
         rate = model.encoder.drop_path_rate if o.decoder_drop_path is None else o.decoder_drop_path
         for blk in self.decoder.blocks:
             blk.drop_path1.rate = blk.drop_path2.rate = rate
-        # the teacher: an exact copy of the student encoder (pitfall 5), EMA-updated, drop-path 0
+        # the teacher: an exact copy of the student encoder, EMA-updated, drop-path 0
         self.target = LatentTarget("ema", self.encoder, MomentumSchedule(o.momentum, o.momentum_final))
         for m in self.target.branch.modules():
             if isinstance(m, DropPath):

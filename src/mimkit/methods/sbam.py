@@ -1,4 +1,4 @@
-"""SBAM — "Salience-Based Adaptive Masking" (Choi et al., ECCV 2024), methods_b §5.
+"""SBAM — "Salience-Based Adaptive Masking" (Choi et al., ECCV 2024).
 
 SBAM changes only the masking, so it is MAE with ``method.masking.kind = sbam`` (salience from the
 layer-0 tokens + U[0, 0.5) noise, the most salient tokens masked, adaptive ratio AMR, random masking

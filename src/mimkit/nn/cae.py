@@ -135,7 +135,7 @@ class MaskedDecoder(nn.Module):
     def forward(self, z_m: torch.Tensor, pos_m: torch.Tensor) -> torch.Tensor:
         x = z_m
         if len(self.blocks):
-            x = x + pos_m.to(x.dtype)  # the decoder re-adds the masked positions (pitfall 5)
+            x = x + pos_m.to(x.dtype)  # the decoder re-adds the masked positions
             for blk in self.blocks:
                 x = blk(x)
         return self.head(self.norm(x))

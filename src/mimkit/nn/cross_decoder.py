@@ -2,9 +2,9 @@
 
 Both take the encoder output ``latent (B, 1+n, D)`` (cls first, visible tokens in the order of
 ``vis_ids (B, n)``) and target grid ids ``tgt_ids (B, m)``, and return ``(B, m, out_dim)`` in the
-order of ``tgt_ids`` (never re-sorted: the PatchDisc diagonal relies on it, methods_a pitfall 1).
+order of ``tgt_ids`` (never re-sorted: the PatchDisc diagonal relies on it).
 
-* :class:`CrossDecoder` — ``xvits.CrossDecoder`` (methods_a §1.2 step 5). Queries are the target
+* :class:`CrossDecoder` — ``xvits.CrossDecoder``. Queries are the target
   positions (+ one decoder cls query), the memory is the embedded visible tokens + positions and is
   never updated across layers; each layer is a :class:`~mimkit.nn.layers.CrossBlock`
   (self-attention over queries, cross-attention to the memory, MLP). With ``visual_cues`` the query of
@@ -15,7 +15,7 @@ order of ``tgt_ids`` (never re-sorted: the PatchDisc diagonal relies on it, meth
   through pre-norm self-attention blocks, read out at the target slots.
 
 Position embeddings are the fixed 2-D sin-cos table at the decoder width (cls row zero). The official
-code spaces the grid at ``linspace(0, 1, G) * G`` instead of integers (methods_a §0.1); we use the
+code spaces the grid at ``linspace(0, 1, G) * G`` instead of integers; we use the
 integer grid shared by every other method.
 """
 

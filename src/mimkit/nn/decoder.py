@@ -1,4 +1,4 @@
-"""MAE's self-attention decoder (methods_b §2.2 steps 6-8).
+"""MAE's self-attention decoder.
 
 Mask tokens are appended *after* the visible latents, the sequence is un-shuffled to grid order with
 ``ids_restore``, the cls latent is kept through the decoder and dropped at the output.

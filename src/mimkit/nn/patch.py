@@ -1,7 +1,7 @@
 """Patchify / unpatchify in MAE's layout and the per-patch normalized pixel target.
 
 Patch vectors are ``(p, p, C)`` flattened with the channel as the fastest index, patches in
-row-major grid order (methods_b §1.1, pitfall 2.9.1). Predictions of every pixel-target method use
+row-major grid order. Predictions of every pixel-target method use
 this same layout.
 """
 
@@ -59,7 +59,7 @@ def gapped_patchify(
     gap: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Latent MIM's patchify with random gaps (methods_a §1.2 step 1).
+    """Latent MIM's patchify with random gaps.
 
     The image ``(B, C, G*(p+gap), G*(p+gap))`` is cut into cells of ``p + gap`` pixels; from every
     (image, cell) a ``p x p`` patch starting at independent integer row/column offsets in

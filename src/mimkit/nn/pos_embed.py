@@ -1,6 +1,6 @@
 """Fixed 2-D sin-cos position embeddings, as in MAE's ``util/pos_embed.py``.
 
-Layout (methods_b §2.3): with ``D`` channels, the first ``D/2`` channels encode the *column* index
+Layout: with ``D`` channels, the first ``D/2`` channels encode the *column* index
 and the last ``D/2`` the *row* index (MAE builds the grid with ``meshgrid(w, h)``). Each half is
 ``[sin(pos * omega), cos(pos * omega)]`` concatenated, ``omega_k = 10000^(-k / (D/4))``. Tokens are
 in row-major order ``t = i * w + j``, matching a stride-``p`` convolution flattened row by row.

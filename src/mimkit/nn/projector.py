@@ -1,4 +1,4 @@
-"""MLP projector head (Latent MIM's ``proj``, methods_a §1.2 step 4).
+"""MLP projector head (Latent MIM's ``proj``).
 
 ``depth`` Linear layers without bias; every Linear but the last is followed by ``LN -> GELU``, the
 last by an ``LN`` when ``out_norm`` (the official ``out_norm=True``). ViT-B default::

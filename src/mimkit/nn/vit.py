@@ -16,11 +16,29 @@ from mimkit.nn.layers import Block, init_mae_weights
 from mimkit.nn.pos_embed import sincos_2d
 
 
+def image_hw(img_size) -> tuple[int, int]:
+    """``img_size`` as ``(H, W)``: an int is a square side, a pair ``[H, W]`` a rectangle."""
+    if isinstance(img_size, int | float):
+        return int(img_size), int(img_size)
+    h, w = img_size
+    return int(h), int(w)
+
+
+def grid_of(img_size, patch_size: int) -> tuple[int, int]:
+    """The patch grid ``(H / p, W / p)`` of ``img_size`` (int or ``[H, W]``); ValueError when ``p``
+    does not divide both sides."""
+    h, w = image_hw(img_size)
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"img_size {h}x{w} is not divisible by patch_size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
 @dataclass
 class ViTConfig:
-    """Encoder shape. Defaults: ViT-B/16 at 224 (MAE's encoder)."""
+    """Encoder shape. Defaults: ViT-B/16 at 224 (MAE's encoder). ``img_size``: a side (square
+    images) or ``(H, W)``; the patch grid is ``(H/p, W/p)`` with 2-D sin-cos positions for that grid."""
 
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 768
@@ -77,9 +95,8 @@ class ViTEncoder(nn.Module):
         if overrides:
             cfg = ViTConfig(**{**cfg.__dict__, **overrides})
         self.cfg = cfg
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
-        self.grid_size = (cfg.img_size // cfg.patch_size,) * 2
+        self.img_hw = image_hw(cfg.img_size)
+        self.grid_size = grid_of(cfg.img_size, cfg.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.embed_dim = cfg.embed_dim
         self.num_heads = cfg.num_heads
@@ -98,7 +115,7 @@ class ViTEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MAE's initialisation (methods_b §2.4)."""
+        """MAE's initialisation."""
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the (D, C*p*p) view
         nn.init.normal_(self.cls_token, std=0.02)
@@ -112,7 +129,7 @@ class ViTEncoder(nn.Module):
         h, w = images.shape[-2:]
         if (h // self.patch_size, w // self.patch_size) != self.grid_size or h % self.patch_size or w % self.patch_size:
             raise ValueError(
-                f"image size {h}x{w} does not match the encoder's {self.cfg.img_size}x{self.cfg.img_size}; "
+                f"image size {h}x{w} does not match the encoder's {self.img_hw[0]}x{self.img_hw[1]}; "
                 "resize the images or build the encoder with a matching img_size"
             )
 

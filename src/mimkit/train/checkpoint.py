@@ -13,6 +13,9 @@ was. Step-numbered copies ``checkpoint-<step>.pt`` are byte copies of the latest
 way, pruned by step number. :func:`resume_candidates` / :func:`load_for_resume` fall back to the
 newest good numbered copy when ``checkpoint.pt`` is missing or corrupt.
 
+``train.strategy=fsdp`` runs write sharded ``torch.distributed.checkpoint`` directories instead
+(``dcp/step-<step>/``, see the section below), which a run on another number of processes re-shards.
+
 :class:`RunLock` keeps two runs out of one directory: an ``flock`` on ``.mimkit.lock`` (released by
 the kernel when the owner dies) whose content names the owner's PID and host.
 """
@@ -488,3 +491,152 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded checkpoints (train.strategy=fsdp): torch.distributed.checkpoint directories
+#
+# ``out_dir/dcp/step-<step>/`` holds the model and optimizer state written by every rank with
+# ``torch.distributed.checkpoint`` (each rank writes its own shards; a reader with any world size
+# re-shards them on load) and ``trainer.pt``, the small rest of the state (step, per-rank RNG,
+# config, counters; written by rank 0 with :func:`atomic_save`, checksum included). A directory is
+# written as ``.step-<step>.tmp`` and renamed when every rank has finished, so a directory with a
+# ``trainer.pt`` is complete; the newest complete one is resumed, an unreadable one falls back to
+# the previous one as for the single-file checkpoints.
+
+DCP_DIR = "dcp"
+DCP_STEP_RE = re.compile(r"^step-(\d+)$")
+DCP_TMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")
+DCP_TRAINER = "trainer.pt"
+
+
+def dcp_step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def dcp_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, dir)]`` of the complete DCP checkpoints under ``out_dir/dcp``, oldest first."""
+    root = Path(out_dir) / DCP_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = DCP_STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / DCP_TRAINER).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ".metadata").is_file() and (p / DCP_TRAINER).is_file()
+
+
+def remove_stale_dcp_dirs(out_dir: Path) -> int:
+    """Delete ``dcp/.step-<step>.tmp`` directories of killed writers (call with the run lock held)."""
+    root = Path(out_dir) / DCP_DIR
+    n = 0
+    if root.is_dir():
+        for p in root.iterdir():
+            if DCP_TMP_RE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+def dcp_tmp_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / DCP_DIR / f".{dcp_step_name(step)}.tmp"
+
+
+def finalize_dcp(out_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Rank 0, after every rank's shards are written: add ``trainer.pt``, rename the temporary
+    directory into place (replacing an older one of the same step) and prune. Returns the final dir."""
+    tmp = dcp_tmp_dir(out_dir, step)
+    atomic_save(trainer_state, tmp / DCP_TRAINER)
+    final = Path(out_dir) / DCP_DIR / dcp_step_name(step)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    # keep the newest `keep + 1` directories (-1: all): the latest plus `keep` older copies
+    if keep >= 0:
+        for _, p in dcp_checkpoints(out_dir)[: -(keep + 1)]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_dcp_trainer_state(path: Path) -> dict:
+    """``trainer.pt`` of a DCP checkpoint directory, verified (raises :class:`CheckpointError`)."""
+    if not (Path(path) / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no DCP .metadata); delete it or point train.resume "
+                              "at another checkpoint")
+    state = load_checkpoint(Path(path) / DCP_TRAINER)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a mimkit sharded checkpoint (no step in {DCP_TRAINER})")
+    return state
+
+
+def load_dcp_for_resume(out_dir: str | Path, resume: str, warn: Callable[[str], None] | None = None
+                        ) -> tuple[Path, dict, str | None] | None:
+    """As :func:`load_for_resume` for DCP directories: ``(dir, trainer_state, note)`` or ``None``.
+    ``resume``: ``auto`` (the newest complete directory, falling back to older ones), ``none``, or a
+    DCP directory. The model/optimizer shards are read later, once the model is sharded."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+    if resume in ("none", "", None):
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if not is_dcp_checkpoint(p):
+            raise CheckpointError(f"train.resume={resume} is not a sharded (DCP) checkpoint directory of "
+                                  "train.strategy=fsdp; give out_dir/dcp/step-<step>, 'auto' or 'none'")
+        return p, load_dcp_trainer_state(p), None
+    cands = [p for _, p in reversed(dcp_checkpoints(out_dir))]
+    if not cands:
+        return None
+    errors = []
+    for i, p in enumerate(cands):
+        try:
+            state = load_dcp_trainer_state(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            if len(cands) > 1:
+                warn(str(e))
+            continue
+        note = None
+        if i:
+            note = f"{cands[0].name} is unusable (see above); resuming from the older {p.name}"
+            warn(note)
+        return p, state, note
+    raise CheckpointError(f"{errors[0].rstrip('.')}; no older sharded checkpoint is usable. Delete "
+                          f"{Path(out_dir) / DCP_DIR} to start over, or point train.resume at a good checkpoint")
+
+
+def consolidate_dcp(path: str | Path) -> dict:
+    """A DCP checkpoint directory as one single-process state dict: ``{"model", "step", "config",
+    ...}`` (the optimizer state is left out), read with torch's own ``dcp_to_torch_save``. For
+    ``mimkit export`` and for inspecting a sharded run on one machine."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    trainer = load_dcp_trainer_state(path)
+    with tempfile.TemporaryDirectory() as td:
+        flat = Path(td) / "full.pt"
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+                dcp_to_torch_save(str(path), str(flat))
+            full = torch.load(flat, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or incomplete") from e
+    out = {k: v for k, v in trainer.items() if k != "checksum"}
+    out["model"] = full["model"]
+    return out

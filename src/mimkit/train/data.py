@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from mimkit.config import Config, ConfigError
-from mimkit.data import build_dataset, build_loader
+from mimkit.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader
 from mimkit.data.errors import DataError
+from mimkit.nn.vit import image_hw
 from mimkit.train.distributed import DistInfo
 
 
@@ -40,8 +41,36 @@ class TrainData:
         return sorted(seen)
 
 
+def build_shard_data(cfg: Config, info: DistInfo) -> TrainData:
+    """A :class:`~mimkit.data.shards.ShardLoader` over the shard directory ``data.dataset``."""
+    from mimkit.data.shards import ShardIndex, ShardLoader
+
+    d, enc = cfg.data, cfg.model.encoder
+    if d.in_memory:
+        raise ConfigError(f"data.dataset={d.dataset} is a shard directory (mimkit data prepare), which is streamed; "
+                          "set data.in_memory=false")
+    index = ShardIndex(d.dataset, d.limit)
+    if index.in_chans != enc.in_chans:
+        raise DataError(f"shards {d.dataset} hold {index.in_chans}-channel images but model.encoder.in_chans="
+                        f"{enc.in_chans}; set model.encoder.in_chans={index.in_chans}")
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if index.in_chans == 3 else ((0.5,), (0.5,))
+    mean, std = tuple(d.mean or default_mean), tuple(d.std or default_std)
+    try:
+        loader = ShardLoader(index, d.batch_size, out_size=enc.img_size, mean=mean, std=std, augment=d.augment,
+                             scale=tuple(d.crop_scale), shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+                             device=info.device, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                             skip_corrupt=d.skip_corrupt)
+    except ValueError as e:
+        raise ConfigError(f"shards {d.dataset}: {e} (x {info.world_size} process(es)); lower data.batch_size") from e
+    return TrainData(loader=loader, in_chans=index.in_chans, mean=mean, std=std)
+
+
 def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     d, enc = cfg.data, cfg.model.encoder
+    from mimkit.data.shards import is_shard_dir
+
+    if is_shard_dir(d.dataset):
+        return build_shard_data(cfg, info)
     mode = "L" if enc.in_chans == 1 else "RGB"
     ds = build_dataset(d.dataset, "train", root=d.root, in_memory_size=enc.img_size if (
         d.in_memory and d.dataset.lower() not in ("fashion_mnist", "fashion-mnist", "fmnist")) else None,
@@ -54,7 +83,7 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     try:
         loader = build_loader(
             ds, d.batch_size, out_size=enc.img_size, augment=d.augment, device=info.device,
-            num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed,
+            num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed, decode=d.decode,
             rank=info.rank, world_size=info.world_size, drop_last=True,
         )
     except ValueError as e:
@@ -79,4 +108,22 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
         data.test_images, data.test_labels = ev.images, ev.labels
     if data.train_labels is not None and bool((data.train_labels < 0).all()):
         data.train_labels = None  # unlabelled data: no kNN, pictures still work
+    hw = image_hw(enc.img_size)
+    if data.train_images is not None and tuple(data.train_images.shape[-2:]) != hw:
+        # kNN and pictures feed these to the encoder: resize once to its (H, W) (e.g. 28x28 Fashion-MNIST
+        # for a non-square img_size); the training loader resizes/crops its own batches
+        data.train_images = _resized_uint8(data.train_images, hw)
+        if data.test_images is not None:
+            data.test_images = _resized_uint8(data.test_images, hw)
     return data
+
+
+def _resized_uint8(images: torch.Tensor, hw: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
+    """uint8 ``(N, C, h, w)`` -> uint8 ``(N, C, H, W)`` (bilinear, antialiased), in chunks."""
+    import torch.nn.functional as F
+
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    out = [F.interpolate(images[i : i + chunk].float(), size=hw, mode="bilinear", align_corners=False,
+                         antialias=True).round_().clamp_(0, 255).to(torch.uint8) for i in range(0, len(images), chunk)]
+    return torch.cat(out)

@@ -38,11 +38,13 @@ from mimkit.config import Config, ConfigError, save_config, to_dict, validate
 from mimkit.data.errors import DataError
 from mimkit.methods import Method, Progress
 from mimkit.methods import build_method as _build_method
+from mimkit.nn.vit import image_hw
 from mimkit.train import checkpoint as ckpt
 from mimkit.train.data import build_train_data
 from mimkit.train.distributed import all_ok, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from mimkit.train.logging import MetricLogger, make_progress_bar
 from mimkit.train.optim import effective_lr, lr_at, param_groups, set_lr
+from mimkit.train.step import AfterStepGuard, HostFlags, NonFiniteTracker, fused_adamw_supported
 
 EXIT_INTERRUPTED = 75
 """Exit status of ``mimkit pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint
@@ -174,6 +176,11 @@ class Trainer:
         self.resume_note: str | None = None
         self.resume_diff: dict = {}
         self._last_good: tuple[Path, int] | None = None
+        self._sharded = cfg.train.strategy == "fsdp" and info.enabled  # FSDP2 needs a process group
+        self._dcp_resume: Path | None = None  # a DCP checkpoint read once the model is wrapped
+        self._ckpt_group = None  # the process group of asynchronous DCP writes (GPU)
+        self._pending_save = None  # (future, step, trainer state) of an asynchronous DCP write
+        self._full_method: nn.Module | None = None  # rank 0: the gathered model of a sharded run
         try:  # option errors of the method become one-line config errors, before the data is loaded
             model = build_method(cfg)
             model.check_batch_size(cfg.data.batch_size)
@@ -184,6 +191,7 @@ class Trainer:
         try:
             self._claim_run_dir(model)
             resume = self._load_resume_state()
+            self.init_report = self._apply_init(model) if resume is None and cfg.model.init else None
             self.data = build_train_data(cfg, info)
             self.model = model.to(self.device)
             self.method = self.model
@@ -202,7 +210,9 @@ class Trainer:
             self.eff_batch = cfg.data.batch_size * o.accum_iter * info.world_size
             self.peak_lr = effective_lr(o.base_lr, self.eff_batch, o.lr)
             self.min_lr = o.min_lr_ratio * self.peak_lr if o.min_lr_ratio is not None else o.min_lr
-            fused = o.fused if o.fused is not None else self.device.type == "cuda"
+            # fused AdamW wherever torch has the kernel (CUDA, CPU): faster, and it skips a non-finite
+            # step on the device (found_inf) so the step needs no host sync (mimkit.train.step)
+            fused = o.fused if o.fused is not None else fused_adamw_supported(self.device)
             self.optimizer = torch.optim.AdamW(
                 param_groups(self.model, o.weight_decay, no_decay_keywords=tuple(o.no_decay_keywords)), lr=self.peak_lr,
                 betas=o.betas, eps=o.eps, fused=fused
@@ -211,21 +221,53 @@ class Trainer:
             self.nonfinite = 0
             if resume is not None:
                 self._apply_resume(*resume)
+            self._print_startup()
         except BaseException:
             self.close(failed=True)
             raise
         enc = cfg.model.encoder
-        self._batch_shape = (cfg.data.batch_size, enc.in_chans, enc.img_size, enc.img_size)
+        self._batch_shape = (cfg.data.batch_size, enc.in_chans, *image_hw(enc.img_size))
         self._streaming = hasattr(self.data.loader, "skipped")
 
+        # strategy: DDP (default) replicates the model; FSDP2 shards parameters, gradients and optimizer
+        # state over the ranks (mimkit.train.fsdp). Activation checkpointing wraps the blocks for both.
         train_model: nn.Module = self.model
-        if info.enabled:
-            train_model = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.model.capabilities.find_unused_parameters,
-            )
+        try:
+            if cfg.train.activation_checkpointing:
+                from mimkit.train.fsdp import apply_activation_checkpointing
+
+                apply_activation_checkpointing(self.model)
+            if self._sharded:
+                from mimkit.train.fsdp import ShardedTrainModule, shard_model
+
+                shard_model(self.model, info, self.amp_dtype)
+                # fully_shard swapped the parameters for DTensor shards: the optimizer must hold those
+                self.optimizer = torch.optim.AdamW(
+                    param_groups(self.model, o.weight_decay, no_decay_keywords=tuple(o.no_decay_keywords)),
+                    lr=self.peak_lr, betas=o.betas, eps=o.eps, fused=fused)
+                train_model = ShardedTrainModule(self.model)
+            elif info.enabled:
+                train_model = nn.parallel.DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=self.model.capabilities.find_unused_parameters,
+                )
+            if self._dcp_resume is not None:
+                self._load_dcp(self._dcp_resume)
+            if self.cfg.train.strategy == "fsdp" and info.enabled and self.device.type == "cuda":
+                import torch.distributed as dist
+
+                self._ckpt_group = dist.new_group(backend="gloo")  # async DCP writes talk on their own group
+        except BaseException:
+            self.close(failed=True)
+            raise
+        if self.device.type == "cuda":  # fp32 matmuls left outside autocast use TF32 tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if cfg.train.compile:
+            # automatic dynamic shapes: a size seen to change (SBAM's adaptive visible count, up to ~40
+            # values at ViT-B/16) is recompiled once as symbolic, not once per value; the batch is fixed
+            # (drop_last), so the masking code keeps concrete sizes
             train_model = torch.compile(train_model)
         self.train_model = train_model
 
@@ -252,6 +294,9 @@ class Trainer:
                 n, size = ckpt.remove_stale_temp_files(self.out_dir)
                 if n:
                     self._warn(f"removed {n} temporary file(s) ({size / 2**20:.1f} MiB) left by an interrupted run")
+                n = ckpt.remove_stale_dcp_dirs(self.out_dir)
+                if n:
+                    self._warn(f"removed {n} incomplete sharded checkpoint director(y/ies) left by an interrupted run")
                 adam_bytes = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
                 need = ckpt.estimate_bytes(model.state_dict()) + int(1.02 * adam_bytes)
                 ckpt.check_space(self.out_dir, need, "a checkpoint of this model")
@@ -266,20 +311,64 @@ class Trainer:
             raise ckpt.CheckpointError(f"rank 0 could not claim train.out_dir {self.out_dir}; see its error")
 
     def _load_resume_state(self) -> tuple[Path, dict] | None:
-        """Find, load and verify the checkpoint to resume from; refuse a changed optimisation."""
+        """Find, load and verify the checkpoint to resume from; refuse a changed optimisation.
+
+        ``train.strategy=ddp`` resumes ``checkpoint.pt`` files, ``fsdp`` DCP directories (whose
+        model/optimizer shards are read in :meth:`_load_dcp` once the model is sharded); a run
+        directory holding only the other kind is refused with the setting that reads it. A world size
+        change keeps the data position exact when the global batch (``data.batch_size x
+        optim.accum_iter x processes``) is unchanged: every loader deals the epoch's order out to the
+        ranks in strides, so after ``b`` batches the first ``b x global batch`` samples were seen
+        whatever the world size, and the new ranks go on from there (see :meth:`_apply_resume`)."""
         cfg = self.cfg
-        res = ckpt.load_for_resume(self.out_dir, cfg.train.resume, warn=self._warn)
+        fsdp = cfg.train.strategy == "fsdp"
+        resume = cfg.train.resume
+        has_dcp = bool(ckpt.dcp_checkpoints(self.out_dir))
+        has_pt = (self.out_dir / ckpt.LATEST).is_file() or bool(ckpt.numbered_checkpoints(self.out_dir))
+        explicit_dcp = resume not in ("auto", "none", "") and ckpt.is_dcp_checkpoint(resume)
+        if resume == "auto" and fsdp and has_pt and not has_dcp:
+            raise ConfigError(
+                f"{self.out_dir} holds a train.strategy=ddp checkpoint ({ckpt.LATEST}) but this run uses "
+                "train.strategy=fsdp, which resumes sharded (DCP) checkpoints; set train.strategy=ddp to resume it, "
+                "or choose a new train.out_dir (or train.resume=none)")
+        if ((resume == "auto" and not fsdp and has_dcp and not has_pt)
+                or (not fsdp and explicit_dcp)):
+            raise ConfigError(
+                f"{self.out_dir} holds a train.strategy=fsdp (sharded DCP) checkpoint but this run uses "
+                "train.strategy=ddp; set train.strategy=fsdp to resume it (on any number of processes), or choose a "
+                "new train.out_dir (or train.resume=none)")
+        if fsdp:
+            res = ckpt.load_dcp_for_resume(self.out_dir, resume, warn=self._warn)
+        else:
+            res = ckpt.load_for_resume(self.out_dir, resume, warn=self._warn)
         if res is None:
             return None
         path, state, note = res
         self.resume_note = note
         extra = state.get("extra") or {}
         old_world = extra.get("world_size", len(state.get("rng") or []) or None)
-        diff = config_changes(state.get("config") or {}, to_dict(cfg), old_world, self.info.world_size)
+        old_cfg = state.get("config") or {}
+        diff = config_changes(old_cfg, to_dict(cfg), old_world, self.info.world_size)
+        if "world_size" in diff:
+            od, oo = old_cfg.get("data") or {}, old_cfg.get("optim") or {}
+            old_global = int(od.get("batch_size", cfg.data.batch_size)) * int(oo.get("accum_iter", 1)) * int(old_world)
+            new_global = cfg.data.batch_size * cfg.optim.accum_iter * self.info.world_size
+            if old_global == new_global:  # same optimisation on another number of processes
+                for k in ("world_size", "data.batch_size", "optim.accum_iter"):
+                    diff.pop(k, None)
+                self._warn(
+                    f"resuming a run of {old_world} process(es) on {self.info.world_size} with the same global batch "
+                    f"{new_global}: the data position is kept (the samples not yet seen this epoch come next; with "
+                    "shard streams the shards are dealt out anew from this step), per-process random streams are "
+                    "re-seeded")
         if diff and cfg.train.resume_changes != "allow":
+            hint = ""
+            if "world_size" in diff:
+                hint = (" (a different number of processes resumes exactly when data.batch_size x optim.accum_iter x "
+                        "processes stays the same; adjust data.batch_size)")
             raise ConfigError(
                 f"checkpoint {path} (step {int(state['step'])}) was written with settings that change the "
-                f"optimisation: {_describe_changes(diff)}. Restore them, choose a new train.out_dir (or "
+                f"optimisation: {_describe_changes(diff)}{hint}. Restore them, choose a new train.out_dir (or "
                 "train.resume=none), or pass train.resume_changes=allow to continue anyway (recorded in metrics.jsonl)"
             )
         if diff:
@@ -287,15 +376,51 @@ class Trainer:
         self.resume_diff = diff
         return path, state
 
-    def _apply_resume(self, path: Path, state: dict) -> None:
+    def _apply_init(self, model: nn.Module):
+        """``model.init``: load the starting weights (:mod:`mimkit.init_from`), print what was loaded,
+        adapted and newly initialised, and write it to ``init.json`` in the run directory."""
+        from mimkit.init_from import apply_init
+
         try:
-            unwrap(self.model).load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} does not match this model ({str(e).splitlines()[0]}). It was written by a run "
-                "with a different config; use another train.out_dir or train.resume=none"
-            ) from e
-        self.optimizer.load_state_dict(state["optimizer"])
+            report = apply_init(model, self.cfg.model.init, self.cfg.model.init_parts)
+        except (NotImplementedError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"model.init={self.cfg.model.init}: {e}") from e
+        if self.info.is_main:
+            print(report.summary(), file=sys.stderr)
+            (self.out_dir / "init.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        return report
+
+    def _print_startup(self) -> None:
+        """One line with what a run does: world size, effective batch, peak lr, steps, where it starts."""
+        if not self.info.is_main:
+            return
+        o, cfg = self.cfg.optim, self.cfg
+        lr_rule = "optim.lr" if o.lr is not None else f"optim.base_lr {o.base_lr:g} x {self.eff_batch}/256"
+        if self.resumed_from is not None:
+            start = f"resumed from {self.resumed_from} at step {self.step}"
+        elif cfg.model.init:
+            start = f"initialised from {cfg.model.init}"
+        else:
+            start = "fresh start (random init)"
+        print(f"mimkit pretrain {cfg.method.name}: world size {self.info.world_size}, effective batch {self.eff_batch} "
+              f"({cfg.data.batch_size}/process x {o.accum_iter} accum x {self.info.world_size}), peak lr "
+              f"{self.peak_lr:.3g} ({lr_rule}), {self.total_steps} steps ({self.steps_per_epoch}/epoch), {start}; "
+              f"run directory {self.out_dir}", file=sys.stderr)
+
+    def _apply_resume(self, path: Path, state: dict) -> None:
+        if "model" in state:
+            try:
+                unwrap(self.model).load_state_dict(state["model"])
+            except RuntimeError as e:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} does not match this model ({str(e).splitlines()[0]}). It was written by a run "
+                    "with a different config; use another train.out_dir or train.resume=none"
+                ) from e
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # a DCP directory: the shards are read once the model is wrapped (_load_dcp)
+            self._dcp_resume = path
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.nonfinite = int(state.get("extra", {}).get("nonfinite", 0))
@@ -310,6 +435,27 @@ class Trainer:
         self._last_good = (path, self.step)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _load_dcp(self, path: Path) -> None:
+        """Read a DCP checkpoint into the (sharded or replicated) model and optimizer: DCP re-shards
+        what ``M`` processes wrote for this run's ``N``."""
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            with warnings.catch_warnings():  # one process: DCP says it reads without a process group
+                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} could not be read into this model ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); it is damaged or was written by a run with a "
+                "different config. Delete it (the previous one is used) or use another train.out_dir") from e
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def close(self, failed: bool = False) -> None:
         """Release the run directory (and remove it when this run created it and failed before
@@ -363,7 +509,8 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self, rng: dict | None = None) -> dict:
         """The full state; ``rng``: this rank's RNG state to store instead of the current one (the
-        state at the last step boundary when a step is abandoned)."""
+        state at the last step boundary when a step is abandoned). Sharded runs: every key but
+        ``model`` and ``optimizer`` (those go to the DCP shards, see :meth:`save`)."""
         rng = rng if rng is not None else ckpt.rng_state()
         if self.info.enabled:
             import torch.distributed as dist
@@ -372,21 +519,26 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        state = {
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
             "rng": rngs,
             "config": to_dict(self.cfg),
-            "extra": {"nonfinite": self.nonfinite, "world_size": self.info.world_size},
+            "extra": {"nonfinite": self.nonfinite, "world_size": self.info.world_size,
+                      "strategy": self.cfg.train.strategy},
         }
+        if self.cfg.train.strategy == "fsdp":
+            return state
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(), **state}
 
     def save(self, final: bool = False, rng: dict | None = None) -> Path:
         """Write ``checkpoint.pt`` (and a numbered copy with ``train.keep_checkpoints``); collective
         when distributed. Raises :class:`~mimkit.train.checkpoint.CheckpointError` on every rank when
-        rank 0 could not write (the previous checkpoint is then intact)."""
+        rank 0 could not write (the previous checkpoint is then intact). ``train.strategy=fsdp``
+        writes a DCP directory instead (:meth:`_save_dcp`)."""
+        if self.cfg.train.strategy == "fsdp":
+            return self._save_dcp(final, rng)
         state = self.state_dict(rng)  # collective when distributed: every rank calls it
         latest = self.out_dir / ckpt.LATEST
         err: BaseException | None = None
@@ -407,6 +559,116 @@ class Trainer:
         self._last_good = (latest, self.step)
         self._last_save_time = time.monotonic()
         return latest
+
+    # -- sharded checkpoints (train.strategy=fsdp) -------------------------------------------------
+    def _save_dcp(self, final: bool, rng: dict | None) -> Path:
+        """Every rank writes its shards of the model and optimizer with ``torch.distributed.checkpoint``
+        into ``dcp/.step-<step>.tmp``; rank 0 then adds ``trainer.pt`` and renames the directory into
+        place (:func:`~mimkit.train.checkpoint.finalize_dcp`). Periodic saves on GPU are written
+        asynchronously (``dcp.async_save`` on a gloo group: training goes on while the staged copy is
+        written; the next save, the final one or :meth:`close` waits for it); a stop signal's, a data
+        error's and the final save are synchronous. The final save also writes ``encoder.safetensors``
+        (timm keys) gathered from the shards."""
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self._finish_pending_save()
+        trainer_state = self.state_dict(rng)  # collective (RNG states)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        shards = {"model": model_sd, "optimizer": optim_sd}
+        tmp = ckpt.dcp_tmp_dir(self.out_dir, self.step)
+        need = torch.tensor([float(ckpt.estimate_bytes(shards))])
+        need = all_reduce_sum(need.to(self.device), self.info)
+        err: BaseException | None = None
+        if self.info.is_main:
+            try:
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                ckpt.check_space(tmp.parent, int(need.item()) + ckpt.estimate_bytes(trainer_state),
+                                 "a sharded checkpoint")
+            except (ckpt.CheckpointError, OSError) as e:
+                err = e
+        if not all_ok(err is None, self.info):
+            if err is not None:
+                raise err if isinstance(err, ckpt.CheckpointError) else ckpt.CheckpointError(str(err))
+            raise ckpt.CheckpointError(f"rank 0 could not prepare the checkpoint {tmp}; see its error")
+        use_async = (self._ckpt_group is not None and not final and rng is None and self._signal is None)
+        try:
+            if use_async:
+                fut = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=self._ckpt_group)
+                self._pending_save = (fut, self.step, trainer_state)
+                self._last_save_time = time.monotonic()
+                return tmp
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+                dcp.save(shards, checkpoint_id=str(tmp))
+        except Exception as e:
+            raise ckpt.CheckpointError(
+                f"could not write the sharded checkpoint {tmp} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); the previous checkpoint is intact") from e
+        path = self._finalize_dcp(self.step, trainer_state)
+        if final:
+            self._export_consolidated()
+        return path
+
+    def _finalize_dcp(self, step: int, trainer_state: dict) -> Path:
+        final_dir = self.out_dir / ckpt.DCP_DIR / ckpt.dcp_step_name(step)
+        err: BaseException | None = None
+        if self.info.is_main:
+            try:
+                ckpt.finalize_dcp(self.out_dir, step, trainer_state, self.cfg.train.keep_checkpoints)
+            except (ckpt.CheckpointError, OSError) as e:
+                err = e
+        if not all_ok(err is None, self.info):
+            if err is not None:
+                raise err if isinstance(err, ckpt.CheckpointError) else ckpt.CheckpointError(str(err))
+            raise ckpt.CheckpointError(f"rank 0 could not complete the checkpoint {final_dir}; see its error")
+        self._last_good = (final_dir, step)
+        self._last_save_time = time.monotonic()
+        return final_dir
+
+    def _finish_pending_save(self) -> Path | None:
+        """Wait for an asynchronous DCP write and complete it (collective)."""
+        if self._pending_save is None:
+            return None
+        fut, step, trainer_state = self._pending_save
+        self._pending_save = None
+        try:
+            fut.result()
+        except Exception as e:
+            raise ckpt.CheckpointError(
+                f"the asynchronous write of the checkpoint of step {step} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); the previous checkpoint is intact") from e
+        return self._finalize_dcp(step, trainer_state)
+
+    def _export_consolidated(self) -> Path | None:
+        """Gather the sharded model (collective) and, on rank 0, keep it for the end-of-run evaluation
+        and write ``encoder.safetensors`` with timm keys (``mimkit export``'s format)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.info.is_main:
+            return None
+        from mimkit.interop import export_encoder
+
+        method = build_method(self.cfg)
+        method.load_state_dict(full)
+        method.to(self.device).eval()
+        self._full_method = method
+        return export_encoder(method, self.out_dir / "encoder.safetensors")
+
+    def _eval_method(self) -> nn.Module:
+        """The model to evaluate on rank 0: the gathered copy of a sharded run, else the model."""
+        if self._sharded:
+            if self._full_method is None:
+                raise RuntimeError("a sharded run is evaluated only after its final save")
+            return self._full_method
+        return unwrap(self.model)
 
     def _last_good_text(self) -> str:
         if self._last_good is not None and self._last_good[0].is_file():
@@ -471,6 +733,38 @@ class Trainer:
         self._signal = None
         self._install_signals()
         self.model.train()
+        # Host syncs: none between log steps on the fused-AdamW path (mimkit.train.step). The non-finite
+        # flag stays on the device: the fused kernel skips the update when it is set (found_inf) and the
+        # flags are read at log steps and before checkpoints. fp16 (grad scaler) or optim.fused=false
+        # read the flag every step instead. Host-side flags (signal, data error, checkpoint due) are
+        # agreed through a CPU all-reduce when there are several processes (HostFlags).
+        sync_free = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        host_flags = HostFlags(info)
+        tracker = NonFiniteTracker(cfg.train.log_every_steps, self.device) if sync_free else None
+        guard = AfterStepGuard(unwrap(self.model), self.optimizer) if sync_free else None
+
+        def flush_nonfinite() -> set[int]:
+            """Read the window's skipped steps (one host sync), count and record them; stop past the limit."""
+            if tracker is None:
+                return set()
+            bad_steps = tracker.read()
+            for bad_step, bad_lr in bad_steps:
+                self.nonfinite += 1
+                if info.is_main:
+                    print(f"warning: non-finite loss at step {bad_step}; step skipped "
+                          f"({self.nonfinite}/{cfg.train.max_nonfinite})", file=sys.stderr)
+                if self.nonfinite > cfg.train.max_nonfinite:
+                    logger.event(bad_step + 1, "failed", reason="max_nonfinite", nonfinite=self.nonfinite, lr=bad_lr)
+                    logger.close()
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite} non-finite losses (last at step {bad_step}, lr {bad_lr:.3g}), more than "
+                        f"train.max_nonfinite={cfg.train.max_nonfinite}; stopping. {self._last_good_text()}. Lower "
+                        "the learning rate, use precision=bf16/fp32 instead of fp16, or set optim.clip_grad."
+                    )
+                logger.event(bad_step + 1, "nonfinite_skip", epoch=round((bad_step + 1) / self.steps_per_epoch, 4),
+                             lr=bad_lr, nonfinite=self.nonfinite)
+            return {s for s, _ in bad_steps}
+
         while self.step < stop:
             prog = self.progress()
             lr = lr_at(prog.epoch, self.peak_lr, cfg.optim.warmup_epochs, cfg.train.epochs, self.min_lr,
@@ -479,6 +773,7 @@ class Trainer:
             boundary_rng = ckpt.rng_state() if self._streaming else None
             loss_sum = torch.zeros((), device=self.device)
             metrics_sum: dict[str, torch.Tensor] = {}
+            metrics_host: dict[str, float] = {}  # metrics a method returns as Python numbers
             data_error: DataError | None = None
             lost: BaseException | None = None  # the loader broke while a stop signal was pending
             for micro in range(accum):
@@ -504,17 +799,22 @@ class Trainer:
                     self.scaler.scale(out.loss / accum).backward()
                 loss_sum += out.loss.detach().float() / accum
                 for k, v in out.metrics.items():
-                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                    metrics_sum[k] = metrics_sum.get(k, 0) + v.to(self.device) / accum
+                    if isinstance(v, torch.Tensor):
+                        metrics_sum[k] = metrics_sum.get(k, 0) + v.detach().float() / accum
+                    else:
+                        metrics_host[k] = metrics_host.get(k, 0.0) + float(v) / accum
+            # 1.0 when the loss is not finite on some rank (device value; an async collective on NCCL)
+            bad = (~torch.isfinite(loss_sum)).float()  # 0-d, as found_inf must be
+            if info.enabled:
+                bad = (all_reduce_sum(bad, info) > 0).float()
             due = every_s is not None and info.is_main and time.monotonic() - self._last_save_time >= every_s
-            flags = torch.cat([torch.isfinite(loss_sum).float().reshape(1),
-                               torch.tensor([float(data_error is not None), float(lost is not None),
-                                             float(self._signal is not None), float(due)], device=self.device)])
-            n_finite, n_data_err, n_lost, n_signal, n_due = all_reduce_sum(flags, info).tolist()
+            n_data_err, n_lost, n_signal, n_due = host_flags.reduce(
+                data_error is not None, lost is not None, self._signal is not None, due)
             if n_data_err > 0 or n_lost > 0:  # abandon the step: keep the state of the last step boundary
                 self.optimizer.zero_grad(set_to_none=True)
                 if bar is not None:
                     bar.close()
+                flush_nonfinite()
                 path = self.save(rng=boundary_rng)
                 logger.close()
                 if n_data_err == 0:
@@ -528,7 +828,7 @@ class Trainer:
                     raise DataError(f"{str(data_error).rstrip('.')} (met at step {self.step}). {where}") from data_error
                 raise DataError(f"another rank met a corrupt file at step {self.step} (its log names it). {where}")
             log_now = (self.step + 1) % cfg.train.log_every_steps == 0 or self.step + 1 == stop
-            if n_finite < info.world_size - 0.5:
+            if not sync_free and bad.item() > 0.5:  # the synchronous path: skip on the host
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.update() if self.scaler.is_enabled() else None
                 self.nonfinite += 1
@@ -553,21 +853,37 @@ class Trainer:
                     self.scaler.unscale_(self.optimizer)
                     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                if sync_free:
+                    self.optimizer.found_inf = bad  # fused AdamW: no update, moments and step count kept
+                    try:
+                        self.optimizer.step()
+                    finally:
+                        del self.optimizer.found_inf
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                unwrap(self.model).after_step(self.progress())
+                if sync_free:
+                    tracker.record(self.step - 1, bad, lr)
+                    guard(self.progress(), bad)  # after_step; its tensor changes undone on a skipped step
+                else:
+                    unwrap(self.model).after_step(self.progress())
                 steps_since += 1
-                if log_now:
-                    loss_val = all_reduce_mean(loss_sum, info).item()
+                skipped_now = flush_nonfinite() if (log_now or (sync_free and len(tracker) == tracker.capacity)) else ()
+                if log_now and self.step - 1 not in skipped_now:
+                    # one read of everything logged, after a device-side mean over the ranks
+                    keys = list(metrics_sum)
+                    vals = all_reduce_mean(torch.stack([loss_sum, *(metrics_sum[k] for k in keys)]), info).tolist()
+                    loss_val = vals[0]
                     now = time.perf_counter()
                     ips = steps_since * imgs_per_step / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
                     rec = {"epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss_val, "lr": lr,
                            "img_per_s": ips, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                            "nonfinite": self.nonfinite}
-                    rec.update({k: float(all_reduce_mean(v, info)) for k, v in metrics_sum.items()})
+                    rec.update(dict(zip(keys, vals[1:])))
+                    rec.update(metrics_host)
                     logger.log(self.step, rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
@@ -576,6 +892,7 @@ class Trainer:
             if n_signal > 0 and self.step < stop:
                 if bar is not None:
                     bar.close()
+                flush_nonfinite()
                 path = self.save()
                 logger.close()
                 sig = self._signal
@@ -584,6 +901,7 @@ class Trainer:
                     f"stopped by {name} at step {self.step} of {stop}; {path} holds that step. Rerun the same "
                     "command to resume", name, self.step, path)
             if (self.step % cfg.train.ckpt_every_steps == 0 or n_due > 0) and self.step < stop:
+                flush_nonfinite()
                 self.save()
             if next_knn is not None and self.step / self.steps_per_epoch >= next_knn - 1e-9 and self.step < stop:
                 res = self.evaluate_knn()
@@ -594,6 +912,7 @@ class Trainer:
                 next_knn += knn_every
         if bar is not None:
             bar.close()
+        flush_nonfinite()
         path = self.save(final=True)
         self._restore_signals()  # the final state is saved: a signal now ends the process as usual
         if self.step and self.nonfinite / self.step > cfg.train.max_nonfinite_fraction:
@@ -645,7 +964,7 @@ class Trainer:
             trl = d.train_labels[: len(tr)]
             te = d.test_images[: e.knn_test_limit] if e.knn_test_limit else d.test_images
             tel = d.test_labels[: len(te)]
-            enc = unwrap(self.model).encoder
+            enc = self._eval_method().encoder
             kw = dict(pool=["cls", "mean"], batch_size=e.batch_size, mean=d.mean, std=d.std, device=self.device,
                       autocast_dtype=self.amp_dtype)
             ftr, fte = extract_features(enc, tr, **kw), extract_features(enc, te, **kw)
@@ -661,7 +980,7 @@ class Trainer:
 
         d = self.data
         images = d.test_images if d.test_images is not None else d.train_images
-        model = unwrap(self.model)
+        model = self._eval_method()
         pics = model.capabilities.pictures
         if images is None or not pics:
             return None

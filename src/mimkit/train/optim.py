@@ -11,7 +11,7 @@ from torch import nn
 def param_groups(
     model: nn.Module, weight_decay: float, skip: set[str] | None = None, no_decay_keywords: tuple[str, ...] = ()
 ) -> list[dict]:
-    """timm 0.3.2 ``add_weight_decay`` semantics (methods_b §2.5): no decay for 1-D parameters and
+    """timm 0.3.2 ``add_weight_decay`` semantics: no decay for 1-D parameters and
     names ending in ``.bias`` (and names in ``skip``); frozen parameters are left out. cls/mask tokens
     (3-D) *are* decayed in MAE pretraining. ``no_decay_keywords``: also exempt names containing any
     of these (Latent MIM's code exempts ``bias``, ``norm`` and ``embed``)."""

@@ -16,13 +16,17 @@ import numpy as np
 import torch
 
 
-def pca_rgb(patch_tokens: torch.Tensor) -> torch.Tensor:
-    """``(N, L, D)`` patch tokens of a square grid -> ``(N, h, w, 3)`` in ``[0, 1]``: the top-3 principal
-    components of all ``N·L`` tokens, each min-max scaled."""
+def pca_rgb(patch_tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """``(N, L, D)`` patch tokens of a ``grid`` ``(gh, gw)`` (default: square) -> ``(N, gh, gw, 3)`` in
+    ``[0, 1]``: the top-3 principal components of all ``N·L`` tokens, each min-max scaled."""
     n, L, d = patch_tokens.shape
-    h = int(round(L**0.5))
-    if h * h != L:
-        raise ValueError(f"{L} patch tokens do not form a square grid")
+    if grid is None:
+        h = int(round(L**0.5))
+        if h * h != L:
+            raise ValueError(f"{L} patch tokens do not form a square grid; pass grid=(gh, gw)")
+        grid = (h, h)
+    if grid[0] * grid[1] != L:
+        raise ValueError(f"{L} patch tokens do not form a {grid[0]}x{grid[1]} grid")
     x = patch_tokens.reshape(-1, d).double()
     x = x - x.mean(0, keepdim=True)
     k = min(3, d, x.shape[0])
@@ -32,14 +36,14 @@ def pca_rgb(patch_tokens: torch.Tensor) -> torch.Tensor:
         proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - k)], 1)
     lo, hi = proj.min(0).values, proj.max(0).values
     rgb = (proj - lo) / (hi - lo).clamp_min(1e-12)
-    return rgb.reshape(n, h, h, 3).float()
+    return rgb.reshape(n, grid[0], grid[1], 3).float()
 
 
 @torch.no_grad()
 def cls_attention(encoder, images: torch.Tensor) -> torch.Tensor:
-    """Normalised images ``(N, C, H, W)`` -> ``(N, h, w)``: the last block's class-token attention to the
-    patches, mean over heads. Needs a class token and an attention module with ``qkv`` and ``num_heads``
-    (mimkit and timm ViTs)."""
+    """Normalised images ``(N, C, H, W)`` -> ``(N, gh, gw)`` (the encoder's patch grid): the last block's
+    class-token attention to the patches, mean over heads. Needs a class token and an attention module
+    with ``qkv`` and ``num_heads`` (mimkit and timm ViTs)."""
     if not getattr(encoder, "has_class_token", True):
         raise ValueError("attention maps of the class token need an encoder with a class token")
     attn = encoder.blocks[-1].attn
@@ -59,8 +63,9 @@ def cls_attention(encoder, images: torch.Tensor) -> torch.Tensor:
     a = ((q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (d // heads) ** -0.5).softmax(-1)  # (B, H, 1, N)
     prefix = int(getattr(encoder, "num_prefix_tokens", 1))
     patches = a[:, :, 0, prefix:].mean(1)
-    h = int(round(patches.shape[1] ** 0.5))
-    return patches.reshape(b, h, h)
+    from mimkit.eval.adapters import token_grid
+
+    return patches.reshape(b, *token_grid(encoder, patches.shape[1], tuple(images.shape[-2:])))
 
 
 def tsne_points(feats: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
@@ -109,7 +114,9 @@ def save_token_pictures(encoder, images: torch.Tensor, labels: torch.Tensor, mea
         plt.close(fig)
         written[name.split(".")[0]] = out / name
 
-    grid(pca_rgb(tokens).numpy(), "pca.png")
+    from mimkit.eval.adapters import token_grid
+
+    grid(pca_rgb(tokens, token_grid(enc, tokens.shape[1], tuple(show.shape[-2:]))).numpy(), "pca.png")
     if getattr(enc, "has_class_token", True) and hasattr(enc.blocks[-1], "attn"):
         grid(cls_attention(enc, x).cpu().numpy(), "attention.png", cmap="inferno")
     feats = tsne_feats if tsne_feats is not None else extract_features(

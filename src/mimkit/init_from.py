@@ -1,0 +1,354 @@
+"""``model.init``: start pretraining any method from public or earlier weights.
+
+Sources (recognised from the file, nothing to declare):
+
+* an official MAE checkpoint (facebookresearch/mae, ``{"model": state_dict}``): with ``decoder_*``
+  keys (e.g. ``mae_visualize_vit_large.pth``) encoder *and* decoder, mapped by
+  :func:`mimkit.interop.from_official_state_dict`; the encoder-only ``mae_pretrain_vit_*.pth`` files
+  have timm's keys and load as the encoder;
+* a timm ``VisionTransformer`` state dict (``.pth`` / ``.bin`` / ``.safetensors``; classifier ``head.*``
+  and ``fc_norm.*`` are not used): the encoder;
+* a mimkit checkpoint (``checkpoint.pt``, or a sharded ``train.strategy=fsdp`` checkpoint directory: the
+  whole method, so the decoder too when the method has the same parts) or a mimkit export
+  (``mimkit export``: the encoder);
+* a Hugging Face ``ViTMAEForPreTraining`` directory (``save_pretrained``) or its safetensors file:
+  encoder and decoder, through :mod:`mimkit.hf`.
+
+Adaptation to the model being trained (rules of timm's checkpoint loading, ``timm.layers``):
+
+* **position embeddings** on another grid: a table that is the 2-D sin-cos table of its grid (MAE's
+  fixed positions, mimkit's) is regenerated for the new grid (exactly what the model would build);
+  any other (learned) table is resized bicubically with timm's ``resample_abs_pos_embed``
+  (antialiased, the class-token row kept), as ``timm.create_model(..., img_size=...)`` does;
+* **patch embedding** with another channel count: timm's ``adapt_input_conv`` with the source's
+  channel count as base: to 1 channel the kernels are summed over the source channels; otherwise the
+  source channels are repeated cyclically up to the new count and scaled by ``C_src / C_new`` (so a
+  grey image copied to every channel gives the same response); another patch size: timm's
+  ``resample_patch_embed`` (FlexiViT's pseudo-inverse resize);
+* the **pixel head** ``decoder.pred`` predicts ``p*p*C`` values: when ``p`` or ``C`` differ from the
+  source it starts fresh (reported);
+* an EMA teacher that the file does not hold (Latent MIM's / PCAE's ``target.branch``) is set to a
+  copy of the loaded encoder (and projector), as each method builds it equal to the student.
+
+Any other shape difference is an error naming the key and the setting to change (or
+``model.init_parts=encoder`` when only the decoder differs). What was loaded, adapted, newly
+initialised and left unused is returned as a report (written to ``init.json`` by the trainer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mimkit.config import ConfigError
+
+INIT_PARTS = ("all", "encoder")
+_CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
+
+
+@dataclass
+class InitSource:
+    """Weights read from a file, keyed like a mimkit method (``encoder.*``, ``decoder.*`` ...)."""
+
+    path: str
+    kind: str
+    state: dict[str, torch.Tensor]
+    img_size: tuple[int, int] | None = None  # the source's image (H, W) when the file says it
+    patch_size: int | None = None
+    in_chans: int | None = None
+    unused: list[str] = field(default_factory=list)  # keys of the file that are not model weights here
+
+
+@dataclass
+class InitReport:
+    source: str
+    kind: str
+    loaded: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    copied: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "loaded": self.loaded, "adapted": self.adapted,
+                "newly_initialised": self.new, "copied": self.copied, "unused_from_file": self.unused}
+
+    def summary(self) -> str:
+        def few(keys, n=6):
+            keys = list(keys)
+            return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "") if keys else "none"
+
+        lines = [f"model.init: {self.source} ({self.kind})",
+                 f"  loaded {len(self.loaded) + len(self.adapted)} tensors"
+                 + (f", {len(self.adapted)} adapted:" if self.adapted else "")]
+        lines += [f"    {k}: {how}" for k, how in self.adapted.items()]
+        if self.copied:
+            lines.append(f"  copied: {few(f'{k} <- {v}' for k, v in self.copied.items())}")
+        lines.append(f"  newly initialised ({len(self.new)}): {few(_group(self.new))}")
+        lines.append(f"  in the file but not used ({len(self.unused)}): {few(_group(self.unused))}")
+        return "\n".join(lines)
+
+
+def _group(keys: list[str]) -> list[str]:
+    """Collapse ``decoder.blocks.0.x`` ... to ``decoder.blocks.*`` for short messages."""
+    out: dict[str, None] = {}
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[1] == "blocks" or len(parts) > 3 and parts[2] == "blocks":
+            i = parts.index("blocks")
+            out[".".join(parts[: i + 1]) + ".*"] = None
+        else:
+            out[k] = None
+    return list(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def _hw(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int | float) else (int(v[0]), int(v[1]))
+
+
+def _strip_wrappers(sd: dict) -> dict:
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _encoder_only(sd: dict, path: str, kind: str, cfg: dict | None = None) -> InitSource:
+    unused = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES)]
+    state = {f"encoder.{k}": v for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    src = InitSource(path, kind, state, unused=unused)
+    if cfg:
+        src.img_size, src.patch_size, src.in_chans = _hw(cfg["img_size"]), int(cfg["patch_size"]), int(cfg["in_chans"])
+    return src
+
+
+def read_init_source(path: str | Path) -> InitSource:
+    """Read ``path`` (see the module docstring for what it may be) into method-keyed weights."""
+    from mimkit.interop import InteropError, from_official_state_dict, read_verified
+
+    p = Path(path).expanduser()
+    fix = ("model.init takes an official MAE pretraining checkpoint, a timm ViT state dict or safetensors file, a "
+           "mimkit checkpoint or export, or a Hugging Face ViTMAE directory")
+    if not p.exists():
+        raise ConfigError(f"model.init={path}: file not found; give the path of the weights to start from ({fix})")
+    dcp = False
+    if p.is_dir():
+        try:
+            from mimkit.train.checkpoint import is_dcp_checkpoint
+
+            dcp = is_dcp_checkpoint(p)
+        except ImportError:  # a mimkit without sharded checkpoints
+            dcp = False
+    if not dcp and (p.is_dir() or (p.suffix == ".safetensors" and _is_hf_file(p))):
+        from mimkit.hf import read_hf_pretraining
+
+        return read_hf_pretraining(p)
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise ConfigError(f"model.init={path}: not a readable safetensors file ({type(e).__name__}); copy or "
+                              "export it again") from e
+        sd = _strip_wrappers(sd)
+        if "mimkit_vit_config" in meta:
+            return _encoder_only(sd, str(p), "mimkit export (encoder)", json.loads(meta["mimkit_vit_config"]))
+        return _check(_encoder_only(sd, str(p), "timm ViT safetensors (encoder)"), fix)
+    try:
+        if dcp:  # a sharded (train.strategy=fsdp) checkpoint directory, consolidated on this process
+            from mimkit.train.checkpoint import consolidate_dcp
+
+            obj = consolidate_dcp(p)
+        else:
+            obj = read_verified(p)
+    except InteropError as e:
+        raise ConfigError(f"model.init={path}: {e}; {fix}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"model.init={path} holds a {type(obj).__name__}, not weights; {fix}")
+    if isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict) and "model" in obj["config"]:
+        enc = obj["config"]["model"].get("encoder") or {}
+        src = InitSource(str(p), f"mimkit checkpoint ({obj['config'].get('method', {}).get('name', '?')}, "
+                                 f"step {obj.get('step', '?')})", _strip_wrappers(obj["model"]))
+        if enc:
+            src.img_size, src.patch_size, src.in_chans = _hw(enc["img_size"]), enc["patch_size"], enc["in_chans"]
+        return _check(src, fix)
+    sd = obj
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(sd.get(key), dict) and all(isinstance(v, torch.Tensor) for v in sd[key].values()):
+            sd = sd[key]
+            break
+    sd = _strip_wrappers(sd)
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"model.init={path}: no state dict found (keys {list(obj)[:6]}); {fix}")
+    if "decoder_embed.weight" in sd:
+        return _check(InitSource(str(p), "official MAE pretraining checkpoint (encoder + decoder)",
+                                 from_official_state_dict(sd)), fix)
+    if any(k.startswith("encoder.") for k in sd):
+        return _check(InitSource(str(p), "mimkit method state dict", sd), fix)
+    return _check(_encoder_only(sd, str(p), "ViT state dict with timm / official MAE keys (encoder)"), fix)
+
+
+def _is_hf_file(p: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings")) for k in f.keys())
+    except Exception:  # noqa: BLE001 - reported by the regular reader
+        return False
+
+
+def _check(src: InitSource, fix: str) -> InitSource:
+    if "encoder.patch_embed.proj.weight" not in src.state or "encoder.pos_embed" not in src.state:
+        some = ", ".join(list(src.state)[:4])
+        raise ConfigError(f"model.init={src.path}: no ViT encoder weights in it (no patch_embed.proj.weight / "
+                          f"pos_embed; keys start {some}); {fix}")
+    return src
+
+
+# --------------------------------------------------------------------------------------------------
+# adapting
+
+
+def _is_sincos(table: torch.Tensor, grid: tuple[int, int]) -> bool:
+    from mimkit.nn.pos_embed import sincos_2d
+
+    d = table.shape[-1]
+    if d % 4:
+        return False
+    ref = sincos_2d(d, *grid, cls_token=True)
+    return table.shape[-2] == ref.shape[0] and torch.allclose(table.reshape(ref.shape).float(), ref, atol=1e-4)
+
+
+def _source_grid(src: InitSource, length: int, key: str) -> tuple[int, int]:
+    if src.img_size is not None and src.patch_size:
+        g = (src.img_size[0] // src.patch_size, src.img_size[1] // src.patch_size)
+        if g[0] * g[1] == length:
+            return g
+    side = round(length**0.5)
+    if side * side != length:
+        raise ConfigError(f"model.init={src.path}: {key} holds {length} positions, not a square grid, and the file "
+                          "does not say its image size; export it with mimkit (which records it) or use a square model")
+    return side, side
+
+
+def _adapt_pos(src: InitSource, key: str, w: torch.Tensor, target: torch.Tensor,
+               grid: tuple[int, int]) -> tuple[torch.Tensor | None, str]:
+    """(new table or None = keep the model's own sin-cos, description)."""
+    from timm.layers import resample_abs_pos_embed
+
+    if w.shape[-1] != target.shape[-1]:
+        part = "encoder" if key.startswith(("encoder.", "target.")) else "decoder"
+        raise ConfigError(f"model.init={src.path}: {key} is {w.shape[-1]} wide, the model's {target.shape[-1]}; "
+                          f"set model.{part}.embed_dim to the file's width")
+    old = _source_grid(src, w.shape[1] - 1, key)
+    if old == tuple(grid):
+        return w, "same grid"
+    if _is_sincos(w[0], old):
+        return None, f"2-D sin-cos regenerated for the {grid[0]}x{grid[1]} grid (file: {old[0]}x{old[1]})"
+    new = resample_abs_pos_embed(w.float(), new_size=list(grid), old_size=list(old), num_prefix_tokens=1,
+                                 interpolation="bicubic", antialias=True)
+    return new.to(w.dtype), f"resized bicubically {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} (timm resample_abs_pos_embed)"
+
+
+def _adapt_patch_embed(src: InitSource, key: str, w: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, str]:
+    from timm.layers import resample_patch_embed
+    from timm.models import adapt_input_conv
+
+    notes = []
+    if w.shape[0] != target.shape[0]:
+        raise ConfigError(f"model.init={src.path}: {key} is {w.shape[0]} wide, the model's {target.shape[0]}; set "
+                          "model.encoder.embed_dim to the file's width")
+    c_src, c_new = w.shape[1], target.shape[1]
+    if c_src != c_new:
+        w = adapt_input_conv(c_new, w, base_chans=c_src)
+        rule = "summed over channels" if c_new == 1 else f"channels repeated and scaled by {c_src}/{c_new}"
+        notes.append(f"{c_src} -> {c_new} input channels ({rule}, timm adapt_input_conv)")
+    if tuple(w.shape[-2:]) != tuple(target.shape[-2:]):
+        old = tuple(w.shape[-2:])
+        w = resample_patch_embed(w.float(), list(target.shape[-2:]), interpolation="bicubic", antialias=True).to(w.dtype)
+        notes.append(f"patch {old[0]} -> {target.shape[-1]} (timm resample_patch_embed)")
+    return w, "; ".join(notes)
+
+
+def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitReport:
+    """Load ``path`` into ``model`` (a mimkit method) with the adaptations of the module docstring.
+
+    Raises :class:`~mimkit.config.ConfigError` (one line: the key and the fix) before changing the model
+    when a tensor cannot be adapted."""
+    if parts not in INIT_PARTS:
+        raise ConfigError(f"model.init_parts={parts!r} is not one of {', '.join(INIT_PARTS)}")
+    src = read_init_source(path)
+    report = InitReport(src.path, src.kind)
+    own = model.state_dict()
+    enc = model.encoder
+    grid = tuple(enc.grid_size)
+    teacher = getattr(getattr(model, "target", None), "branch", None)
+    new_state: dict[str, torch.Tensor] = {}
+    pixel_layout_changed = (src.patch_size not in (None, enc.patch_size)) or (src.in_chans not in (None, enc.in_chans))
+    w_src = src.state["encoder.patch_embed.proj.weight"]
+    pixel_layout_changed |= tuple(w_src.shape[1:]) != tuple(enc.patch_embed.proj.weight.shape[1:])
+    problems = []
+    used: set[str] = set()
+    for key, target in own.items():
+        if parts == "encoder" and not key.startswith("encoder."):
+            continue
+        if key not in src.state:
+            continue
+        w = src.state[key]
+        used.add(key)
+        if key.endswith("pos_embed") and w.ndim == 3:
+            new, how = _adapt_pos(src, key, w, target, grid)
+            if new is None:
+                report.adapted[key] = how
+                continue
+            w = new
+            if how != "same grid":
+                report.adapted[key] = how
+        elif key.endswith("patch_embed.proj.weight") and w.shape != target.shape:
+            w, how = _adapt_patch_embed(src, key, w, target)
+            report.adapted[key] = how
+        if w.shape != target.shape:
+            if key.startswith("decoder.pred.") and pixel_layout_changed:
+                used.discard(key)  # listed as unused from the file, and new in the model
+                continue  # the pixel head of another patch size / channel count starts fresh
+            problems.append(f"{key} {tuple(w.shape)} vs the model's {tuple(target.shape)}")
+            continue
+        new_state[key] = w.to(target.dtype)
+        if key not in report.adapted:
+            report.loaded.append(key)
+    if problems:
+        enc_bad = [p for p in problems if p.startswith("encoder.")]
+        fix = ("set model.encoder.* (embed_dim, depth, num_heads, mlp_ratio) to the file's encoder" if enc_bad else
+               "set model.decoder.* to the file's decoder, or model.init_parts=encoder to load only the encoder")
+        raise ConfigError(f"model.init={src.path}: {len(problems)} tensor(s) do not fit and cannot be adapted "
+                          f"({'; '.join(problems[:3])}); {fix}")
+    if not any(k.startswith("encoder.blocks.") for k in new_state):
+        raise ConfigError(f"model.init={src.path}: none of the encoder blocks fit this model (the file has "
+                          f"{sum(k.startswith('encoder.blocks.') for k in src.state)} block tensors); set "
+                          "model.encoder.depth / embed_dim to the file's")
+    missing_enc = [k for k in own if k.startswith("encoder.") and k not in new_state and k not in report.adapted]
+    if missing_enc:
+        raise ConfigError(f"model.init={src.path}: the file lacks encoder tensors {missing_enc[:4]}; set "
+                          "model.encoder.depth (and layer_scale) to the file's encoder")
+    model.load_state_dict(new_state, strict=False)
+    # an EMA teacher that the file does not hold starts equal to the loaded student, as when built
+    if teacher is not None and not any(k.startswith("target.branch.") for k in new_state):
+        online = model.target.online
+        teacher.load_state_dict(online.state_dict())
+        report.copied["target.branch"] = "the loaded online modules (EMA teacher = student at the start)"
+    copied = {k for k in own if k.startswith("target.branch.")} if report.copied else set()
+    report.new = [k for k in own if k not in new_state and k not in report.adapted and k not in copied]
+    report.unused += [k for k in src.state if k not in used] + src.unused
+    return report

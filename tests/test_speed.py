@@ -1,0 +1,291 @@
+"""The fast path of the training step, checked on CPU: no host reads between log steps, exact skipping
+of non-finite steps without them, compiled steps equal to eager ones without per-step recompiles.
+Speed itself is measured by ``mimkit bench`` / ``benchmarks/``, never asserted here."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_fmnist
+
+from mimkit.config import load_config
+from mimkit.methods import Progress
+from mimkit.train import NonFiniteLossError, Trainer
+from mimkit.train.checkpoint import load_checkpoint
+from mimkit.train.loop import build_method
+from mimkit.train.step import AfterStepGuard, NonFiniteTracker, count_host_reads
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
+    "model.decoder.embed_dim=16", "model.decoder.depth=1", "model.decoder.num_heads=2",
+]
+RUN = [
+    *TINY, "data.batch_size=32", "data.limit=384", "train.num_threads=1", "train.progress_bar=false", "train.tensorboard=false",
+    "eval.knn_at_end=false", "eval.picture_at_end=false", "optim.warmup_epochs=1", "train.ckpt_every_steps=1000",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (a second one mostly waits); restored afterwards, since the
+    trainer's train.num_threads sets the process-wide count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cfg_for(preset, out_dir, *extra):
+    return load_config(ROOT / "configs" / f"{preset}.yaml", [*RUN, f"train.out_dir={out_dir}", *extra])
+
+
+def records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def reads_per_step(trainer):
+    """Run ``trainer`` and return the host reads made during each step (forward k to forward k+1)."""
+    real = trainer.train_model
+    marks = []
+
+    with count_host_reads() as counts:
+        def wrapped(images, progress):
+            marks.append(sum(counts.values()))
+            return real(images, progress)
+
+        trainer.train_model = wrapped
+        trainer.train()
+        marks.append(sum(counts.values()))  # includes the final save: only the last step's delta sees it
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("preset", ["mae_fashion_mnist", "latent_mim_fashion_mnist"])
+def test_no_host_reads_between_log_steps(tmp_path, preset):
+    t = Trainer(cfg_for(preset, tmp_path, "train.max_steps=8", "train.log_every_steps=4"))
+    assert t.optimizer.defaults["fused"]  # the default on CPU too
+    per_step = reads_per_step(t)
+    assert len(per_step) == 8
+    # steps 0-2 and 4-6 read nothing; step 3 (a log step) reads the logged values, so the shim counts
+    assert per_step[:3] == [0, 0, 0] and per_step[4:7] == [0, 0, 0], per_step
+    assert per_step[3] > 0
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [4, 8]
+
+
+@needs_fmnist
+def test_unfused_optimizer_reads_the_flag_every_step(tmp_path):
+    # the documented synchronous path (also fp16 with a grad scaler): the shim sees it, so it can fail
+    t = Trainer(cfg_for("mae_fashion_mnist", tmp_path, "train.max_steps=4", "train.log_every_steps=4",
+                        "optim.fused=false"))
+    per_step = reads_per_step(t)
+    assert all(n > 0 for n in per_step[:3])
+
+
+def _poison_and_watch(trainer, bad_calls):
+    """NaN loss on the listed (1-based) forward calls. Returns ``snaps``: ``{call: [state before its
+    optimizer step, state at the start of the next forward]}`` (parameters, method tensors such as the EMA
+    teacher, AdamW moments and step counts); the second entry is taken after ``after_step`` and its guard."""
+    real = trainer.train_model
+    n = {"calls": 0}
+    snaps: dict = {}
+
+    def state():
+        return ({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                [t.clone() for s in trainer.optimizer.state.values() for t in s.values()])
+
+    def wrapped(images, progress):
+        if n["calls"] in snaps:
+            snaps[n["calls"]].append(state())
+        n["calls"] += 1
+        out = real(images, progress)
+        if n["calls"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    step = trainer.optimizer.step
+
+    def watched_step(*a, **k):
+        snaps[n["calls"]] = [state()]
+        return step(*a, **k)
+
+    trainer.train_model = wrapped
+    trainer.optimizer.step = watched_step
+    return snaps
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a[0].values(), b[0].values())) and all(
+        torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("preset", ["mae_fashion_mnist", "latent_mim_fashion_mnist"])
+def test_skipped_step_changes_nothing_and_is_counted_at_the_log_step(tmp_path, preset):
+    t = Trainer(cfg_for(preset, tmp_path, "train.max_steps=4", "train.log_every_steps=4",
+                        "train.max_nonfinite_fraction=1"))
+    snaps = _poison_and_watch(t, {2})  # step 1
+    result = t.train()
+    # the skipped step left parameters, EMA teacher (Latent MIM) and AdamW moments/step counts unchanged
+    assert _equal(snaps[2][0], snaps[2][1])
+    assert not _equal(snaps[3][0], snaps[3][1])  # a good step does change them
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs if r.get("event") == "nonfinite_skip"] == [2]
+    assert result["nonfinite"] == 1 and load_checkpoint(tmp_path / "checkpoint.pt")["extra"]["nonfinite"] == 1
+    assert [(r["step"], r["nonfinite"]) for r in recs if "loss" in r] == [(4, 1)]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_too_many_nonfinite_steps_stop_at_the_next_read(tmp_path, fused):
+    t = Trainer(cfg_for("mae_fashion_mnist", tmp_path, "train.max_steps=12", "train.log_every_steps=4",
+                        "train.max_nonfinite=1", f"optim.fused={fused}"))
+    snaps = _poison_and_watch(t, {2, 3})
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses .last at step 2.*train.max_nonfinite=1"):
+        t.train()
+    recs = records(tmp_path)
+    assert recs[-1]["event"] == "failed" and recs[-1]["step"] == 3
+    # the synchronous path stops at once (1 step done), the sync-free one at the log step (4 done)
+    assert len(snaps) == (1 if fused == "false" else 4)
+
+
+@needs_fmnist
+def test_periodic_checkpoint_reads_the_pending_flags_first(tmp_path):
+    t = Trainer(cfg_for("mae_fashion_mnist", tmp_path, "train.max_steps=6", "train.log_every_steps=100",
+                        "train.ckpt_every_steps=3", "train.max_nonfinite_fraction=1"))
+    _poison_and_watch(t, {2})
+    t.train()
+    # the checkpoint at step 3 was written between log steps and still holds the skip
+    assert [r["step"] for r in records(tmp_path) if r.get("event") == "nonfinite_skip"] == [2]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["extra"]["nonfinite"] == 1
+
+
+def test_tracker_and_guard_units():
+    tr = NonFiniteTracker(3, torch.device("cpu"))
+    for s, v in enumerate([0.0, 1.0, 0.0]):
+        tr.record(s, torch.tensor(v), lr=0.1 * s)
+    with pytest.raises(RuntimeError, match="full"):
+        tr.record(3, torch.tensor(0.0), 0.0)
+    assert tr.read() == [(1, 0.1)] and len(tr) == 0 and tr.read() == []
+
+    cfg = load_config(ROOT / "configs/latent_mim_fashion_mnist.yaml", TINY)
+    m = build_method(cfg)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], fused=True)
+    guard = AfterStepGuard(m, opt)
+    assert guard.active and guard.tensors  # the EMA branch
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # online weights move away from the teacher: an EMA step changes it
+    before = [t.clone() for t in guard.tensors]
+    prog = Progress(1, 10, 0.1, 1.0)
+    guard(prog, torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, guard.tensors))
+    guard(prog, torch.tensor(0.0))
+    assert not all(torch.equal(a, b) for a, b in zip(before, guard.tensors))
+    mae = build_method(load_config(ROOT / "configs/mae_fashion_mnist.yaml", TINY))
+    assert not AfterStepGuard(mae, torch.optim.AdamW(mae.parameters())).active  # no after_step: no copies
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile. CI compiles with backend="aot_eager" (AOTAutograd traces forward and backward, as
+# inductor's input; no C++ code generation, which takes minutes on 2 cores); the inductor path itself
+# is exercised by `mimkit bench` on the GPU suite.
+
+
+def _images(cfg, n=8, seed=0):
+    enc = cfg.model.encoder
+    return torch.randn(n, enc.in_chans, enc.img_size, enc.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_compiled_step_equals_eager():
+    cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", TINY)
+    torch.manual_seed(0)
+    eager = build_method(cfg)
+    compiled_model = build_method(cfg)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    x = _images(cfg)
+    prog = Progress(0, 10, 0.0, 1.0)  # a changing Progress recompiles once (test below); not needed here
+    for step in range(2):
+        losses, grads = [], []
+        for model, run in ((eager, eager), (compiled_model, compiled)):
+            model.zero_grad()
+            out = run(x, prog, generator=torch.Generator().manual_seed(step))
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append([p.grad for p in model.parameters() if p.grad is not None])
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        assert len(grads[0]) == len(grads[1])
+        for a, b in zip(grads[0], grads[1]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["sbam_fashion_mnist", "emae_fashion_mnist", "latent_mim_fashion_mnist"])
+def test_compile_does_not_recompile_every_step(preset):
+    """Variable shapes (SBAM's adaptive lengths, EMAE's views, Latent MIM's target/visible sizes) and the
+    changing Progress settle after a few graphs; later steps reuse them (counted with a backend that
+    records each graph it is given and runs it eagerly)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [*TINY, "model.encoder.depth=1"])
+    torch.manual_seed(0)
+    model = build_method(cfg)
+    model.train()
+    run = torch.compile(model, backend=counting_backend)  # as the trainer compiles (automatic dynamic)
+    total = 10
+    seen = []
+    for step in range(total):
+        # progress through the run, so schedules (SBAM's random-masking phase) switch on the way
+        prog = Progress(step, total, step / total, 1.0)
+        out = run(_images(cfg, seed=step), prog, generator=torch.Generator().manual_seed(step))
+        out.loss.backward()
+        seen.append(len(graphs))
+    settled = seen[-4:]
+    assert settled[0] == settled[-1], f"{preset} compiled new graphs late in the run: {seen}"
+    assert seen[-1] <= 20, seen
+    torch._dynamo.reset()
+
+
+def test_bench_refuses_unknown_methods_in_one_line(capsys):
+    from mimkit.cli import main
+
+    assert main(["bench", "--smoke", "--methods", "mae,maee"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--methods: unknown maee; choose from mae,emae" in err
+
+
+@needs_fmnist
+def test_gpu_suite_smoke_runs_every_row_on_cpu(tmp_path):
+    """`bash benchmarks/gpu_suite.sh --smoke` (what CI runs): every row of the GPU suite at tiny shapes,
+    a JSON file and the same markdown table; every method, the Hugging Face peer and both folder input
+    paths have a positive throughput, and no row failed."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "bench"), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--smoke"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert not [r for r in data["rows"] if r["kind"] == "error"]
+    from mimkit.methods import METHODS
+
+    for m in METHODS:
+        assert any(n.startswith(f"{m} (model only") and rows[n]["img_per_s"] > 0 for n in rows), m
+    assert any("ViTMAEForPreTraining" in n and rows[n]["img_per_s"] > 0 for n in rows)
+    assert any("shards" in n and rows[n]["img_per_s"] > 0 for n in rows)
+    assert any("PIL workers" in n and rows[n]["img_per_s"] > 0 for n in rows)
+    assert any("Fashion-MNIST" in n and rows[n]["img_per_s"] > 0 for n in rows)
+    assert (tmp_path / "bench" / "bench.md").read_text().strip() in res.stdout
