@@ -28,7 +28,7 @@ fi
   || echo "gpu_suite: transformers could not be installed; the peer row is skipped" >&2
 "$PY" -c "import torchcodec.decoders" 2>/dev/null || "$PY" -m pip install -q torchcodec \
   || echo "gpu_suite: torchcodec could not be installed; GPU decoding uses torchvision's nvJPEG" >&2
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+command -v nvidia-smi >/dev/null && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
 
 exec "$PY" -m mimkit.cli bench --out "${OUT:-runs/bench/gpu-$stamp}" --budget-s "${BUDGET_S:-330}" \
   --jpegs "${JPEGS:-20000}" --jpeg-dir "${JPEG_DIR:-/tmp/mimkit-bench-jpegs}" "$@"

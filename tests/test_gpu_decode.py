@@ -114,3 +114,35 @@ def test_background_decoding_gives_the_same_batches_and_stops_cleanly(tmp_path):
     next(it)
     it.close()  # a consumer that stops early ends the thread
     assert not any(t.name == "mimkit-decode" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_loading_leaves_the_global_rng_alone(tmp_path, prefetch):
+    # masking draws from the global RNG and a resume restores it: the loader (its DataLoader's base
+    # seed, drawn in the decoding thread) must not take numbers from it, or a resumed run diverges
+    root = _folder(tmp_path / "img")
+    loader = _loader(root, prefetch=prefetch)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    list(loader.iter_from(0, 1))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_gpu_probe_falls_back_to_torchvision_when_torchcodec_cannot_take_the_call(monkeypatch):
+    import mimkit.data.gpu as gpu
+
+    def torchcodec_jpeg(data, mode, device):
+        raise TypeError("decode_jpeg() got an unexpected keyword argument")
+
+    calls = []
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "_torchcodec", lambda: ("torchcodec", torchcodec_jpeg, None))
+    monkeypatch.setattr(gpu, "_torchvision",
+                        lambda: ("torchvision", lambda d, mode, device: calls.append(device), None))
+    monkeypatch.setattr(gpu, "_CHOSEN", [])
+    gpu._probe.cache_clear()
+    try:
+        assert gpu.resolve_decode("auto", "cuda:0") == "gpu" and calls == ["cuda:0"]
+        assert gpu.codecs()[0] == "torchvision"
+    finally:
+        gpu._probe.cache_clear()

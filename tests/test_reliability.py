@@ -505,6 +505,19 @@ def test_resume_with_changed_optimisation_is_refused_unless_allowed(tmp_path, ca
     assert "base_lr: 0.001" in (out / "config.yaml").read_text()
 
 
+@needs_fmnist
+def test_a_run_without_grad_scaler_resumes_with_one(tmp_path, monkeypatch):
+    # train.precision is free on resume: fp32 -> fp16 (GPU) meets an empty scaler state; a CPU scaler
+    # stands in for the CUDA one
+    out = tmp_path / "run"
+    pretrain(tiny_cfg(out, "train.max_steps=1"))
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real("cpu", init_scale=2.0**10))
+    t = Trainer(tiny_cfg(out, "train.max_steps=2"))
+    assert t.step == 1 and t.scaler.is_enabled() and t.scaler.get_scale() == 2.0**10
+    t.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. non-finite steps
 
@@ -531,6 +544,41 @@ def test_abort_message_names_only_existing_checkpoints(tmp_path):
         t.train()
     assert "No checkpoint was written yet" in str(e.value) and "checkpoint.pt" not in str(e.value)
     assert not (out / "checkpoint.pt").exists()
+
+
+@needs_fmnist
+def test_abort_message_names_the_last_sharded_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    t = Trainer(tiny_cfg(out, "train.max_nonfinite=0", "train.strategy=fsdp", "train.ckpt_every_steps=1",
+                         "train.log_every_steps=100"))
+    _poison(t, {3})
+    with pytest.raises(NonFiniteLossError) as e:
+        t.train()
+    assert f"The last good checkpoint is {out / 'dcp' / 'step-00000002'} (step 2)" in str(e.value)
+
+
+@needs_fmnist
+def test_a_pending_asynchronous_sharded_save_is_completed_before_a_nonfinite_stop(tmp_path, monkeypatch):
+    # GPU sharded runs write periodic checkpoints with dcp.async_save; stand it in with a finished future
+    from concurrent.futures import Future
+
+    import torch.distributed.checkpoint as dcp
+
+    def fake_async_save(state, checkpoint_id, process_group=None):
+        dcp.save(state, checkpoint_id=checkpoint_id)
+        fut = Future()
+        fut.set_result(None)
+        return fut
+
+    monkeypatch.setattr(dcp, "async_save", fake_async_save)
+    out = tmp_path / "run"
+    t = Trainer(tiny_cfg(out, "train.max_nonfinite=0", "train.strategy=fsdp", "train.ckpt_every_steps=2",
+                         "train.log_every_steps=100"))
+    t._ckpt_group = object()  # makes periodic saves asynchronous
+    _poison(t, {3})
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint is .*step-00000002 \(step 2\)"):
+        t.train()
+    assert [s for s, _ in ck.dcp_checkpoints(out)] == [2]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -154,6 +154,35 @@ def test_strategy_and_world_size_errors(tmp_path):
         Trainer(cfg_for(fs, "data.batch_size=32", "train.max_steps=2", "train.strategy=fsdp"))
 
 
+def test_dcp_finalize_keeps_the_new_directory_after_a_resume_from_an_older_one(tmp_path):
+    from mimkit.train.checkpoint import dcp_tmp_dir, finalize_dcp, remove_stale_dcp_dirs
+
+    def write(step, final=True):
+        d = dcp_tmp_dir(tmp_path, step)
+        d.mkdir(parents=True)
+        (d / ".metadata").write_bytes(b"m")
+        if final:
+            finalize_dcp(tmp_path, step, {"step": step}, keep=-1)
+        return d
+
+    write(50), write(100)
+    (dcp_checkpoints(tmp_path)[-1][1] / "trainer.pt").write_bytes(b"junk")  # step 100 damaged: resumed from 50
+    write(60, final=False)
+    finalize_dcp(tmp_path, 60, {"step": 60}, keep=0)
+    # the new checkpoint stays (not the damaged step 100, which resume=auto would go back to)
+    assert [s for s, _ in dcp_checkpoints(tmp_path)] == [60]
+    assert load_checkpoint(dcp_checkpoints(tmp_path)[0][1] / "trainer.pt")["step"] == 60
+    write(70, final=False)
+    finalize_dcp(tmp_path, 70, {"step": 70}, keep=1)
+    assert [s for s, _ in dcp_checkpoints(tmp_path)] == [60, 70]
+    # a writer killed between finalize_dcp's two renames of a step saved again: the old copy comes back
+    final = dcp_checkpoints(tmp_path)[-1][1]
+    final.rename(final.with_name(f".{final.name}.old-123"))
+    write(70, final=False)
+    remove_stale_dcp_dirs(tmp_path)
+    assert [s for s, _ in dcp_checkpoints(tmp_path)] == [60, 70] and not dcp_tmp_dir(tmp_path, 70).exists()
+
+
 # -- world-size change with the same global batch (DDP and FSDP) --------------------------------------
 
 

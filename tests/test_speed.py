@@ -161,6 +161,19 @@ def test_periodic_checkpoint_reads_the_pending_flags_first(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["extra"]["nonfinite"] == 1
 
 
+@needs_fmnist
+def test_grad_scaler_path_skips_a_nonfinite_step_and_backs_the_scale_off(tmp_path):
+    # fp16 runs use a GradScaler (the synchronous path); a CPU scaler stands in for the CUDA one
+    t = Trainer(cfg_for("mae_fashion_mnist", tmp_path, "train.max_steps=3", "train.log_every_steps=100",
+                        "train.max_nonfinite_fraction=1"))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    snaps = _poison_and_watch(t, {2})
+    result = t.train()
+    assert result["nonfinite"] == 1 and 2 not in snaps  # no optimizer step for the skipped one
+    assert t.scaler.get_scale() == 2.0**9  # backed off once, as for an overflow GradScaler finds itself
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["scaler"]["scale"] == 2.0**9
+
+
 def test_tracker_and_guard_units():
     tr = NonFiniteTracker(3, torch.device("cpu"))
     for s, v in enumerate([0.0, 1.0, 0.0]):
@@ -261,6 +274,22 @@ def test_bench_refuses_unknown_methods_in_one_line(capsys):
     assert main(["bench", "--smoke", "--methods", "mae,maee"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--methods: unknown maee; choose from mae,emae" in err
+
+
+def test_bench_without_fashion_mnist_notes_the_row_instead_of_failing(monkeypatch):
+    import mimkit.data.fashion_mnist as fm
+    from mimkit.bench import Plan, fmnist_row
+    from mimkit.data.errors import DataError
+
+    def missing(root=None):
+        raise DataError("Fashion-MNIST not found")
+
+    monkeypatch.setattr(fm, "find_fashion_mnist", missing)
+    plan = Plan(device=torch.device("cpu"), smoke=True, batch=8, steps=2, warmup=1, precision="fp32", compile=False,
+                methods=("mae",), jpegs=8, jpeg_dir=None, workers=0, fmnist_batch=16, budget_s=None, peer=False,
+                out=None)
+    assert fmnist_row(plan, None) is None
+    assert plan.notes == [n for n in plan.notes if "Fashion-MNIST row skipped: the data set is not installed" in n] != []
 
 
 @needs_fmnist

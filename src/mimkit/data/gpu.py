@@ -38,43 +38,71 @@ __all__ = ["DECODE_CHOICES", "JpegBatchLoader", "crop_boxes", "gpu_decode_availa
 DECODE_CHOICES = ("cpu", "gpu", "auto")
 
 
+def _torchcodec():
+    from torchcodec.decoders import decode_image, decode_jpeg
+
+    return "torchcodec", decode_jpeg, decode_image
+
+
+def _torchvision():
+    import warnings
+
+    from torchvision.io import decode_image, decode_jpeg
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+    return "torchvision", decode_jpeg, decode_image
+
+
+_CHOSEN: list = []  # the decoders _probe found working on the GPU (TorchCodec's may not take this call)
+
+
 @functools.cache
-def codecs():
-    """``(name, decode_jpeg, decode_image)``: TorchCodec's decoders when installed, else torchvision's.
-    Both take ``mode="RGB" | "GRAY"``, a list of byte tensors and ``device`` for ``decode_jpeg``."""
+def _default_codecs():
     try:
-        from torchcodec.decoders import decode_image, decode_jpeg
-
-        return "torchcodec", decode_jpeg, decode_image
+        return _torchcodec()
     except Exception:  # not installed, or its native libraries do not load here
-        import warnings
+        return _torchvision()
 
-        from torchvision.io import decode_image, decode_jpeg
 
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
-        return "torchvision", decode_jpeg, decode_image
+def codecs():
+    """``(name, decode_jpeg, decode_image)``: TorchCodec's decoders when installed, else torchvision's
+    (also when TorchCodec's failed the GPU probe and torchvision's passed it). Both take
+    ``mode="RGB" | "GRAY"``, a list of byte tensors and ``device`` for ``decode_jpeg``."""
+    return _CHOSEN[0] if _CHOSEN else _default_codecs()
 
 
 @functools.cache
 def _probe(device: str) -> str | None:
-    """``None`` when torchvision decodes a JPEG on ``device``, else why not."""
+    """``None`` when TorchCodec or torchvision decodes a JPEG on ``device``, else why not."""
     if not device.startswith("cuda"):
         return f"{device} is not a CUDA device"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
-    try:
-        import io
+    import io
 
-        import numpy as np
-        from PIL import Image
-        name, decode_jpeg, _ = codecs()
-        buf = io.BytesIO()
-        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        decode_jpeg([data], mode="RGB", device=device)
-    except Exception as e:  # a build without nvJPEG, driver problems
-        return f"{name} cannot decode JPEG on {device} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return None
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    why = []
+    for name, load in (("torchcodec", _torchcodec), ("torchvision", _torchvision)):
+        try:
+            found = load()
+        except ImportError as e:
+            if name == "torchvision":
+                why.append(f"torchvision's image decoders do not load ({e})")
+            continue
+        try:
+            found[1]([data], mode="RGB", device=device)
+        except Exception as e:  # a build without nvJPEG, driver problems, another signature
+            first = (str(e).splitlines() or [""])[0][:120]
+            why.append(f"{name} cannot decode JPEG on {device} ({type(e).__name__}: {first})")
+            continue
+        _CHOSEN[:] = [found]
+        return None
+    return "; ".join(why)
 
 
 def gpu_decode_available(device: torch.device | str) -> bool:
@@ -247,7 +275,9 @@ class JpegBatchLoader:
         workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(
             _BytesDataset(folder), batch_sampler=_BatchSampler(self), num_workers=num_workers, collate_fn=_collate,
-            worker_init_fn=_worker_signals if num_workers > 0 else None, **workers)
+            worker_init_fn=_worker_signals if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # worker base seeds; never the global RNG
+            **workers)
         if len(self) == 0:
             raise ValueError(f"no batches: fewer samples per rank than batch_size {batch_size} with drop_last=True; "
                              "lower batch_size or pass drop_last=False")
@@ -285,7 +315,8 @@ class JpegBatchLoader:
         except Exception as e:
             name = path.split("|", 1)[0]
             if not self.skip_corrupt:
-                raise DataError(f"corrupt or unreadable image: {name} ({type(e).__name__}: {str(e)[:120]}). Delete or "
+                why = (str(e).splitlines() or [""])[0][:120]  # one line
+                raise DataError(f"corrupt or unreadable image: {name} ({type(e).__name__}: {why}). Delete or "
                                 "replace the file, or set data.skip_corrupt=true to skip such files.") from e
             self.skipped[name] = None
             return None

@@ -507,6 +507,7 @@ class RunLock:
 DCP_DIR = "dcp"
 DCP_STEP_RE = re.compile(r"^step-(\d+)$")
 DCP_TMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")
+DCP_OLD_RE = re.compile(r"^\.step-(\d+)\.old-\d+$")
 DCP_TRAINER = "trainer.pt"
 
 
@@ -541,6 +542,15 @@ def remove_stale_dcp_dirs(out_dir: Path) -> int:
             if DCP_TMP_RE.match(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
+        for p in root.iterdir():  # finalize_dcp stopped between its two renames: put the old copy back
+            m = DCP_OLD_RE.match(p.name)
+            if m and p.is_dir():
+                final = root / dcp_step_name(int(m.group(1)))
+                if not final.exists() and is_dcp_checkpoint(p):
+                    os.replace(p, final)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
     return n
 
 
@@ -562,9 +572,15 @@ def finalize_dcp(out_dir: Path, step: int, trainer_state: dict, keep: int) -> Pa
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-    # keep the newest `keep + 1` directories (-1: all): the latest plus `keep` older copies
+    # directories of higher steps belong to the timeline this run left (it resumed from an older
+    # checkpoint, explicitly or past a damaged newest one): `resume=auto` would go back to them, so they
+    # go, and the one just written is never pruned. Then keep `keep` older copies (-1: all).
+    for s, p in dcp_checkpoints(out_dir):
+        if s > step:
+            shutil.rmtree(p, ignore_errors=True)
     if keep >= 0:
-        for _, p in dcp_checkpoints(out_dir)[: -(keep + 1)]:
+        older = [p for s, p in dcp_checkpoints(out_dir) if s < step]
+        for p in older[: max(0, len(older) - keep)]:
             shutil.rmtree(p, ignore_errors=True)
     return final
 

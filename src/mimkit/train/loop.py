@@ -421,7 +421,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         else:  # a DCP directory: the shards are read once the model is wrapped (_load_dcp)
             self._dcp_resume = path
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: a run without a grad scaler (fp32/bf16) resumed with fp16: the scaler starts afresh
         self.step = int(state["step"])
         self.nonfinite = int(state.get("extra", {}).get("nonfinite", 0))
         rngs = state["rng"]
@@ -671,7 +673,7 @@ class Trainer:
         return unwrap(self.model)
 
     def _last_good_text(self) -> str:
-        if self._last_good is not None and self._last_good[0].is_file():
+        if self._last_good is not None and self._last_good[0].exists():  # a file, or a DCP directory
             return f"The last good checkpoint is {self._last_good[0]} (step {self._last_good[1]})"
         return (f"No checkpoint was written yet (the first is due at step {self.cfg.train.ckpt_every_steps}; "
                 "lower train.ckpt_every_steps to save earlier)")
@@ -754,6 +756,10 @@ class Trainer:
                     print(f"warning: non-finite loss at step {bad_step}; step skipped "
                           f"({self.nonfinite}/{cfg.train.max_nonfinite})", file=sys.stderr)
                 if self.nonfinite > cfg.train.max_nonfinite:
+                    # a checkpoint still being written asynchronously holds a step before this read: complete
+                    # it (every rank stops here, the flags are agreed) so it is the last good one named below
+                    with contextlib.suppress(ckpt.CheckpointError):
+                        self._finish_pending_save()
                     logger.event(bad_step + 1, "failed", reason="max_nonfinite", nonfinite=self.nonfinite, lr=bad_lr)
                     logger.close()
                     raise NonFiniteLossError(
@@ -829,8 +835,12 @@ class Trainer:
                 raise DataError(f"another rank met a corrupt file at step {self.step} (its log names it). {where}")
             log_now = (self.step + 1) % cfg.train.log_every_steps == 0 or self.step + 1 == stop
             if not sync_free and bad.item() > 0.5:  # the synchronous path: skip on the host
+                if self.scaler.is_enabled():
+                    # update() needs the inf check of this step: unscale_ records the non-finite gradients,
+                    # so the scale backs off as it does for a step GradScaler skips itself
+                    self.scaler.unscale_(self.optimizer)
+                    self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.update() if self.scaler.is_enabled() else None
                 self.nonfinite += 1
                 if info.is_main:
                     print(f"warning: non-finite loss at step {self.step}; step skipped "
