@@ -47,3 +47,11 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_a_union_field_names_every_form_it_takes():
+    from mimkit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.encoder.img_size: expected an integer, got \[32\]; or expected 2 "
+                                          r"values, got 1"):
+        load_config(None, ["model.encoder.img_size=[32]"])

@@ -124,3 +124,14 @@ def perturb(model):
             if "pos_embed" not in name:
                 p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def test_eval_reads_a_hf_directory_with_the_same_features(tmp_path):
+    from mimkit.eval.data import load_checkpoint_encoder
+
+    model = tiny_mae(True, 3)
+    export_hf(model, tmp_path / "hf")
+    enc = load_checkpoint_encoder(tmp_path / "hf").encoder
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(enc.forward_features(x), model.encoder.forward_features(x), atol=1e-5)

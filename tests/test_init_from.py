@@ -189,3 +189,49 @@ def test_pretrain_starts_from_an_export_and_records_it(tmp_path, capfd):
     rec = json.loads((tmp_path / "run" / "init.json").read_text())
     assert "encoder.blocks.0.attn.qkv.weight" in rec["loaded"]
     assert "encoder.pos_embed" in rec["adapted"] and "decoder.pred.weight" in rec["newly_initialised"]
+
+
+def _mae_cfg(depth=2, layer_scale=None) -> MAE:
+    torch.manual_seed(0)
+    enc = ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=24, depth=depth, num_heads=3,
+                    layer_scale=layer_scale)
+    return MAE(ModelConfig(enc, DecoderConfig(16, 1, 2, 2.0)), MAEOptions())
+
+
+def test_a_deeper_file_is_an_error_not_a_truncation(tmp_path):
+    path = tmp_path / "deep.pth"
+    torch.save({"model": to_official_state_dict(_mae_cfg(depth=3))}, path)
+    model = _mae_cfg(depth=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"the file's encoder has 3 blocks, the model 2; set model.encoder.depth=3"):
+        apply_init(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_file_without_layer_scale_names_the_layer_scale_setting(tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save({"model": to_official_state_dict(_mae_cfg())}, path)
+    with pytest.raises(ConfigError, match=r"no layer scale .*model.encoder.layer_scale=null"):
+        apply_init(_mae_cfg(layer_scale=0.1), path)
+
+
+@pytest.mark.parametrize("family,needle", [("deit_tiny_distilled_patch16_224", "has dist_token"),
+                                           ("vit_small_patch14_reg4_dinov2", "has reg_token"),
+                                           ("vit_base_patch16_clip_224", "norm_pre, CLIP-style")])
+def test_timm_families_mimkit_cannot_hold_are_one_line_errors(tmp_path, family, needle):
+    import timm
+
+    sd = timm.create_model(family, pretrained=False, img_size=32, patch_size=16, embed_dim=24, depth=2,
+                           num_heads=3).state_dict()
+    torch.save(sd, tmp_path / "w.pth")
+    torch.manual_seed(0)
+    enc = ViTConfig(img_size=32, patch_size=16, in_chans=3, embed_dim=24, depth=2, num_heads=3)
+    with pytest.raises(ConfigError, match=needle):
+        apply_init(MAE(ModelConfig(enc, DecoderConfig(16, 1, 2, 2.0)), MAEOptions()), tmp_path / "w.pth")
+
+
+def test_a_file_with_layer_scale_into_a_model_without_is_an_error(tmp_path):
+    path = tmp_path / "ls.pth"
+    torch.save({"model": _mae_cfg(layer_scale=0.1).state_dict(), "config": {"model": {}}}, path)
+    with pytest.raises(ConfigError, match=r"has layer scale; set model.encoder.layer_scale"):
+        apply_init(_mae_cfg(), path)

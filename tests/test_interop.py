@@ -67,3 +67,13 @@ def test_timm_state_dict_loads_as_encoder(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(enc.forward_features(x), timm_vit.forward_features(x), atol=1e-5)
+
+
+def test_a_wrong_timm_model_name_is_a_one_line_error():
+    import timm
+
+    from mimkit.interop import InteropError, load_timm_encoder
+
+    sd = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32).state_dict()
+    with pytest.raises(InteropError, match=r"w.pth: these weights are not a vit_base_patch16_224 .*pos_embed"):
+        load_timm_encoder(sd, "vit_base_patch16_224", path="w.pth")

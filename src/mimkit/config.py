@@ -174,6 +174,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) > 1:  # say every form the field takes (e.g. a side or [H, W]), not only the first
+            forms = [e[len(where) + 2:] if e.startswith(f"{where}: ") else e for e in errors]
+            raise ConfigError(f"{where}: {'; or '.join(forms)}")
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

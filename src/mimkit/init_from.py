@@ -299,6 +299,24 @@ def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitRe
     pixel_layout_changed = (src.patch_size not in (None, enc.patch_size)) or (src.in_chans not in (None, enc.in_chans))
     w_src = src.state["encoder.patch_embed.proj.weight"]
     pixel_layout_changed |= tuple(w_src.shape[1:]) != tuple(enc.patch_embed.proj.weight.shape[1:])
+    tokens = [n for n in ("reg_token", "dist_token") if f"encoder.{n}" in src.state]
+    if tokens or "encoder.cls_token" not in src.state:
+        what = " and ".join(tokens) if tokens else "no cls_token"
+        raise ConfigError(f"model.init={src.path}: the file's ViT has {what}; mimkit's encoder has exactly one class "
+                          "token, so it cannot start from these weights: start from a plain ViT with a class token "
+                          "(MAE, DeiT, timm vit_*_patch16_*); mimkit eval --timm-model still evaluates them")
+    extra = [k for k in src.state if k.startswith("encoder.") and k not in own and not k.startswith("encoder.blocks.")]
+    extra += [k for k in src.state if k.startswith("encoder.blocks.") and k not in own
+              and int(k.split(".")[2]) < len(enc.blocks)]
+    if extra:
+        if all(".ls1." in k or ".ls2." in k for k in extra):
+            fix = "the file's encoder has layer scale; set model.encoder.layer_scale (e.g. 0.1; the file's values load)"
+        elif any(k.startswith("encoder.norm_pre.") for k in extra):
+            fix = "the file's encoder normalises before the blocks (norm_pre, CLIP-style), which mimkit's does not"
+        else:
+            fix = "the model has no place for them; set model.encoder.* to the file's encoder"
+        raise ConfigError(f"model.init={src.path}: the file's encoder has tensors the model lacks ({', '.join(extra[:3])}"
+                          f"{' ...' if len(extra) > 3 else ''}); {fix}")
     problems = []
     used: set[str] = set()
     for key, target in own.items():
@@ -338,7 +356,14 @@ def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitRe
         raise ConfigError(f"model.init={src.path}: none of the encoder blocks fit this model (the file has "
                           f"{sum(k.startswith('encoder.blocks.') for k in src.state)} block tensors); set "
                           "model.encoder.depth / embed_dim to the file's")
+    file_depth = len({k.split(".")[2] for k in src.state if k.startswith("encoder.blocks.")})
+    if file_depth > len(enc.blocks):
+        raise ConfigError(f"model.init={src.path}: the file's encoder has {file_depth} blocks, the model "
+                          f"{len(enc.blocks)}; set model.encoder.depth={file_depth}")
     missing_enc = [k for k in own if k.startswith("encoder.") and k not in new_state and k not in report.adapted]
+    if missing_enc and all(".ls1." in k or ".ls2." in k for k in missing_enc):
+        raise ConfigError(f"model.init={src.path}: the file's encoder has no layer scale ({missing_enc[0]} and "
+                          f"{len(missing_enc) - 1} more are not in it); set model.encoder.layer_scale=null")
     if missing_enc:
         raise ConfigError(f"model.init={src.path}: the file lacks encoder tensors {missing_enc[:4]}; set "
                           "model.encoder.depth (and layer_scale) to the file's encoder")

@@ -203,7 +203,12 @@ def load_timm_encoder(sd: dict, timm_model: str | None = None, num_heads: int | 
             model = timm.create_model(timm_model, pretrained=False, num_classes=0, **kw)
     except RuntimeError as e:  # timm's "Unknown model"
         raise InteropError(f"{path}: timm cannot build {timm_model!r} ({e}); pass a name from timm.list_models()") from e
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a tensor of another shape (e.g. a distillation token the named model lacks)
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise InteropError(f"{path}: these weights are not a {timm_model or 'plain timm ViT'} ({first}); pass the "
+                           "timm model they came from with --timm-model NAME") from None
     if missing or unexpected:
         hint = "pass the timm model it came from with --timm-model NAME" if timm_model is None else \
             f"these weights are not a {timm_model}"

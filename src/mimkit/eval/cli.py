@@ -18,6 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only to help texts that do not already say what the default is."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 SUBCOMMANDS = ("knn", "linear", "attentive", "finetune", "fewshot", "diagnostics", "segmentation", "pictures")
 REPORT_PROTOCOLS = SUBCOMMANDS[:-2]
 POOL_CHOICES = ("cls", "mean", "cls+mean")
@@ -78,6 +88,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{v:g}: must be a number above 0")
+    return v
+
+
 def _crop(text: str) -> float:
     v = float(text)
     if not 0 < v <= 1:
@@ -131,7 +151,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None
     want = (lambda name: True) if protocol is None else (lambda name: name == protocol)
     if want("knn") or want("diagnostics"):
         p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours of the headline number (DINO)")
-        p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (DINO)")
+        p.add_argument("--temperature", type=_positive_float, default=0.07, help="kNN vote temperature (DINO)")
     if want("knn"):
         p.add_argument("--ks", type=_ints, default=(10, 20, 100, 200),
                        help="every k reported from the same pass (DINO's 10,20,100,200)")
@@ -147,14 +167,14 @@ def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None
         p.add_argument("--n-show", type=_positive_int, default=8, help="images in the PCA / attention pictures")
         p.add_argument("--tsne-n", type=_positive_int, default=1000, help="test images in the t-SNE")
     if protocol is None:
-        p.add_argument("--epochs", type=int, default=None, help="epochs for linear / attentive / finetune")
+        p.add_argument("--epochs", type=_positive_int, default=None, help="epochs for linear / attentive / finetune")
     elif protocol in ("linear", "attentive", "finetune", "segmentation"):
-        p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+        p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the recipe's)")
     if protocol in ("linear", "attentive", "finetune", "segmentation"):
         p.add_argument("--train-batch-size", type=_positive_int, default=None,
                        help="training batch size (default: the preset's)")
-        p.add_argument("--blr", type=float, default=None, help="base lr, lr = blr x batch / 256 (default: the preset's)")
-        p.add_argument("--lr", type=float, default=None, help="absolute lr, overrides --blr (default: the preset's)")
+        p.add_argument("--blr", type=_positive_float, default=None, help="base lr, lr = blr x batch / 256 (default: the preset's)")
+        p.add_argument("--lr", type=_positive_float, default=None, help="absolute lr, overrides --blr (default: the preset's)")
         p.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: the preset's)")
     from mimkit.eval.attentive import ATTENTIVE_PRESETS
     from mimkit.eval.finetune import FINETUNE_PRESETS
@@ -187,7 +207,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None
     if want("fewshot"):
         p.add_argument("--shots", type=_positive_int, default=10, help="training images per class and draw")
         p.add_argument("--draws", type=_positive_int, default=5, help="random support sets (mean ± std)")
-        p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+        p.add_argument("--C", type=_positive_float, default=1.0, help="inverse L2 strength of the logistic regression")
 
 
 def _options(args):
@@ -200,6 +220,16 @@ def _options(args):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        from mimkit.config import ConfigError
+
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ConfigError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu "
+                              "(or auto)") from None
     return EvalOptions(dataset=args.dataset, test_dataset=args.test_dataset, pool=args.pool, block=args.block,
                        norm=not args.no_norm, limit_train=args.limit_train, limit_test=args.limit_test,
                        mean=args.mean, std=args.std, device=device, batch_size=args.batch_size, seed=args.seed,
@@ -374,7 +404,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint with one protocol",
                               description="Evaluate a pretrained encoder (mimkit, timm or official MAE checkpoint).")
     sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelpFormatter
     helps = {
         "knn": "DINO's weighted kNN (k=10/20/100/200, T=0.07, top-1/top-5) and Latent MIM's leave-one-out 1-NN",
         "linear": "linear probe: BatchNorm(affine=False) + Linear, LARS/SGD (MAE)",
@@ -401,7 +431,7 @@ def register_report(subparsers) -> argparse.ArgumentParser:
                               description="Run protocols on checkpoints (files or run directories) and write "
                                           "report.md, report.json and training_curves.png (a run directory with "
                                           "periodic checkpoints gives the curves).",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_DefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     p.add_argument("--protocols", type=_protocol_list, default="knn,linear",
                    help=f"comma-separated from {', '.join(REPORT_PROTOCOLS)}")

@@ -88,6 +88,16 @@ def load_checkpoint_encoder(path: str | Path, device: str | torch.device = "cpu"
 
     if not path.exists():
         raise InteropError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+            from mimkit.hf import mae_from_hf  # a ViTMAEForPreTraining directory (mimkit export --format hf)
+
+            return LoadedCheckpoint(encoder=mae_from_hf(path).encoder.to(device).eval(), path=str(path))
+        latest = [path / n for n in ("checkpoint.pt", "checkpoint.pth", "last.pt") if (path / n).is_file()]
+        if not latest:
+            raise InteropError(f"{path} is a directory without checkpoint.pt or a Hugging Face config.json; give a "
+                               "checkpoint file, a run directory or a ViTMAEForPreTraining directory")
+        path = latest[0]
     raw = _read_raw(path)
     encoder = load_encoder(str(path), _raw=raw, **kw)
     config = raw.get("config") if isinstance(raw, dict) and isinstance(raw.get("config"), dict) else None
@@ -105,14 +115,18 @@ def load_checkpoint_encoder(path: str | Path, device: str | torch.device = "cpu"
 
 def resolve_norm(config: dict | None, in_chans: int, mean=None, std=None) -> tuple[tuple, tuple, str]:
     """``(mean, std, source)`` for an encoder with ``in_chans`` input channels."""
-    if mean is not None and std is not None:
-        return tuple(mean), tuple(std), "flag"
     data = (config or {}).get("data") or {}
     if data.get("mean") is not None and data.get("std") is not None:
-        return tuple(data["mean"]), tuple(data["std"]), "checkpoint config"
-    if in_chans == 3:
-        return IMAGENET_MEAN, IMAGENET_STD, "default (ImageNet)"
-    return FMNIST_MEAN * in_chans, FMNIST_STD * in_chans, "default (Fashion-MNIST)"
+        base = tuple(data["mean"]), tuple(data["std"]), "checkpoint config"
+    elif in_chans == 3:
+        base = IMAGENET_MEAN, IMAGENET_STD, "default (ImageNet)"
+    else:
+        base = FMNIST_MEAN * in_chans, FMNIST_STD * in_chans, "default (Fashion-MNIST)"
+    if mean is None and std is None:
+        return base
+    # a flag replaces its own value only (--mean alone keeps the std of the config / default)
+    source = "flag" if mean is not None and std is not None else f"flag + {base[2]}"
+    return (tuple(base[0] if mean is None else mean), tuple(base[1] if std is None else std), source)
 
 
 def _hw(size) -> tuple[int, int]:

@@ -85,11 +85,28 @@ class EvalContext:
         self.img_size = h if h == w else [h, w]  # a side for a square input (as before), else [H, W]
         check_input_size(self.encoder, self.img_hw, self.in_chans)
         self.mean, self.std, self.norm_source = resolve_norm(ckpt.config, self.in_chans, opts.mean, opts.std)
+        self._check_options()
         self.autocast = _amp_dtype(opts)
         self._data: dict[str, tuple] = {}
         self._feats: dict[tuple, torch.Tensor] = {}
         self._cache_dir: Path | None = None
         self._mapped: set[tuple] = set()
+
+    def _check_options(self) -> None:
+        """``--block`` inside the encoder and one normalisation value per input channel (or one for all)."""
+        from mimkit.config import ConfigError
+
+        blocks = getattr(self.encoder, "blocks", None)
+        block = self.opts.block
+        if block is not None and blocks is not None and not -len(blocks) <= block < len(blocks):
+            raise ConfigError(f"--block {block}: the encoder has {len(blocks)} blocks; pass 0..{len(blocks) - 1} "
+                              f"(or -1..-{len(blocks)} from the end)")
+        c = self.in_chans
+        for flag, values, given in (("--mean", self.mean, self.opts.mean), ("--std", self.std, self.opts.std)):
+            if len(values) not in (1, c):
+                flag = flag if given is not None else f"{flag[2:]} from the {self.norm_source}"
+                raise ConfigError(f"{flag} {','.join(f'{v:g}' for v in values)}: {len(values)} values; the encoder "
+                                  f"takes {c} input channel{'s' if c != 1 else ''}, give 1 or {c} values")
 
     # -- data -------------------------------------------------------------------------------------
     def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -337,6 +354,14 @@ def run_fewshot(ctx: EvalContext, shots: int = 10, draws: int = 5, C: float = 1.
     are encoded (``shots x classes x draws`` at most), not the whole train split."""
     from mimkit.eval.fewshot import draw_supports, fewshot_logreg
 
+    counts = torch.bincount(ctx.labels("train").long())
+    present = torch.nonzero(counts).flatten()
+    if len(present) and int(counts[present].min()) < shots:
+        c = int(present[counts[present].argmin()])
+        names = ctx.data("train")[2].get("classes") or []
+        name = repr(names[c]) if c < len(names) else str(c)
+        raise _config_error(f"--shots {shots}: class {name} has only {int(counts[c])} training images; pass --shots "
+                            f"{int(counts[c])} or fewer (or a larger --limit-train)")
     supports = draw_supports(ctx.labels("train"), shots, draws, ctx.opts.seed)
     used = torch.from_numpy(np.unique(np.concatenate(supports)))
     pos = {int(i): j for j, i in enumerate(used.tolist())}
