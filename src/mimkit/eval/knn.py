@@ -80,12 +80,14 @@ def knn_predict(
     num_classes: int | None = None,
     chunk: int = 1024,
     device: str | torch.device | None = None,
+    show_progress: bool = False,
 ) -> torch.Tensor:
     """Class scores ``(N_test, C)`` from a weighted vote of the ``k`` most cosine-similar train items.
 
     ``train_feats (N, D)``, ``train_labels (N,)`` int64, ``test_feats (M, D)``.
     """
-    return knn_scores(train_feats, train_labels, test_feats, (k,), temperature, num_classes, chunk, device)[k]
+    return knn_scores(train_feats, train_labels, test_feats, (k,), temperature, num_classes, chunk, device,
+                      show_progress)[k]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -98,10 +100,11 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
-                 device=None) -> float:
+                 device=None, show_progress: bool = False) -> float:
     """Top-1 accuracy in percent of :func:`knn_predict`."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    scores = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes, device=device)
+    scores = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes, device=device,
+                         show_progress=show_progress)
     return topk_accuracy(scores, test_labels, 1)
 
 

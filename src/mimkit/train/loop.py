@@ -975,10 +975,12 @@ class Trainer:
             te = d.test_images[: e.knn_test_limit] if e.knn_test_limit else d.test_images
             tel = d.test_labels[: len(te)]
             enc = self._eval_method().encoder
+            show = bool(self.cfg.train.progress_bar)  # a bar on a terminal: 70k images take minutes on a CPU
             kw = dict(pool=["cls", "mean"], batch_size=e.batch_size, mean=d.mean, std=d.std, device=self.device,
-                      autocast_dtype=self.amp_dtype)
+                      autocast_dtype=self.amp_dtype, show_progress=show)
             ftr, fte = extract_features(enc, tr, **kw), extract_features(enc, te, **kw)
-            res = {f"top1_{p}": knn_accuracy(ftr[p], trl, fte[p], tel, e.knn_k, e.knn_temperature) for p in ftr}
+            res = {f"top1_{p}": knn_accuracy(ftr[p], trl, fte[p], tel, e.knn_k, e.knn_temperature,
+                                             show_progress=show) for p in ftr}
             res.update(k=e.knn_k, temperature=e.knn_temperature, n_train=len(tr), n_test=len(te))
             (self.out_dir / "knn.json").write_text(json.dumps(res, indent=2))
         barrier(self.info)
