@@ -318,3 +318,38 @@ def test_gpu_suite_smoke_runs_every_row_on_cpu(tmp_path):
     assert any("PIL workers" in n and rows[n]["img_per_s"] > 0 for n in rows)
     assert any("Fashion-MNIST" in n and rows[n]["img_per_s"] > 0 for n in rows)
     assert (tmp_path / "bench" / "bench.md").read_text().strip() in res.stdout
+
+
+@needs_fmnist
+def test_nonfinite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
+    """A finite loss whose backward overflows (here: the gradient of sqrt at 0, times 0 = NaN in every
+    gradient) is skipped like a non-finite loss on the sync-free path: nothing changes, it is counted."""
+    t = Trainer(cfg_for("mae_fashion_mnist", tmp_path, "train.max_steps=4", "train.log_every_steps=4",
+                        "train.max_nonfinite_fraction=1"))
+    real = t.train_model
+    calls = {"n": 0}
+
+    def wrapped(images, progress):
+        calls["n"] += 1
+        out = real(images, progress)
+        if calls["n"] == 2:
+            out.loss = out.loss + torch.sqrt(out.loss * 0)  # forward: + sqrt(0) = 0; backward: inf * 0 = NaN
+            assert torch.isfinite(out.loss)
+        return out
+
+    t.train_model = wrapped
+    before = {}
+    step = t.optimizer.step
+
+    def watched_step(*a, **k):
+        before[calls["n"]] = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        r = step(*a, **k)
+        after = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        before[calls["n"]] = all(torch.equal(before[calls["n"]][k], after[k]) for k in after)
+        return r
+
+    t.optimizer.step = watched_step
+    result = t.train()
+    assert before[2] is True and before[3] is False  # the poisoned step changed nothing, the next one did
+    assert result["nonfinite"] == 1
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())

@@ -753,7 +753,7 @@ class Trainer:
             for bad_step, bad_lr in bad_steps:
                 self.nonfinite += 1
                 if info.is_main:
-                    print(f"warning: non-finite loss at step {bad_step}; step skipped "
+                    print(f"warning: non-finite loss or gradients at step {bad_step}; step skipped "
                           f"({self.nonfinite}/{cfg.train.max_nonfinite})", file=sys.stderr)
                 if self.nonfinite > cfg.train.max_nonfinite:
                     # a checkpoint still being written asynchronously holds a step before this read: complete
@@ -859,11 +859,15 @@ class Trainer:
                              nonfinite=self.nonfinite)
             else:
                 grad_norm = None
-                if cfg.optim.clip_grad is not None or log_now:
+                if cfg.optim.clip_grad is not None or log_now or sync_free:
                     self.scaler.unscale_(self.optimizer)
                     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if sync_free:
+                    # a finite loss can still give non-finite gradients (e.g. an overflow in the backward):
+                    # the step is skipped the same way (the norm is the same on every rank after the reduce)
+                    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                    bad = torch.maximum(bad, (~torch.isfinite(gn)).float().reshape(bad.shape))
                     self.optimizer.found_inf = bad  # fused AdamW: no update, moments and step count kept
                     try:
                         self.optimizer.step()
