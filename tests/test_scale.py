@@ -344,10 +344,17 @@ def test_two_node_rendezvous_on_shards(tmp_path):
                f"train.out_dir={out}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                       cwd=ROOT))
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+        errs.append((p.returncode, err))
     state = load_checkpoint(out / "checkpoint.pt")
+    for rc, err in errs:
+        # torchrun's agent that hosts the c10d store can leave before the other agent has finished its
+        # shutdown: the other launcher then fails *after* the workers ended ("connection to the C10d store
+        # has failed"). Tolerated only in that form and only when the run itself completed (checked below).
+        assert rc == 0 or ("The connection to the C10d store has failed" in err and (out / "result.json").is_file()), \
+            err[-3000:]
     assert state["step"] == 3 and state["extra"]["world_size"] == 2 and len(state["rng"]) == 2
     assert len(losses(out)) == 3
 
