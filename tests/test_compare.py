@@ -105,6 +105,10 @@ def test_errors_are_one_line(tmp_path):
         compare_run(tmp_path / "nothing", ref_dir)
     with pytest.raises(ConfigError, match="not a reference directory"):
         load_reference(tmp_path)
+    run = fake_run(tmp_path / "ok", {s: 2.0 for s in range(2, 22, 2)})
+    with pytest.raises(ConfigError, match=r"foo is neither a directory nor a known preset name "
+                                          r"\(available: mae_fashion_mnist\)"):
+        compare_run(run, "foo", roots=[tmp_path / "ref"])
 
 
 def test_cli_exit_status_and_picture(tmp_path, capsys):

@@ -311,9 +311,12 @@ def compare_run(run_dir: str | Path, reference: str | Path | None = None, tolera
     ref_path = Path(reference) if reference is not None else match_reference(run_cfg, roots)
     if reference is not None and not ref_path.is_dir():
         # a preset name: look it up under the reference roots
-        hits = [r for r in find_references(roots) if r.name == str(reference)]
+        refs = find_references(roots)
+        hits = [r for r in refs if r.name == str(reference)]
         if not hits:
-            raise ConfigError(f"reference {reference} is neither a directory nor a known preset name")
+            names = ", ".join(sorted({r.name for r in refs})) or "none found"
+            raise ConfigError(f"reference {reference} is neither a directory nor a known preset name "
+                              f"(available: {names})")
         ref_path = hits[0]
     ref = load_reference(ref_path)
     run_loss = loss_curve(records)
