@@ -457,3 +457,21 @@ def test_report_over_seeds_gives_mean_and_std(tmp_path):
     assert rep["rows"][0]["metrics"]["linear_cls_std"] == pytest.approx(np.std(per, ddof=1))
     md = (tmp_path / "rep" / "report.md").read_text()
     assert " ± " in md and "seeds: 0, 1, 2 (mean ± std over seeds)" in md and "sgd lr" in md
+
+
+def test_knn_beyond_the_bank_is_not_reported_under_a_false_k(tmp_path, capsys):
+    """k larger than the train bank would silently be the bank size again: such columns are not written,
+    the requested main k is clipped to the bank (and named by the k it measured), and stderr says so."""
+    root = mismatched_folder(tmp_path)
+    ckpt = _ckpt(tmp_path)
+    out = tmp_path / "out"
+    args = _parser().parse_args(["eval", "knn", str(ckpt), "--dataset", str(root), "--out", str(out), "--device",
+                                 "cpu", "--pool", "mean", "--ks", "1,3,500", "--k", "500", "--crop-pct", "1"])
+    assert args.func(args) == 0
+    res = json.loads((out / "knn.json").read_text())
+    n = res["setup"]["n_train"]
+    assert n < 500
+    keys = set(res["metrics"])
+    assert {"knn1_mean", "knn3_mean", f"knn{n}_mean", f"knn{n}top5_mean"} <= keys
+    assert not any(k.startswith("knn500") for k in keys)
+    assert f"the train bank has {n} images; k = [500] not measured" in capsys.readouterr().err

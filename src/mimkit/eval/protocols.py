@@ -18,6 +18,7 @@ cached as float16 in RAM when they fit in ``max_cache_gb``, else in a memory-map
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import weakref
 from dataclasses import asdict, dataclass, replace
@@ -260,6 +261,13 @@ def run_knn(ctx: EvalContext, k: int = 20, temperature: float = 0.07, ks=(10, 20
     from mimkit.eval.knn import knn_eval, loo_1nn_accuracy
 
     ks = sorted({*ks, k})
+    n_bank = len(ctx.labels("train"))
+    if ks[-1] > n_bank:  # a column names the k it measured: k beyond the bank would be the bank size again
+        dropped = [kk for kk in ks if kk > n_bank]
+        k = min(k, n_bank)
+        ks = sorted({kk for kk in ks if kk <= n_bank} | {k})
+        print(f"kNN: the train bank has {n_bank} images; k = {dropped} not measured (k = {ks} are)",
+              file=sys.stderr)
     metrics, detail = {}, {}
     o = ctx.opts
     dev = o.device
