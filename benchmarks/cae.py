@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import fmt_mean_std as _fmt  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CAE = ROOT / "configs/cae_fashion_mnist.yaml"
 CAE_V2 = ROOT / "configs/cae_v2_fashion_mnist.yaml"
@@ -139,15 +141,6 @@ def run_arm(arm: str, seed: int, args) -> dict:
     rec.update(probes(out_dir / "checkpoint.pt", args))
     done.write_text(json.dumps(rec, indent=1))
     return rec
-
-
-def _fmt(values: list) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
 def table(records: list[dict]) -> str:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import fmt_mean_std as _fmt  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"mae": "configs/mae_fashion_mnist.yaml", "emae": "configs/emae_fashion_mnist.yaml",
            "sbam": "configs/sbam_fashion_mnist.yaml"}
@@ -53,17 +55,9 @@ def arms(epochs: float) -> list[tuple[str, str, float]]:
 def linear_probe(out_dir: Path, seed: int, limit_train: int | None, limit_test: int | None) -> dict:
     """the standard logistic-regression linear probe (standardized features + logistic regression) on the frozen encoder's
     cls token and mean-pooled patches, after the final LayerNorm."""
-    from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
-    from mimkit.eval.features import extract_features
-    from mimkit.eval.linear import logistic_probe
-    from mimkit.interop import load_encoder
+    from _common import fmnist_linear_probes
 
-    enc = load_encoder(out_dir / "checkpoint.pt")
-    (trx, try_), (tex, tey) = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
-    trx, try_, tex, tey = trx[:limit_train], try_[:limit_train], tex[:limit_test], tey[:limit_test]
-    kw = dict(pool=["cls", "mean"], mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    ftr, fte = extract_features(enc, trx, **kw), extract_features(enc, tex, **kw)
-    return {f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")}
+    return fmnist_linear_probes(out_dir / "checkpoint.pt", limit_train, limit_test)
 
 
 def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict:
@@ -95,15 +89,6 @@ def run_one(method: str, epochs: float, seed: int, out_root: Path, args) -> dict
     rec["linear_cls"] = lin.get("linear_cls")
     rec["linear_mean"] = lin.get("linear_mean")
     return rec
-
-
-def _fmt(values: list) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
 def table(records: list[dict], epochs: float) -> str:

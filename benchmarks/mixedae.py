@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import fmt_mean_std as _fmt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXEDAE = ROOT / "configs/mixedae_fashion_mnist.yaml"
@@ -249,15 +250,6 @@ def attention_table(rows: list[dict]) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # tables
-
-
-def _fmt(vals, digits: int = 2) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def table(records: list[dict]) -> str:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import fmt_mean_std as _fmt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS: dict[str, tuple[str, list[str]]] = {
@@ -124,17 +125,9 @@ def vit_b_flops() -> str:
 
 def linear_probe(out_dir: Path, limit_train: int | None, limit_test: int | None) -> dict:
     """the standard logistic-regression linear probe on the frozen encoder's cls token and mean-pooled patches (final LN)."""
-    from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
-    from mimkit.eval.features import extract_features
-    from mimkit.eval.linear import logistic_probe
-    from mimkit.interop import load_encoder
+    from _common import fmnist_linear_probes
 
-    enc = load_encoder(out_dir / "checkpoint.pt")
-    (trx, try_), (tex, tey) = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
-    trx, try_, tex, tey = trx[:limit_train], try_[:limit_train], tex[:limit_test], tey[:limit_test]
-    kw = dict(pool=["cls", "mean"], mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    ftr, fte = extract_features(enc, trx, **kw), extract_features(enc, tex, **kw)
-    return {f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")}
+    return fmnist_linear_probes(out_dir / "checkpoint.pt", limit_train, limit_test)
 
 
 @torch.no_grad()
@@ -184,15 +177,6 @@ def run_one(arm: str, seed: int, args) -> dict:
         rec.update(linear_probe(out_dir, 1000 if args.smoke else args.limit_train, 500 if args.smoke else args.limit_test))
     rec["patch_sim"] = patch_sim(out_dir)
     return rec
-
-
-def _fmt(values: list, digits: int = 2) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def table(records: list[dict]) -> str:
