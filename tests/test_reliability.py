@@ -324,7 +324,7 @@ def test_corrupt_checkpoint_is_detected_and_falls_back_to_the_newest_good_copy(t
         "checkpoint-00000004.pt", "checkpoint-00000005.pt", "checkpoint.pt"]
     latest = out / "checkpoint.pt"
     _flip_bytes(latest)
-    state = torch.load(latest, weights_only=False)  # torch itself does not notice
+    state = torch.load(latest, weights_only=True)  # torch itself does not notice
     assert state["step"] == 5
     with pytest.raises(CheckpointError, match="checkpoint.pt is corrupt.*checksum"):
         load_checkpoint(latest)

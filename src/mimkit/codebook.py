@@ -142,7 +142,9 @@ class Codebook(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"codebook {path} not found; fit it with: {FIT_COMMAND.replace('runs/codebook_fmnist.pt', str(path))}")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from mimkit.safe_load import safe_load  # weights only; a mimkit checksum verified when present
+
+        obj = safe_load(path, "cpu", what="codebook")
         return cls(obj["centroids"], int(obj["patch_size"]))
 
 

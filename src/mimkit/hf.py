@@ -195,7 +195,9 @@ def _read_dir(p: Path) -> tuple[dict, dict]:
 
             sd.update(load_file(str(f)))
         else:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            from mimkit.safe_load import safe_load  # weights only; a mimkit checksum verified when present
+
+            sd.update(safe_load(f, "cpu", what="weight file"))
     return sd, cfg
 
 

@@ -173,6 +173,10 @@ def read_init_source(path: str | Path) -> InitSource:
         else:
             obj = read_verified(p)
     except InteropError as e:
+        from mimkit.safe_load import FileRefusedError
+
+        if isinstance(e.__cause__, FileRefusedError):  # not loaded for safety: the message names the opt-in
+            raise ConfigError(f"model.init={path}: {e}") from e
         raise ConfigError(f"model.init={path}: {e}; {fix}") from e
     if not isinstance(obj, dict):
         raise ConfigError(f"model.init={path} holds a {type(obj).__name__}, not weights; {fix}")

@@ -8,8 +8,10 @@
   pre-norm), recognised from their keys or named with ``timm_model``, come back as a
   :class:`mimkit.eval.adapters.TimmEncoder` around the timm model itself.
 * ``.pt``/``.pth`` files are read through the trainer's verified loader
-  (:func:`mimkit.train.checkpoint.load_checkpoint`): a checkpoint whose stored checksum does not
-  match its content is refused.
+  (:func:`mimkit.train.checkpoint.load_checkpoint`, :mod:`mimkit.safe_load`): weights only (no file
+  runs code when it is read), a mimkit checksum is verified before the file is deserialised, and a
+  mimkit training checkpoint without one is refused; foreign weight files (official MAE, timm) need
+  none.
 * :func:`mae_from_official` loads a full official MAE pretraining checkpoint (encoder *and* decoder)
   into :class:`~mimkit.methods.MAE`; :func:`to_official_state_dict` is the inverse mapping.
 """
@@ -94,18 +96,20 @@ def infer_vit_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) 
 
 
 def read_verified(path: str | Path) -> object:
-    """``torch.load`` through the trainer's checksum-verifying loader, errors as :class:`InteropError`."""
+    """A weight file through the trainer's verified, weights-only loader (a checksum is verified when
+    the file has one; see :mod:`mimkit.safe_load`); errors as :class:`InteropError` (a refusal keeps
+    its message, which names the opt-in)."""
+    from mimkit.safe_load import FileRefusedError
     from mimkit.train.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise InteropError(f"weight file not found: {path}")
     try:
-        return load_checkpoint(path, map_location="cpu", verify=True)
+        return load_checkpoint(path, map_location="cpu", verify=True, require_checksum=False)
+    except FileRefusedError as e:
+        raise InteropError(str(e)) from e
     except CheckpointError as e:
-        if "checksum" in str(e):
-            raise InteropError(f"{path} is corrupt: its content does not match the checksum stored when it was "
-                               "written; copy or export it again") from e
         cause = e.__cause__ or e
         raise InteropError(f"{path} is not a readable PyTorch file ({type(cause).__name__}: "
                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from e

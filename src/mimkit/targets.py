@@ -235,7 +235,14 @@ def one_prefix_token(feats: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
 def read_clip_visual(path: str | Path) -> dict | None:
     """The image tower of a CLIP checkpoint as OpenAI-keyed ``visual.*`` tensors, or ``None`` when the
     file is not CLIP. Reads OpenAI's TorchScript ``ViT-B-16.pt``, state dicts (also under
-    ``state_dict``, with ``module.`` prefixes: open_clip) and image-tower-only dicts (``conv1.weight`` ...)."""
+    ``state_dict``, with ``module.`` prefixes: open_clip) and image-tower-only dicts (``conv1.weight`` ...).
+
+    Pickled files are read weights only, a mimkit checksum verified first (:mod:`mimkit.safe_load`;
+    a refusal is raised as :class:`~mimkit.safe_load.FileRefusedError`). A TorchScript archive is read
+    with ``torch.jit.load``: no Python unpickling (its unpickler builds only TorchScript types), but the
+    archive's TorchScript code is compiled and may run in torch's interpreter."""
+    from mimkit.safe_load import CheckpointError, FileRefusedError, safe_load
+
     path = Path(path)
     if not path.is_file():
         return None
@@ -243,14 +250,18 @@ def read_clip_visual(path: str | Path) -> dict | None:
         from safetensors.torch import load_file
 
         obj = load_file(str(path))
+    elif _is_torchscript(path):
+        try:
+            obj = torch.jit.load(str(path), map_location="cpu")
+        except Exception:  # noqa: BLE001 - not ours to read; the ViT loader reports it
+            return None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - e.g. a TorchScript archive
-            try:
-                obj = torch.jit.load(str(path), map_location="cpu")
-            except Exception:  # noqa: BLE001 - not ours to read; the ViT loader reports it
-                return None
+            obj = safe_load(path, "cpu", what="teacher file")
+        except FileRefusedError:
+            raise
+        except CheckpointError:  # unreadable: the ViT loader reports it
+            return None
     if isinstance(obj, torch.jit.ScriptModule):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
@@ -264,6 +275,17 @@ def read_clip_visual(path: str | Path) -> dict | None:
     if "visual.conv1.weight" not in sd or "visual.transformer.resblocks.0.ln_1.weight" not in sd:
         return None
     return {k: v for k, v in sd.items() if k.startswith("visual.")}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``): a zip with ``code/`` or ``constants.pkl``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 class ClipImageTower(nn.Module):

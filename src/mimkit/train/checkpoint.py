@@ -1,9 +1,21 @@
 """Atomic, verified, full-state checkpoints and the run-directory lock.
 
 A checkpoint is one ``torch.save`` file holding ``model`` (the method's state dict, decoder
-included), ``optimizer``, ``scaler``, ``step``, ``rng`` (per rank: python, numpy, torch CPU, CUDA),
-``config`` (the resolved config dict), ``extra`` counters and ``checksum`` (a BLAKE2b digest of
-everything else, tensor bytes included; :func:`load_checkpoint` verifies it).
+included), ``optimizer``, ``scaler``, ``step``, ``rng`` (per rank: python, numpy, torch CPU, CUDA;
+tensors and plain values only), ``config`` (the resolved config dict) and ``extra`` counters.
+
+Verified before it is read (:mod:`mimkit.safe_load`): :func:`atomic_save` puts a checksum into the
+zip comment of the archive ``torch.save`` wrote (``mimkit-checksum blake2b-file-v2 <hex>``, the
+BLAKE2b-256 digest of the file's bytes as written). :func:`load_checkpoint` recomputes it over the
+file and compares *before* anything is deserialised, then unpickles with
+``torch.load(weights_only=True)`` (tensors, containers, plain values and a small allowlist), so no
+file, changed or forged, runs code when it is loaded. A checkpoint without a checksum (another
+tool's, an older mimkit's) or with a malformed one is refused with a one-line
+:class:`CheckpointError` naming the file and the opt-in ``MIMKIT_ALLOW_UNVERIFIED=1`` (loads it
+unverified, still weights only); a file that needs more than the allowlist is refused naming the
+globals and the opt-in ``MIMKIT_ALLOW_PICKLE=1`` (full unpickling, with a loud warning). Checkpoints
+of older mimkit versions also carry a content checksum (``checksum``, ``blake2b-tree-v1``, over the
+unpickled values); it is still checked when such a file is loaded with the opt-in.
 
 Writing (:func:`atomic_save`): the free space is checked first (nothing is touched when it is too
 small), then the state goes to a hidden temporary file in the same directory, is flushed to disk and
@@ -15,6 +27,10 @@ newest good numbered copy when ``checkpoint.pt`` is missing or corrupt.
 
 ``train.strategy=fsdp`` runs write sharded ``torch.distributed.checkpoint`` directories instead
 (``dcp/step-<step>/``, see the section below), which a run on another number of processes re-shards.
+Their ``trainer.pt`` is checksummed as above and records the BLAKE2b digest and size of every other
+file of the directory (the shard manifest); the files are verified against it before
+``torch.distributed.checkpoint`` reads them (it unpickles ``.metadata`` and the non-tensor items of
+the shards without restriction).
 
 :class:`RunLock` keeps two runs out of one directory: an ``flock`` on ``.mimkit.lock`` (released by
 the kernel when the owner dies) whose content names the owner's PID and host.
@@ -39,16 +55,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimkit.safe_load import (
+    ALLOW_PICKLE,
+    CheckpointError,
+    FileRefusedError,
+    append_checksum,
+    bytes_digest,
+    env_flag,
+    safe_load,
+    weights_only_load,
+)
+
 LATEST = "checkpoint.pt"
 LOCK_NAME = ".mimkit.lock"
 NUMBERED_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 CHECKSUM_ALGO = "blake2b-tree-v1"
 _MIB = 2**20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which file and what to do."""
 
 
 class DiskFullError(CheckpointError):
@@ -68,9 +91,11 @@ def numbered_name(step: int) -> str:
 
 
 def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain values (a checkpoint needs no numpy globals)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -80,14 +105,16 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]  # a tensor (this version) or a numpy array (older checkpoints)
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------------
-# content checksum
+# content checksum of older checkpoints (blake2b-tree-v1, inside the pickle; checked when present)
 
 
 def _digest_into(h, obj) -> None:
@@ -206,7 +233,7 @@ def _write_atomically(path: Path, write: Callable, need: int, what: str) -> Path
     check_space(path.parent, need, what)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "w+b") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -233,12 +260,17 @@ def _write_atomically(path: Path, write: Callable, need: int, what: str) -> Path
 
 
 def atomic_save(obj: dict, path: str | Path, checksum: bool = True) -> Path:
-    """``torch.save`` to ``path`` atomically (space check, temp file, fsync, rename), with a content
-    checksum (see the module docstring). Raises :class:`DiskFullError` / :class:`CheckpointError`."""
+    """``torch.save`` to ``path`` atomically (space check, temp file, fsync, rename), with the file
+    checksum in the zip comment (see the module docstring; ``checksum=False``: without it, for
+    benchmarks). Raises :class:`DiskFullError` / :class:`CheckpointError`."""
     path = Path(path)
-    if checksum and isinstance(obj, dict):
-        obj = with_checksum(obj)
-    return _write_atomically(path, lambda f: torch.save(obj, f), estimate_bytes(obj), "checkpoint")
+
+    def write(f):
+        torch.save(obj, f)
+        if checksum:
+            append_checksum(f)
+
+    return _write_atomically(path, write, estimate_bytes(obj), "checkpoint")
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
@@ -257,24 +289,27 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
 # reading
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
-    """Read a checkpoint with a clear error for missing, corrupt or tampered files (``verify``:
-    check the stored content checksum; files without one, e.g. from older versions, load as they are)."""
+_RESUME_FIX = "; delete it to start over, or point train.resume at another checkpoint"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True,
+                    require_checksum: bool = True) -> dict:
+    """Read a checkpoint without running code from it, with a one-line :class:`CheckpointError` for
+    missing, unreadable, corrupt, unverified or unsafe files (see the module docstring).
+
+    ``require_checksum``: the file must carry mimkit's file checksum (``False``: foreign weight files,
+    e.g. an official MAE ``.pth``, load without one unless they are mimkit training checkpoints; a
+    checksum that is present is verified all the same). ``verify=False`` skips comparing the checksum
+    (benchmarks only); the file is still read weights only."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # pickle/zip errors of a truncated or foreign file
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason}). "
-            "Delete it to start over, or point train.resume at another checkpoint."
-        ) from e
+    state = safe_load(path, map_location, expect_checksum=require_checksum, verify=verify, what="checkpoint",
+                      fix=_RESUME_FIX if require_checksum else "")
     if verify and isinstance(state, dict) and isinstance(state.get("checksum"), dict):
-        stored = state["checksum"]
+        stored = state["checksum"]  # an older mimkit's content checksum (loaded with MIMKIT_ALLOW_UNVERIFIED)
         if stored.get("algorithm") == CHECKSUM_ALGO and stored.get("digest") != state_digest(state):
-            raise CheckpointError(
+            raise FileRefusedError(
                 f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
                 "written (damaged on disk or in a copy). Delete it, or point train.resume at another checkpoint."
             )
@@ -503,12 +538,25 @@ class RunLock:
 # written as ``.step-<step>.tmp`` and renamed when every rank has finished, so a directory with a
 # ``trainer.pt`` is complete; the newest complete one is resumed, an unreadable one falls back to
 # the previous one as for the single-file checkpoints.
+#
+# torch reads a DCP directory with full unpickling (``FileSystemReader.read_metadata`` runs
+# ``pickle.load`` on ``.metadata``; ``DefaultLoadPlanner.load_bytes`` runs ``torch.load(weights_only=
+# False)`` on the non-tensor items of the ``*.distcp`` shards, e.g. the optimizer's param groups;
+# only tensors are read weights only). So ``trainer.pt`` also holds ``dcp_manifest``: the size and
+# BLAKE2b digest of every other file of the directory, taken by rank 0 when it finalizes the
+# directory. A resume checks the manifest's files and sizes when it picks a directory and their
+# digests right before DCP reads them (:meth:`mimkit.train.loop.Trainer._load_dcp`);
+# :func:`consolidate_dcp` (export, visualize, ``model.init``) checks the digests first too. A
+# directory without a manifest (another tool's, an older mimkit's) is refused unless
+# ``MIMKIT_ALLOW_PICKLE=1``.
 
 DCP_DIR = "dcp"
 DCP_STEP_RE = re.compile(r"^step-(\d+)$")
 DCP_TMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")
 DCP_OLD_RE = re.compile(r"^\.step-(\d+)\.old-\d+$")
 DCP_TRAINER = "trainer.pt"
+DCP_METADATA = ".metadata"
+DCP_MANIFEST = "dcp_manifest"
 
 
 def dcp_step_name(step: int) -> str:
@@ -558,11 +606,23 @@ def dcp_tmp_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / DCP_DIR / f".{dcp_step_name(step)}.tmp"
 
 
+def dcp_manifest(directory: Path) -> dict:
+    """``{"algorithm", "files": {name: {"size", "blake2b"}}}`` of every file of a DCP directory but
+    ``trainer.pt`` (and temporary files)."""
+    files = {}
+    for p in sorted(Path(directory).iterdir()):
+        if p.name == DCP_TRAINER or TMP_RE.match(p.name) or not p.is_file():
+            continue
+        files[p.name] = {"size": p.stat().st_size, "blake2b": bytes_digest(p)}
+    return {"algorithm": "blake2b-256", "files": files}
+
+
 def finalize_dcp(out_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Rank 0, after every rank's shards are written: add ``trainer.pt``, rename the temporary
-    directory into place (replacing an older one of the same step) and prune. Returns the final dir."""
+    """Rank 0, after every rank's shards are written: add ``trainer.pt`` (with the manifest of the
+    shard files), rename the temporary directory into place (replacing an older one of the same step)
+    and prune. Returns the final dir."""
     tmp = dcp_tmp_dir(out_dir, step)
-    atomic_save(trainer_state, tmp / DCP_TRAINER)
+    atomic_save({**trainer_state, DCP_MANIFEST: dcp_manifest(tmp)}, tmp / DCP_TRAINER)
     final = Path(out_dir) / DCP_DIR / dcp_step_name(step)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -585,15 +645,63 @@ def finalize_dcp(out_dir: Path, step: int, trainer_state: dict, keep: int) -> Pa
     return final
 
 
-def load_dcp_trainer_state(path: Path) -> dict:
-    """``trainer.pt`` of a DCP checkpoint directory, verified (raises :class:`CheckpointError`)."""
-    if not (Path(path) / ".metadata").is_file():
+def verify_dcp_files(path: Path, state: dict, digests: bool = True) -> None:
+    """Check the files of the DCP directory ``path`` against the manifest in its ``trainer.pt``
+    (``state``): present, the recorded sizes and (``digests``) BLAKE2b digests. Raises
+    :class:`CheckpointError`. torch reads these files with full unpickling, so a missing manifest or a
+    file that does not match it is read only with ``MIMKIT_ALLOW_PICKLE=1`` (and a loud warning)."""
+    path = Path(path)
+    manifest = state.get(DCP_MANIFEST) if isinstance(state, dict) else None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    problem = None
+    if not isinstance(files, dict):
+        problem = (f"has no manifest of its shard files in {DCP_TRAINER} (written by an older mimkit or another tool), "
+                   "so its .metadata and shards cannot be verified")
+    elif DCP_METADATA not in files:
+        problem = f"has a manifest in {DCP_TRAINER} that does not cover {DCP_METADATA}"
+    else:
+        for name, rec in files.items():
+            p = path / str(name)
+            if "/" in str(name) or str(name) in (".", "..", DCP_TRAINER) or not isinstance(rec, dict):
+                problem = f"has a manifest naming an invalid file {name!r}"
+                break
+            if not p.is_file():
+                raise CheckpointError(f"sharded checkpoint {path} is incomplete: {name} is missing; delete it or point "
+                                      "train.resume at another checkpoint")
+            if p.stat().st_size != rec.get("size") or (digests and bytes_digest(p) != rec.get("blake2b")):
+                problem = (f"is corrupt: {name} does not match the digest recorded in {DCP_TRAINER} when it was written "
+                           "(damaged, or replaced)")
+                break
+    if problem is None:
+        return
+    if env_flag(ALLOW_PICKLE):
+        print(f"WARNING: sharded checkpoint {path} {problem}; reading it anyway because {ALLOW_PICKLE}=1: torch reads "
+              ".metadata and the shards with full unpickling, which can run any code. Do this only for checkpoints "
+              "from a source you trust", file=sys.stderr)
+        return
+    raise FileRefusedError(
+        f"sharded checkpoint {path} {problem}, so it was not read (torch reads .metadata and the shards with full "
+        "unpickling, which can run code); delete it or point train.resume at another checkpoint, or if you trust it "
+        f"set {ALLOW_PICKLE}=1")
+
+
+def load_dcp_trainer_state(path: Path, digests: bool = False) -> dict:
+    """``trainer.pt`` of a DCP checkpoint directory, verified (its checksum; the shard files against
+    its manifest: sizes, and digests with ``digests``). Raises :class:`CheckpointError`."""
+    if not (Path(path) / DCP_METADATA).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no DCP .metadata); delete it or point train.resume "
                               "at another checkpoint")
     state = load_checkpoint(Path(path) / DCP_TRAINER)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a mimkit sharded checkpoint (no step in {DCP_TRAINER})")
+    verify_dcp_files(Path(path), state, digests=digests)
     return state
+
+
+def verify_dcp_dir(path: Path) -> dict:
+    """Everything DCP will read from ``path`` verified (``trainer.pt``'s checksum, every file's digest);
+    call right before ``torch.distributed.checkpoint`` reads the directory. Returns ``trainer.pt``."""
+    return load_dcp_trainer_state(path, digests=True)
 
 
 def load_dcp_for_resume(out_dir: str | Path, resume: str, warn: Callable[[str], None] | None = None
@@ -637,10 +745,11 @@ def consolidate_dcp(path: str | Path) -> dict:
     ``mimkit export`` and for inspecting a sharded run on one machine."""
     import tempfile
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = Path(path)
-    trainer = load_dcp_trainer_state(path)
+    trainer = verify_dcp_dir(path)  # before torch unpickles .metadata and the shards' byte items
     with tempfile.TemporaryDirectory() as td:
         flat = Path(td) / "full.pt"
         try:
@@ -649,10 +758,12 @@ def consolidate_dcp(path: str | Path) -> dict:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
                 dcp_to_torch_save(str(path), str(flat))
-            full = torch.load(flat, map_location="cpu", weights_only=False)
-        except Exception as e:
+            full = weights_only_load(flat, "cpu", "consolidated checkpoint")
+        except FileRefusedError:
+            raise
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or incomplete") from e
-    out = {k: v for k, v in trainer.items() if k != "checksum"}
+    out = {k: v for k, v in trainer.items() if k not in ("checksum", DCP_MANIFEST)}
     out["model"] = full["model"]
     return out

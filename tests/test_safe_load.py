@@ -1,0 +1,446 @@
+"""No received file runs code when mimkit loads it (mimkit.safe_load, train.checkpoint).
+
+A pickle whose ``__reduce__`` touches a marker file is shaped like every kind of file mimkit reads (a
+mimkit checkpoint, an official MAE ``.pth``, a sharded checkpoint's ``trainer.pt`` and DCP
+``.metadata``) and fed to every entry point: each refuses it in one line naming the file and the
+opt-in, and the marker is never written. Also: mimkit's file checksum (zip comment) is checked before
+anything is deserialised; the two opt-ins."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_fmnist
+
+from mimkit.config import ConfigError, load_config
+from mimkit.safe_load import (
+    ALLOW_PICKLE,
+    ALLOW_UNVERIFIED,
+    CheckpointError,
+    FileRefusedError,
+    append_checksum,
+    read_tail,
+    safe_load,
+)
+from mimkit.train import checkpoint as ck
+from mimkit.train.checkpoint import atomic_save, dcp_checkpoints, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
+    "model.decoder.embed_dim=16", "model.decoder.depth=1", "model.decoder.num_heads=2",
+    "data.limit=256", "data.batch_size=32", "train.log_every_steps=1", "train.progress_bar=false",
+    "train.tensorboard=false", "eval.knn_at_end=false", "eval.picture_at_end=false", "optim.warmup_epochs=1",
+    "train.num_threads=1", "train.epochs=1",
+]
+
+
+class Boom:
+    """Unpickling it touches ``marker`` (what a malicious pickle would do with any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture(autouse=True)
+def _no_opt_ins(monkeypatch):
+    monkeypatch.delenv(ALLOW_UNVERIFIED, raising=False)
+    monkeypatch.delenv(ALLOW_PICKLE, raising=False)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    m = tmp_path / "MARKER-code-ran"
+    yield m
+    assert not m.exists(), "a received file ran code"
+
+
+def cfg(out_dir, *extra, config="mae_fashion_mnist.yaml"):
+    return load_config(ROOT / "configs" / config, [*TINY, f"train.out_dir={out_dir}", *extra])
+
+
+def tiny_state() -> dict:
+    from mimkit.config import to_dict
+    from mimkit.train.loop import build_method
+
+    c = cfg("unused")
+    return {"model": build_method(c).state_dict(), "optimizer": {"state": {}, "param_groups": []}, "step": 1,
+            "config": to_dict(c)}
+
+
+def forge_checksum(path: Path) -> None:
+    """Give a file a valid mimkit checksum (anyone can: a checksum is not a signature)."""
+    with open(path, "r+b") as f:
+        append_checksum(f)
+
+
+def evil_checkpoint(path: Path, marker: Path, checksum: bool = False) -> Path:
+    """A mimkit training checkpoint (model, optimizer, step, config, rng) whose RNG state runs code."""
+    torch.save({**tiny_state(), "rng": [Boom(marker)]}, path)
+    if checksum:
+        forge_checksum(path)
+    return path
+
+
+def evil_official_mae(path: Path, marker: Path) -> Path:
+    """An official MAE pretraining ``.pth`` (``{'model': ..., 'args': ...}``) whose ``args`` run code."""
+    from mimkit.interop import to_official_state_dict
+    from mimkit.train.loop import build_method
+
+    torch.save({"model": to_official_state_dict(build_method(cfg("unused"))), "args": Boom(marker)}, path)
+    return path
+
+
+def assert_refused(text: str, path, opt_in: str) -> None:
+    text = text.strip()
+    assert "\n" not in text, text
+    assert str(path) in text, text
+    assert opt_in in text, text
+
+
+def run_cli(argv, capsys) -> str:
+    from mimkit.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mimkit: error: "), err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the twelve entry points
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "forged-checksum"])
+def test_model_init_refuses_a_code_running_mimkit_checkpoint(tmp_path, marker, checksum):
+    from mimkit.train import pretrain
+
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker, checksum)
+    with pytest.raises(ConfigError) as e:
+        pretrain(cfg(tmp_path / "run", f"model.init={evil}"))
+    assert_refused(str(e.value), evil, ALLOW_PICKLE)
+    assert "pathlib" in str(e.value)  # the offending globals are named
+
+
+def test_model_init_refuses_a_code_running_official_mae_file(tmp_path, marker):
+    from mimkit.train import pretrain
+
+    evil = evil_official_mae(tmp_path / "mae_pretrain.pth", marker)
+    with pytest.raises(ConfigError) as e:
+        pretrain(cfg(tmp_path / "run", f"model.init={evil}"))
+    assert_refused(str(e.value), evil, ALLOW_PICKLE)
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "visualize", "report"])
+@pytest.mark.parametrize("kind", ["mimkit", "official"])
+def test_cli_commands_refuse_code_running_files(tmp_path, marker, capsys, command, kind):
+    evil = (evil_checkpoint(tmp_path / "checkpoint.pt", marker) if kind == "mimkit"
+            else evil_official_mae(tmp_path / "mae.pth", marker))
+    argv = {"eval": ["eval", "knn", evil], "export": ["export", evil, tmp_path / "e.safetensors"],
+            "visualize": ["visualize", evil, "--out", tmp_path / "v.png"],
+            "report": ["report", evil, "--protocols", "knn", "--out", tmp_path / "rep"]}[command]
+    assert_refused(run_cli(argv, capsys), evil, ALLOW_PICKLE)
+    assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "v.png").exists()
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "forged-checksum"])
+def test_explicit_resume_refuses_a_code_running_checkpoint(tmp_path, marker, checksum):
+    from mimkit.train import pretrain
+
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker, checksum)
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(tmp_path / "run", f"train.resume={evil}"))
+    # no checksum: refused before anything is unpickled; a forged one: the weights-only loader refuses
+    assert_refused(str(e.value), evil, ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED)
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "forged-checksum"])
+def test_auto_resume_refuses_a_code_running_checkpoint_in_the_run_directory(tmp_path, marker, checksum):
+    from mimkit.train import pretrain
+
+    run = tmp_path / "run"
+    run.mkdir()
+    evil_checkpoint(run / "checkpoint.pt", marker, checksum)
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(run))
+    assert_refused(str(e.value), run / "checkpoint.pt", ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED)
+    assert (run / "checkpoint.pt").is_file()  # left as it was
+
+
+@pytest.mark.parametrize("kind", ["mimkit", "official"])
+def test_cae_v2_teacher_path_refuses_a_code_running_file(tmp_path, marker, kind):
+    from mimkit.train import pretrain
+
+    evil = (evil_checkpoint(tmp_path / "teacher.pt", marker) if kind == "mimkit"
+            else evil_official_mae(tmp_path / "teacher.pth", marker))
+    extra = ["model.decoder.embed_dim=32", "model.decoder.depth=0", f"method.teacher_path={evil}",
+             "method.teacher_vit=null"]
+    with pytest.raises((CheckpointError, ConfigError)) as e:
+        pretrain(cfg(tmp_path / "run", *extra, config="cae_v2_fashion_mnist.yaml"))
+    assert_refused(str(e.value), evil, ALLOW_PICKLE)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """A real sharded (train.strategy=fsdp, one process) checkpoint directory."""
+    from mimkit.train import pretrain
+
+    out = tmp_path_factory.mktemp("fsdp")
+    pretrain(cfg(out, "train.max_steps=1", "train.strategy=fsdp"))
+    assert [s for s, _ in dcp_checkpoints(out)] == [1]
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".mimkit.lock"))
+    return dcp_checkpoints(dst)[0][1]
+
+
+def replace_metadata(step_dir: Path, marker: Path) -> None:
+    """The DCP ``.metadata`` replaced by a code-running pickle of the same size (the sizes in the
+    manifest match; only the digest tells)."""
+    meta = step_dir / ".metadata"
+    payload = pickle.dumps(Boom(marker), protocol=2)
+    size = meta.stat().st_size
+    assert len(payload) < size
+    meta.write_bytes(payload + b"\0" * (size - len(payload)))  # pickle stops at STOP; the padding is never read
+
+
+def replace_trainer(step_dir: Path, marker: Path, checksum: bool) -> None:
+    state = load_checkpoint(step_dir / "trainer.pt")
+    torch.save({**state, "rng": [Boom(marker)]}, step_dir / "trainer.pt")
+    if checksum:
+        forge_checksum(step_dir / "trainer.pt")
+
+
+@needs_fmnist
+def test_sharded_checkpoint_metadata_that_runs_code_is_refused_everywhere(tmp_path, marker, fsdp_run, capsys):
+    from mimkit.train import pretrain
+
+    run = tmp_path / "run"
+    step_dir = copy_run(fsdp_run, run)
+    manifest = load_checkpoint(step_dir / "trainer.pt")["dcp_manifest"]["files"]
+    assert ".metadata" in manifest and any(n.endswith(".distcp") for n in manifest)
+    replace_metadata(step_dir, marker)
+    # resume (auto): the directory is picked (sizes match), then refused before DCP reads it
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
+    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
+    assert ".metadata does not match the digest" in str(e.value)
+    # explicit resume of the directory
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(tmp_path / "other", "train.max_steps=2", "train.strategy=fsdp", f"train.resume={step_dir}"))
+    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
+    # export, visualize and model.init consolidate the directory: verified first
+    assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), step_dir, ALLOW_PICKLE)
+    assert_refused(run_cli(["visualize", step_dir, "--out", tmp_path / "v.png"], capsys), step_dir, ALLOW_PICKLE)
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(tmp_path / "init", f"model.init={step_dir}"))
+    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
+    # the payload is live: with the opt-in, torch's DCP reader unpickles it
+    assert not marker.exists()
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(ALLOW_PICKLE, "1")
+        with pytest.raises(CheckpointError, match="could not be read"):
+            ck.consolidate_dcp(step_dir)
+    assert marker.exists() and "WARNING" in capsys.readouterr().err
+    marker.unlink()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "forged-checksum"])
+def test_sharded_checkpoint_trainer_pt_that_runs_code_is_refused(tmp_path, marker, fsdp_run, capsys, checksum):
+    from mimkit.train import pretrain
+
+    run = tmp_path / "run"
+    step_dir = copy_run(fsdp_run, run)
+    replace_trainer(step_dir, marker, checksum)
+    trainer = step_dir / "trainer.pt"
+    opt_in = ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
+    assert_refused(str(e.value), trainer, opt_in)
+    assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), trainer, opt_in)
+
+
+# --------------------------------------------------------------------------------------------------
+# the file checksum
+
+
+def test_checksum_is_a_zip_comment_that_torch_and_zipfile_read_and_copies_keep(tmp_path):
+    path = atomic_save({"model": {"w": torch.arange(10.0)}, "step": 3}, tmp_path / "c.pt")
+    tail = read_tail(path)
+    assert tail.kind == "record" and len(tail.digest) == 64
+    with zipfile.ZipFile(path) as z:
+        assert z.comment == b"mimkit-checksum blake2b-file-v2 " + tail.digest.encode()
+        assert z.testzip() is None
+    assert torch.load(path, weights_only=True)["step"] == 3
+    # the digest is over the file exactly as torch.save wrote it
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.arange(10.0)}, "step": 3}, buf)
+    import hashlib
+
+    assert hashlib.blake2b(buf.getvalue(), digest_size=32).hexdigest() == tail.digest
+    ck.atomic_copy(path, tmp_path / "checkpoint-00000003.pt")  # numbered copies: byte copies, still verified
+    assert load_checkpoint(tmp_path / "checkpoint-00000003.pt")["step"] == 3
+
+
+def test_any_changed_byte_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
+    good = atomic_save({"model": {"w": torch.randn(16)}, "optimizer": {}, "step": 1}, tmp_path / "good.pt")
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+
+    def no_load(*a, **k):
+        raise AssertionError("torch.load was called on a changed file")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    for i in range(len(data)):  # every byte: header, pickle, tensor data, central directory, checksum record
+        b = bytearray(data)
+        b[i] ^= 0x01
+        bad.write_bytes(bytes(b))
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(bad)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    monkeypatch.undo()
+    assert load_checkpoint(good)["step"] == 1
+
+
+@pytest.mark.parametrize("require_checksum", [True, False])
+def test_one_changed_byte_in_the_algorithm_name_is_refused(tmp_path, require_checksum):
+    path = atomic_save({"model": {"w": torch.ones(3)}, "step": 1}, tmp_path / "c.pt")
+    data = path.read_bytes()
+    i = data.rindex(b"blake2b-file-v2")
+    path.write_bytes(data[:i] + b"blake2c" + data[i + 7:])
+    with pytest.raises(FileRefusedError, match="malformed mimkit checksum") as e:
+        load_checkpoint(path, require_checksum=require_checksum)
+    assert_refused(str(e.value), path, ALLOW_UNVERIFIED)
+    path.write_bytes(data[:-1] + b"G")  # bad hex
+    with pytest.raises(FileRefusedError, match="malformed"):
+        load_checkpoint(path, require_checksum=require_checksum)
+
+
+def test_foreign_weight_files_load_without_a_checksum(tmp_path):
+    """Official MAE checkpoints (with their ``args`` Namespace) and timm state dicts need no opt-in."""
+    import argparse
+
+    from mimkit.interop import read_verified
+
+    sd = {"patch_embed.proj.weight": torch.zeros(4, 1, 2, 2)}
+    torch.save({"model": sd, "optimizer": {}, "epoch": 3, "args": argparse.Namespace(lr=1.0, input_size=28)},
+               tmp_path / "checkpoint-3.pth")
+    obj = read_verified(tmp_path / "checkpoint-3.pth")
+    assert obj["args"].input_size == 28 and torch.equal(obj["model"]["patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
+    torch.save(sd, tmp_path / "timm.pth")
+    assert set(safe_load(tmp_path / "timm.pth")) == set(sd)
+
+
+def test_a_mimkit_checkpoint_without_checksum_is_refused_where_foreign_files_are_accepted(tmp_path):
+    from mimkit.interop import InteropError, read_verified
+
+    torch.save(tiny_state(), tmp_path / "checkpoint.pt")
+    with pytest.raises(InteropError) as e:
+        read_verified(tmp_path / "checkpoint.pt")
+    assert_refused(str(e.value), tmp_path / "checkpoint.pt", ALLOW_UNVERIFIED)
+
+
+# --------------------------------------------------------------------------------------------------
+# the opt-ins
+
+
+def legacy_state(src: Path) -> dict:
+    """``src`` as an older mimkit wrote it: the content checksum inside the pickle, numpy's RNG state as
+    a numpy array (saved with plain ``torch.save``: no file checksum)."""
+    state = dict(load_checkpoint(src))
+    for r in state["rng"]:
+        name, key, *rest = r["numpy"]
+        r["numpy"] = (name, key.numpy().astype(np.uint32), *rest)
+    return ck.with_checksum(state)
+
+
+@needs_fmnist
+def test_unverified_opt_in_resumes_a_legacy_checkpoint_with_a_warning(tmp_path, monkeypatch, capsys):
+    from mimkit.train import pretrain
+
+    run = tmp_path / "run"
+    pretrain(cfg(run, "train.max_steps=1"))
+    for p in run.glob("checkpoint-*.pt"):
+        p.unlink()  # no numbered copy to fall back to
+    torch.save(legacy_state(run / "checkpoint.pt"), run / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(run, "train.max_steps=2"))
+    assert_refused(str(e.value), run / "checkpoint.pt", ALLOW_UNVERIFIED)
+    monkeypatch.setenv(ALLOW_UNVERIFIED, "1")
+    capsys.readouterr()
+    pretrain(cfg(run, "train.max_steps=2"))
+    err = capsys.readouterr().err
+    assert f"loading it unverified because {ALLOW_UNVERIFIED}=1" in err and "resumed from" in err
+    monkeypatch.delenv(ALLOW_UNVERIFIED)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 2  # written anew, with a checksum
+    # the old content checksum is still checked under the opt-in: a damaged legacy file is refused
+    state = legacy_state(run / "checkpoint.pt")
+    state["step"] = 99
+    torch.save(state, tmp_path / "old.pt")
+    monkeypatch.setenv(ALLOW_UNVERIFIED, "1")
+    with pytest.raises(FileRefusedError, match="content does not match the checksum"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_pickle_opt_in_loads_with_full_unpickling_and_a_loud_warning(tmp_path, monkeypatch, capsys):
+    m = tmp_path / "marker"
+    evil = evil_official_mae(tmp_path / "mae.pth", m)
+    monkeypatch.setenv(ALLOW_PICKLE, "1")
+    obj = safe_load(evil)
+    assert m.exists()  # the payload is live: this is what every other test keeps from running
+    assert "model" in obj
+    err = capsys.readouterr().err
+    assert f"WARNING: {ALLOW_PICKLE}=1" in err and "FULL UNPICKLING" in err and "pathlib" in err
+
+
+def test_sharded_checkpoint_without_manifest_needs_the_pickle_opt_in(tmp_path, monkeypatch, capsys):
+    d = ck.dcp_tmp_dir(tmp_path, 5)
+    d.mkdir(parents=True)
+    (d / ".metadata").write_bytes(b"m")
+    (d / "__0_0.distcp").write_bytes(b"shard")
+    final = ck.finalize_dcp(tmp_path, 5, {"step": 5}, keep=-1)
+    state = ck.verify_dcp_dir(final)  # the manifest matches
+    assert set(state["dcp_manifest"]["files"]) == {".metadata", "__0_0.distcp"}
+    (final / "__0_0.distcp").write_bytes(b"sharD")  # same size, other bytes
+    with pytest.raises(FileRefusedError, match="__0_0.distcp does not match the digest"):
+        ck.verify_dcp_dir(final)
+    ck.load_dcp_trainer_state(final)  # picking a directory checks only the sizes
+    atomic_save({"step": 5}, final / "trainer.pt")  # an older mimkit's trainer.pt: no manifest
+    with pytest.raises(FileRefusedError) as e:
+        ck.verify_dcp_dir(final)
+    assert_refused(str(e.value), final, ALLOW_PICKLE)
+    monkeypatch.setenv(ALLOW_PICKLE, "1")
+    assert ck.verify_dcp_dir(final)["step"] == 5
+    assert "WARNING" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_a_sharded_checkpoint_with_its_manifest_resumes_and_exports(tmp_path, fsdp_run, capsys):
+    from mimkit.train import pretrain
+
+    run = tmp_path / "run"
+    step_dir = copy_run(fsdp_run, run)
+    from mimkit.cli import main
+
+    assert main(["export", str(step_dir), str(tmp_path / "e.safetensors")]) == 0
+    capsys.readouterr()
+    pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
+    assert f"resumed from {step_dir} at step 1" in capsys.readouterr().err
+    assert [s for s, _ in dcp_checkpoints(run)][-1] == 2
