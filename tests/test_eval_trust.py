@@ -5,6 +5,7 @@ and one-line errors for bad choices."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import numpy as np
@@ -124,7 +125,7 @@ def test_limit_train_decodes_only_the_subset(tmp_path, monkeypatch):
     root = mismatched_folder(tmp_path, n=10)
     opened = []
     real = folder_mod._open_image
-    monkeypatch.setattr(folder_mod, "_open_image", lambda p, m: opened.append(p) or real(p, m))
+    monkeypatch.setattr(folder_mod, "_open_image", lambda p, m, *a: opened.append(p) or real(p, m, *a))
     x, y, info = load_split(str(root), "train", 28, 1, limit=5, seed=3)
     assert len(x) == 5 == len(opened) and info["n"] == 5
     again = load_split(str(root), "train", 28, 1, limit=5, seed=3)[1]
@@ -285,15 +286,20 @@ def replace_pool(opts, pool):
 
 def test_verified_loader_refuses_a_tampered_checkpoint(tmp_path):
     from mimkit.interop import InteropError, load_encoder
-    from mimkit.train.checkpoint import with_checksum
+    from mimkit.train.checkpoint import atomic_save
 
     enc = tiny_encoder()
-    state = with_checksum({"model": {"encoder." + k: v for k, v in enc.state_dict().items()},
-                           "config": {"model": {"encoder": dict(TINY)}}})
-    torch.save(state, tmp_path / "ok.pt")
+    state = {"model": {"encoder." + k: v for k, v in enc.state_dict().items()},
+             "config": {"model": {"encoder": dict(TINY)}}}
+    atomic_save(state, tmp_path / "ok.pt")  # with mimkit's file checksum
     assert isinstance(load_encoder(tmp_path / "ok.pt"), ViTEncoder)
     state["model"]["encoder.cls_token"] = state["model"]["encoder.cls_token"] + 1.0  # damaged after writing
-    torch.save(state, tmp_path / "bad.pt")
+    good = (tmp_path / "ok.pt").read_bytes()
+    buf = io.BytesIO()
+    torch.save(state, buf)  # as atomic_save writes it (to a file object), before the checksum goes in
+    plain = buf.getvalue()
+    assert len(plain) == len(good) - 96  # same layout; the checksum record is the only addition
+    (tmp_path / "bad.pt").write_bytes(plain[:-2] + good[-98:])  # the new bytes under the old checksum
     with pytest.raises(InteropError, match="does not match the checksum"):
         load_encoder(tmp_path / "bad.pt")
 

@@ -8,15 +8,27 @@ Layouts understood by :class:`ImageFolder`::
 Images are decoded with PIL and converted to ``mode`` (``"RGB"`` or ``"L"``; 16-bit and float images
 are scaled to 8 bits, not clipped: :func:`convert_image`). Unreadable files raise
 :class:`~mimkit.data.errors.DataError` naming the file, or are skipped with ``skip_corrupt=True``.
+
+Scanning (:func:`scan_images`, shared by :class:`ImageFolder` and ``mimkit data prepare``): hidden
+names (``.x``) are skipped, and symbolic links are not followed unless ``follow_links=True``; then
+only links whose target lies inside the folder are followed, and every real directory and file is
+read once (no loops, no duplicates). What was left out is reported in one warning line on stderr.
+
+Pixel limit (:data:`MAX_PIXELS`, a decompression-bomb guard): an image whose header claims more
+pixels is refused before it is decoded, by the folder reader, ``data prepare`` and the shard reader
+alike (:func:`open_image_checked`); raise it with ``MIMKIT_MAX_PIXELS=N`` or ``max_pixels=N``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
+import stat
+import sys
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -24,7 +36,17 @@ from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["IMG_EXTENSIONS", "ImageFolder", "convert_image", "load_folder_to_tensor"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MAX_PIXELS",
+    "FolderScan",
+    "ImageFolder",
+    "convert_image",
+    "load_folder_to_tensor",
+    "open_image_checked",
+    "resolve_max_pixels",
+    "scan_images",
+]
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -50,19 +72,231 @@ _RESAMPLE = {
 }
 
 
+MAX_PIXELS: int = 89_478_485
+"""The one pixel limit (width x height) of every decode in mimkit: the folder reader, ``mimkit data
+prepare`` and the shard reader refuse a larger image from its header, before decoding it (a
+decompression bomb: a few KB of PNG can claim gigapixels). The value is PIL's own default (about
+9459 x 9459, 256 MiB as RGB). Raise it per call with ``max_pixels=N`` (``0``: no limit), for a whole
+process (training, DataLoader workers) with the environment variable ``MIMKIT_MAX_PIXELS=N``, or with
+``mimkit data prepare --max-pixels N``."""
+
+MAX_PIXELS_ENV = "MIMKIT_MAX_PIXELS"
+
+_PIL_OPEN_LOCK = threading.Lock()  # guards the swap of PIL's global limit in open_image_checked
+
+
+def _new_lock() -> None:  # a child forked while another thread held the lock must not inherit it held
+    global _PIL_OPEN_LOCK
+    _PIL_OPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
+
+
+def resolve_max_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` when given, else ``$MIMKIT_MAX_PIXELS``, else
+    :data:`MAX_PIXELS`. ``0`` means no limit. :class:`DataError` for a negative or non-integer value."""
+    where = "max_pixels"
+    if max_pixels is None:
+        env = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not env:
+            return MAX_PIXELS
+        where = MAX_PIXELS_ENV
+        try:
+            max_pixels = int(env)
+        except ValueError:
+            try:
+                f = float(env)
+            except ValueError:
+                f = -1.0
+            max_pixels = int(f) if f >= 0 and f == int(f) else -1
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+        shown = os.environ.get(MAX_PIXELS_ENV) if where == MAX_PIXELS_ENV else max_pixels
+        raise DataError(f"{where} must be a whole number of pixels >= 0 (0: no limit), got {shown!r}")
+    return max_pixels
+
+
+def _too_large(name: str, w: int, h: int, limit: int) -> str:
+    return (f"image too large: {name} is {w}x{h} = {w * h} pixels ({w * h / 1e6:.1f} megapixels), over the limit "
+            f"of {limit} pixels (a guard against decompression bombs). If the image is genuine, raise the limit "
+            f"with {MAX_PIXELS_ENV}={w * h} in the environment (0: no limit), max_pixels={w * h}, or "
+            f"`mimkit data prepare --max-pixels {w * h}`; or skip such files with skip_corrupt")
+
+
+def open_image_checked(fp: str | os.PathLike[str] | IO[bytes], name: str, max_pixels: int | None = None
+                       ) -> Image.Image:
+    """``Image.open(fp)`` (header only, not decoded) with the pixel limit applied: :class:`DataError`
+    naming ``name``, the size and the limit when ``width * height`` is over it (see :data:`MAX_PIXELS`).
+
+    PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``, a warning at 1x and an error at 2x) is switched
+    off for the call so that this limit is the only one (raising it works past PIL's 2x)."""
+    limit = resolve_max_pixels(max_pixels)
+    with _PIL_OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if limit and w * h > limit:
+        im.close()
+        raise DataError(_too_large(name, w, h, limit))
+    return im
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _scan(folder: Path, exts: tuple[str, ...]) -> list[Path]:
-    """All image files below ``folder`` (recursive, sorted, hidden entries skipped)."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for f in sorted(filenames):
-            if not _is_hidden(f) and f.lower().endswith(exts):
-                found.append(Path(dirpath) / f)
-    return found
+def _norm_exts(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_images` found below ``root``.
+
+    Attributes:
+        root: the folder scanned.
+        files: every image file below ``root``, in walk order: a directory's files (sorted by name)
+            before its sub-directories (sorted, each walked depth-first), hidden names skipped.
+        top_dirs: the sub-directories directly in ``root`` that were walked (class folders), sorted.
+        follow_links: whether links were followed.
+        skipped_links: links not followed (``follow_links=False``): links to directories or to files
+            with an image extension.
+        outside_links: links whose resolved target is outside the resolved ``root`` (refused).
+        repeated: links (or bind mounts, hard links when following) to a directory or file already
+            read: a loop or a duplicate, read only once.
+        broken_links: links whose target does not exist.
+        unreadable: directories that could not be listed.
+    """
+
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    top_dirs: list[str] = field(default_factory=list)
+    follow_links: bool = False
+    skipped_links: int = 0
+    outside_links: int = 0
+    repeated: int = 0
+    broken_links: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The counts of what was left out (for an index or a log)."""
+        return {"skipped_links": self.skipped_links, "outside_links": self.outside_links,
+                "repeated": self.repeated, "broken_links": self.broken_links, "unreadable_dirs": len(self.unreadable)}
+
+    def warning(self) -> str | None:
+        """One line saying what was left out, or ``None`` when nothing was."""
+        parts = []
+        if self.skipped_links:
+            parts.append(f"{self.skipped_links} symbolic link(s) (links are not followed; pass follow_links=True, "
+                         "or --follow-links to `mimkit data prepare`, to follow links that stay inside the folder)")
+        if self.outside_links:
+            parts.append(f"{self.outside_links} link(s) leading outside the folder (never followed; copy or move "
+                         "that data inside it)")
+        if self.repeated:
+            parts.append(f"{self.repeated} link(s) to a directory or file already read (a loop or a duplicate; "
+                         "each is read once)")
+        if self.broken_links:
+            parts.append(f"{self.broken_links} broken link(s)")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable director(y/ies), e.g. {self.unreadable[0]} (fix the "
+                         "permissions)")
+        if not parts:
+            return None
+        return f"warning: {self.root}: skipped " + "; ".join(parts)
+
+
+def _inside(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def scan_images(root: str | os.PathLike[str], extensions: Sequence[str] = IMG_EXTENSIONS, *,
+                follow_links: bool = False) -> FolderScan:
+    """All image files below ``root``: the one scan behind :class:`ImageFolder` and ``mimkit data
+    prepare`` (so both read the same files in the same order); see :class:`FolderScan`.
+
+    Symbolic links are skipped unless ``follow_links``; then a link is followed only when its resolved
+    target is inside the resolved ``root``, and every real directory and file (by ``(st_dev, st_ino)``)
+    is read once, at the first place the walk reaches it: a link loop or a second link to the same
+    data adds nothing. Non-regular files (FIFOs, sockets, devices) are skipped. ``root`` itself may be
+    a link."""
+    root = Path(root).expanduser()
+    exts = _norm_exts(extensions)
+    real_root = os.path.realpath(root)
+    scan = FolderScan(root=root, follow_links=follow_links)
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    stack: list[tuple[Path, tuple[int, int], bool]] = []
+    st = os.stat(root)
+    stack.append((root, (st.st_dev, st.st_ino), False))
+    while stack:
+        d, key, top = stack.pop()
+        if key in seen_dirs:  # reached again through a link (or a bind mount): a loop or a duplicate
+            scan.repeated += 1
+            continue
+        seen_dirs.add(key)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            scan.unreadable.append(f"{d} ({e.strerror or type(e).__name__})")
+            continue
+        if top:
+            scan.top_dirs.append(d.name)
+        subdirs: list[tuple[Path, tuple[int, int], bool]] = []
+        for e in entries:
+            name = e.name
+            if _is_hidden(name):
+                continue
+            path = d / name
+            try:
+                if e.is_symlink():
+                    if not follow_links:
+                        if name.lower().endswith(exts) or e.is_dir():
+                            scan.skipped_links += 1
+                        continue
+                    real = os.path.realpath(path)
+                    try:
+                        tst = os.stat(real)
+                    except OSError:
+                        scan.broken_links += 1
+                        continue
+                    if not _inside(real, real_root):
+                        scan.outside_links += 1
+                        continue
+                    is_dir, is_file = stat.S_ISDIR(tst.st_mode), stat.S_ISREG(tst.st_mode)
+                else:  # d_type from the directory listing: no stat per file unless needed
+                    is_dir, is_file = e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)
+                    tst = e.stat(follow_symlinks=False) if is_dir or (is_file and follow_links) else None
+            except OSError:  # vanished while scanning
+                continue
+            if is_dir:
+                subdirs.append((path, (tst.st_dev, tst.st_ino), d is root))
+            elif is_file and name.lower().endswith(exts):
+                if follow_links:
+                    fkey = (tst.st_dev, tst.st_ino)
+                    if fkey in seen_files:
+                        scan.repeated += 1
+                        continue
+                    seen_files.add(fkey)
+                scan.files.append(path)
+        stack.extend(reversed(subdirs))
+    return scan
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str | None) -> None:
+    """Print ``message`` to stderr once per process (a folder opened twice warns once)."""
+    if message and message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def convert_image(im: Image.Image, mode: str) -> Image.Image:
@@ -89,15 +323,15 @@ def convert_image(im: Image.Image, mode: str) -> Image.Image:
         return im.convert(via).convert(mode)
 
 
-def _open_image(path: Path, mode: str) -> Image.Image:
+def _open_image(path: Path, mode: str, max_pixels: int | None = None) -> Image.Image:
     """Decode ``path`` fully and convert it to ``mode`` (see :func:`convert_image`); :class:`DataError`
-    if that fails."""
+    if that fails or the image is over the pixel limit (:func:`open_image_checked`)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return convert_image(im, mode)
+        with open_image_checked(path, str(path), max_pixels) as im:
+            im.load()
+            return convert_image(im, mode)
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(
             f"corrupt or unreadable image: {path} ({type(e).__name__}: {e}). Delete or replace the "
@@ -119,6 +353,11 @@ class ImageFolder(torch.utils.data.Dataset):
         skip_corrupt: see "Corrupt files" below.
         extensions: file name endings to include, case-insensitive.
         mode: PIL mode the images are converted to, ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
+        follow_links: follow symbolic links that stay inside ``root`` (each real directory and file
+            read once); by default links are skipped. Skipped links are counted in one warning line
+            on stderr (see :func:`scan_images`).
+        max_pixels: the pixel limit (``None``: ``$MIMKIT_MAX_PIXELS`` or :data:`MAX_PIXELS`; ``0``: no
+            limit); a larger image is refused (or skipped, with ``skip_corrupt``) before decoding.
 
     Attributes:
         samples: ``list[(path, label)]`` in a deterministic (sorted) order.
@@ -128,6 +367,8 @@ class ImageFolder(torch.utils.data.Dataset):
         bad_files: the distinct corrupt files found so far (by loading or by :meth:`verify`).
         num_skipped: ``len(bad_files)``.
         num_substituted: how many times ``dataset[i]`` returned a substitute sample.
+        scan_counts: what the scan left out (:attr:`FolderScan.counts`: links skipped, refused,
+            repeated, broken; unreadable directories).
 
     Corrupt files: by default loading one raises :class:`DataError` naming it. With
     ``skip_corrupt=True``, ``dataset[i]`` on a corrupt file returns the next readable sample
@@ -146,6 +387,9 @@ class ImageFolder(torch.utils.data.Dataset):
         skip_corrupt: bool = False,
         extensions: Sequence[str] = IMG_EXTENSIONS,
         mode: Literal["RGB", "L"] = "RGB",
+        *,
+        follow_links: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -154,8 +398,12 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root).expanduser()
         self.transform = transform
         self.skip_corrupt = skip_corrupt
-        self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        self.extensions = _norm_exts(extensions)
         self.mode = mode
+        self.follow_links = bool(follow_links)
+        if max_pixels is not None:
+            resolve_max_pixels(max_pixels)  # reject a bad value now
+        self.max_pixels = max_pixels
         self.num_substituted = 0
         self.bad_files: list[Path] = []
         self._bad: set[int] = set()
@@ -165,13 +413,14 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"image folder path is not a directory: {self.root}.")
 
-        top_images = [
-            p
-            for p in self.root.iterdir()
-            if p.is_file() and not _is_hidden(p.name) and p.name.lower().endswith(self.extensions)
-        ]
-        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not _is_hidden(p.name))
-        per_class = {d.name: _scan(d, self.extensions) for d in class_dirs}
+        scan = scan_images(self.root, self.extensions, follow_links=self.follow_links)
+        _warn_once(scan.warning())
+        self.scan_counts = scan.counts
+        top_images = [p for p in scan.files if p.parent == self.root]
+        per_class: dict[str, list[Path]] = {d: [] for d in scan.top_dirs}
+        for p in scan.files:
+            if p.parent != self.root:
+                per_class[p.relative_to(self.root).parts[0]].append(p)
 
         if labeled == "auto":
             labeled = not top_images and any(per_class.values())
@@ -182,7 +431,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     "but labeled=True expects one sub-folder per class. Move them into class "
                     "folders, or use labeled=False for an unlabeled data set."
                 )
-            self.classes = [d.name for d in class_dirs]
+            self.classes = sorted(per_class)
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
             self.samples: list[tuple[Path, int]] = [
                 (p, self.class_to_idx[c]) for c in self.classes for p in per_class[c]
@@ -190,11 +439,14 @@ class ImageFolder(torch.utils.data.Dataset):
         else:
             self.classes = []
             self.class_to_idx = {}
-            self.samples = [(p, -1) for p in _scan(self.root, self.extensions)]
+            self.samples = [(p, -1) for p in scan.files]
         self.labeled = bool(labeled)
         if not self.samples:
+            links = (f" ({scan.skipped_links} symbolic link(s) were skipped: pass follow_links=True, or "
+                     "--follow-links to `mimkit data prepare`, to follow those inside the folder)"
+                     if scan.skipped_links else "")
             raise DataError(
-                f"no images found under {self.root} (extensions {', '.join(self.extensions)}). "
+                f"no images found under {self.root} (extensions {', '.join(self.extensions)}){links}. "
                 "Check the path and the file types, or pass extensions=..."
             )
 
@@ -253,7 +505,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                image = _open_image(path, self.mode)
+                image = _open_image(path, self.mode, self.max_pixels)
             except DataError:
                 if not self.skip_corrupt:
                     raise
@@ -288,7 +540,7 @@ class ImageFolder(torch.utils.data.Dataset):
         bad_idx = []
         for i, (path, _) in enumerate(self.samples):
             try:
-                _open_image(path, self.mode)
+                _open_image(path, self.mode, self.max_pixels)
             except DataError:
                 bad_idx.append(i)
         bad = [self.samples[i][0] for i in bad_idx]
@@ -327,17 +579,20 @@ def load_folder_to_tensor(
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic",
     skip_corrupt: bool = False,
     extensions: Sequence[str] = IMG_EXTENSIONS,
+    follow_links: bool = False,
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a (small) image folder into one in-memory uint8 tensor.
 
     Args:
         root: folder path, or an existing :class:`ImageFolder` (then ``labeled``, ``mode``,
-            ``skip_corrupt`` and ``extensions`` are taken from it).
+            ``skip_corrupt``, ``extensions``, ``follow_links`` and ``max_pixels`` are taken from it).
         size: output side length, or ``(H, W)``.
         crop: ``True``: resize so the image covers ``size`` then center-crop (keeps aspect ratio);
             ``False``: resize straight to ``size``.
         interpolation: PIL resampling filter.
         skip_corrupt: leave out unreadable files instead of raising.
+        follow_links, max_pixels: see :class:`ImageFolder`.
 
     Returns:
         ``images (N, C, size, size) uint8`` with ``C`` = 3 (RGB) or 1 (L), and ``labels (N,)
@@ -349,14 +604,15 @@ def load_folder_to_tensor(
     folder = (
         root
         if isinstance(root, ImageFolder)
-        else ImageFolder(root, labeled=labeled, skip_corrupt=skip_corrupt, extensions=extensions, mode=mode)
+        else ImageFolder(root, labeled=labeled, skip_corrupt=skip_corrupt, extensions=extensions, mode=mode,
+                         follow_links=follow_links, max_pixels=max_pixels)
     )
     resample = _RESAMPLE[interpolation]
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     for path, label in folder.samples:
         try:
-            image = _open_image(path, folder.mode)
+            image = _open_image(path, folder.mode, folder.max_pixels)
         except DataError:
             if not folder.skip_corrupt:
                 raise

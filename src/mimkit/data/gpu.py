@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError
-from .folder import ImageFolder
+from .folder import ImageFolder, open_image_checked
 from .loaders import _check_common, _mix, _num_batches, _worker_signals, shard_indices
 
 __all__ = ["DECODE_CHOICES", "JpegBatchLoader", "crop_boxes", "gpu_decode_available", "resolve_decode"]
@@ -183,6 +184,12 @@ class _BytesDataset(torch.utils.data.Dataset):
             data = path.read_bytes()
         except OSError as e:
             return torch.empty(0, dtype=torch.uint8), label, f"{path}|{e.strerror or e}"
+        try:  # the pixel limit of every reader (mimkit.data.folder.MAX_PIXELS), from the header alone
+            open_image_checked(io.BytesIO(data), str(path)).close()
+        except DataError as e:
+            return torch.empty(0, dtype=torch.uint8), label, f"{path}|{e}"
+        except Exception:
+            pass  # a header PIL cannot parse: the decoder below decides whether the file is corrupt
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, str(path)
 
 

@@ -365,12 +365,12 @@ def _deferred_exit(signum, frame) -> None:
 def _worker_signals(_worker_id: int) -> None:
     """Stop signals are the main process's business: it finishes its step, saves a checkpoint and
     stops (the workers follow it). Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole
-    process group) and SIGUSR1 (SLURM's early warning); a SIGTERM (SLURM signals every process of a
+    process group), SIGHUP (so does a closed terminal's hang-up) and SIGUSR1 (SLURM's early warning); a SIGTERM (SLURM signals every process of a
     job step) ends a worker only after :data:`WORKER_TERM_GRACE_S` seconds, so the main process can
     still finish its step. A worker killed mid-step would break the main process's loader."""
     import signal
 
-    for name in ("SIGINT", "SIGUSR1"):
+    for name in ("SIGINT", "SIGHUP", "SIGUSR1"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
@@ -450,7 +450,7 @@ class FolderLoader:
 
     Args:
         folder: an :class:`ImageFolder` or a folder path (opened with ``labeled``, ``mode``,
-            ``skip_corrupt``). Its own ``transform`` is not used.
+            ``skip_corrupt``, ``follow_links``). Its own ``transform`` is not used.
         batch_size: per-rank batch size.
         out_size: output side ``S``.
         mean, std: normalization statistics (length ``C`` or 1).
@@ -499,10 +499,12 @@ class FolderLoader:
         labeled: bool | Literal["auto"] = "auto",
         mode: Literal["RGB", "L"] = "RGB",
         skip_corrupt: bool = False,
+        follow_links: bool = False,
     ) -> None:
         _check_common(batch_size, rank, world_size)
         if not isinstance(folder, ImageFolder):
-            folder = ImageFolder(folder, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt)
+            folder = ImageFolder(folder, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt,
+                                 follow_links=follow_links)
         self.folder = folder
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -637,6 +639,7 @@ def build_dataset(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     limit: int | None = None,
+    follow_links: bool = False,
 ) -> DatasetInfo:
     """Open a data set by name or folder path.
 
@@ -649,7 +652,8 @@ def build_dataset(
         root: where to look for Fashion-MNIST (default: :func:`find_fashion_mnist`'s search).
         in_memory_size: folders only: decode every image once, resized to this size, into an
             in-memory tensor (:func:`load_folder_to_tensor`) instead of decoding on the fly.
-        labeled, mode, skip_corrupt: folders only, see :class:`~mimkit.data.ImageFolder`.
+        labeled, mode, skip_corrupt, follow_links: folders only, see :class:`~mimkit.data.ImageFolder`
+            (symbolic links are skipped unless ``follow_links``).
         mean, std: override the normalization statistics (defaults: Fashion-MNIST's own; ImageNet's
             for RGB folders; ``(0.5,)`` for grey-scale folders).
         limit: use only the first ``limit`` images (Fashion-MNIST's order; a folder's sorted file
@@ -688,7 +692,7 @@ def build_dataset(
         )
     if (path / split).is_dir():
         path = path / split
-    folder = ImageFolder(path, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt)
+    folder = ImageFolder(path, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt, follow_links=follow_links)
     if limit is not None:
         folder.samples = folder.samples[:limit]
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if mode == "RGB" else ((0.5,), (0.5,))

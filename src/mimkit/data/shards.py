@@ -13,7 +13,15 @@ Layout of a shard directory::
 
 The tars are plain webdataset shards (``webdataset.WebDataset("OUT/shard-{000000..000099}.tar")``
 reads them). mimkit reads an image member straight at its offset from the ``.idx.npy`` table, so it
-never scans a tar; ``index.json`` is written last and marks a complete directory.
+never scans a tar (member names are never used); ``index.json`` is written last and marks a complete
+directory.
+
+Trust (:class:`ShardIndex`): a shard name in ``index.json`` must be a plain ``shard-NNNNNN.tar`` file
+name (no path separator, ``..`` or absolute path) and appear once; every offset-table row must point
+at a block-aligned member inside its tar, with a label of the index's classes. Images are refused
+from their header when over the pixel limit (:data:`~mimkit.data.folder.MAX_PIXELS`), as the folder
+reader and ``data prepare`` refuse them; pre-resized ``.npy`` members are checked from their header
+(dtype, shape) before their data is read.
 
 Order (:class:`ShardLoader`): every epoch the shards are permuted with a generator seeded from
 ``(seed, epoch)`` and dealt to the ranks in strides (``order[rank::world_size]``); each rank streams
@@ -37,6 +45,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,13 +59,15 @@ from PIL import Image
 
 from . import augment as aug
 from .errors import DataError
-from .folder import ImageFolder, _open_image, _resize, convert_image
+from .folder import ImageFolder, _open_image, _resize, convert_image, open_image_checked, resolve_max_pixels
 from .loaders import _mix, _worker_signals, folder_transform
 
 __all__ = ["FORMAT", "ShardIndex", "ShardLoader", "is_shard_dir", "prepare_shards"]
 
 FORMAT = "mimkit-shards-v1"
 INDEX = "index.json"
+SHARD_NAME = re.compile(r"shard-[0-9]{6,}\.tar")
+"""The only shard file names an index may list (what :func:`prepare_shards` writes)."""
 
 
 def is_shard_dir(path: str | os.PathLike[str]) -> bool:
@@ -65,9 +76,10 @@ def is_shard_dir(path: str | os.PathLike[str]) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
+        meta = json.loads(p.read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,10 +98,10 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def _image_payload(path: Path, mode: str, resize: int | None) -> tuple[str, bytes]:
+def _image_payload(path: Path, mode: str, resize: int | None, max_pixels: int | None = None) -> tuple[str, bytes]:
     """``(extension, bytes)`` of one sample: the file itself (checked to decode), or with ``resize``
     the uint8 ``(C, N, N)`` array (shorter side to N, center crop) as ``.npy``."""
-    image = _open_image(path, mode)  # raises DataError naming the file when it does not decode
+    image = _open_image(path, mode, max_pixels)  # DataError naming the file: does not decode, or too large
     if resize is None:
         ext = path.suffix.lower().lstrip(".")
         return ("jpg" if ext == "jpeg" else ext), path.read_bytes()
@@ -100,11 +112,11 @@ def _image_payload(path: Path, mode: str, resize: int | None) -> tuple[str, byte
     return "npy", buf.getvalue()
 
 
-def _write_shard(job: tuple[str, list[tuple[int, str, int]], str, int | None, bool]) -> dict:
+def _write_shard(job: tuple[str, list[tuple[int, str, int]], str, int | None, bool, int]) -> dict:
     """Write one shard (in a worker process): ``(path, [(key, file, label)], mode, resize,
-    skip_corrupt)`` -> ``{"name", "bytes", "samples", "bad": [files]}``. Written to a temporary
-    name and renamed, with its offset table."""
-    out, items, mode, resize, skip_corrupt = job
+    skip_corrupt, max_pixels)`` -> ``{"name", "bytes", "samples", "bad": [files]}``. Written to a
+    temporary name and renamed, with its offset table."""
+    out, items, mode, resize, skip_corrupt, max_pixels = job
     out_p = Path(out)
     tmp = out_p.with_name(f".{out_p.name}.tmp-{os.getpid()}")
     rows, bad = [], []
@@ -112,7 +124,7 @@ def _write_shard(job: tuple[str, list[tuple[int, str, int]], str, int | None, bo
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, file, label in items:
                 try:
-                    ext, data = _image_payload(Path(file), mode, resize)
+                    ext, data = _image_payload(Path(file), mode, resize, max_pixels)
                 except DataError:
                     if not skip_corrupt:
                         raise
@@ -143,6 +155,8 @@ def prepare_shards(
     skip_corrupt: bool = False,
     workers: int = 1,
     progress: bool = True,
+    follow_links: bool = False,
+    max_pixels: int | None = None,
 ) -> dict:
     """Write the images under ``src`` (an image folder, see :class:`~mimkit.data.ImageFolder`) as tar
     shards of ``shard_size`` samples into ``out`` (see the module docstring); returns the index.
@@ -150,18 +164,29 @@ def prepare_shards(
     ``resize``: store uint8 arrays of ``resize x resize`` (shorter side resized, center crop) instead
     of the encoded files, so training skips decoding. ``workers``: processes writing shards in
     parallel. A corrupt image raises :class:`DataError` naming it (``skip_corrupt``: left out and
-    listed in the index). ``out`` must be empty or absent; ``index.json`` is written last."""
+    listed in the index). ``out`` must be empty or absent; ``index.json`` is written last.
+
+    The files are found by the folder reader's scan (:class:`~mimkit.data.ImageFolder`, same files,
+    order and labels; ``follow_links`` as there: links are skipped unless it is set, and never leave
+    ``src``), so the shards hold exactly the samples :class:`ImageFolder` reads (less the corrupt ones
+    with ``skip_corrupt``). ``max_pixels``: the pixel limit (``None``: ``$MIMKIT_MAX_PIXELS`` or
+    :data:`~mimkit.data.folder.MAX_PIXELS`; ``0``: none); a larger image counts as unreadable."""
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
     if resize is not None and resize < 1:
         raise DataError(f"--resize must be a positive image side, got {resize}")
-    folder = ImageFolder(src, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt)
+    limit = resolve_max_pixels(max_pixels)
+    if resize is not None and limit and resize * resize > limit:
+        raise DataError(f"--resize {resize} makes {resize * resize} pixels per image, over the pixel limit {limit}; "
+                        "choose a smaller --resize or raise --max-pixels")
+    folder = ImageFolder(src, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt, follow_links=follow_links,
+                         max_pixels=limit)
     out_p = Path(out).expanduser()
     if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):
         raise DataError(f"{out_p} exists and is not an empty directory; choose a new OUT_DIR or delete it")
     out_p.mkdir(parents=True, exist_ok=True)
     samples = [(i, str(p), int(lab)) for i, (p, lab) in enumerate(folder.samples)]
-    jobs = [(str(out_p / f"shard-{j:06d}.tar"), samples[s : s + shard_size], mode, resize, skip_corrupt)
+    jobs = [(str(out_p / f"shard-{j:06d}.tar"), samples[s : s + shard_size], mode, resize, skip_corrupt, limit)
             for j, s in enumerate(range(0, len(samples), shard_size))]
     from tqdm import tqdm
 
@@ -187,7 +212,8 @@ def prepare_shards(
         raise DataError(f"every image under {folder.root} is corrupt or unreadable; nothing was written")
     index = {"format": FORMAT, "num_samples": n, "resize": resize, "mode": mode,
              "in_chans": 1 if mode == "L" else 3, "classes": list(folder.classes), "source": str(folder.root),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": bad, "shards": results}
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": bad,
+             "follow_links": bool(follow_links), "scan": folder.scan_counts, "max_pixels": limit, "shards": results}
     tmp = out_p / f".{INDEX}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_p / INDEX)
@@ -210,18 +236,47 @@ class ShardIndex:
         except (OSError, ValueError) as e:
             raise DataError(f"{path} is missing or unreadable ({e}); re-run `mimkit data prepare` into a new "
                             "directory") from e
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{path} is not a mimkit shard index (format {meta.get('format')!r}); write the shards "
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != FORMAT:
+            raise DataError(f"{path} is not a mimkit shard index (format {fmt!r}); write the shards "
                             "with `mimkit data prepare SRC_FOLDER OUT_DIR`")
         self.meta = meta
-        self.resize: int | None = meta.get("resize")
-        self.mode: str = meta.get("mode", "RGB")
-        self.in_chans: int = int(meta.get("in_chans", 3))
-        self.classes: list[str] = list(meta.get("classes", []))
+        bad = f"{path} was edited or is not from `mimkit data prepare`; re-run it into a new directory"
+        resize = meta.get("resize")
+        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+            raise DataError(f"{path}: resize {resize!r} is not a positive image side; {bad}")
+        mode = meta.get("mode", "RGB")
+        in_chans = meta.get("in_chans", 1 if mode == "L" else 3)
+        if (mode, in_chans) not in (("RGB", 3), ("L", 1)) or isinstance(in_chans, bool):
+            raise DataError(f"{path}: mode {mode!r} with in_chans {in_chans!r}, not RGB with 3 or L with 1; {bad}")
+        classes = meta.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise DataError(f"{path}: classes must be a list of names; {bad}")
+        shards = meta.get("shards")
+        if not isinstance(shards, list):
+            raise DataError(f"{path} has no list of shards; {bad}")
+        self.resize: int | None = resize
+        self.mode: str = mode
+        self.in_chans: int = int(in_chans)
+        self.classes: list[str] = list(classes)
         self.names: list[str] = []
         self.tables: list[np.ndarray] = []
+        seen: set[str] = set()
+        for i, sh in enumerate(shards):  # every entry is checked before any shard is opened
+            name = sh.get("name") if isinstance(sh, dict) else None
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+                raise DataError(f"{path}: shard entry {i} names {name!r}, not a plain shard file name like "
+                                f"shard-000000.tar inside {self.root} (no path separators, '..' or absolute "
+                                f"paths); {bad}")
+            if name in seen:
+                raise DataError(f"{path}: shard {name!r} is listed twice (its samples would be read twice); {bad}")
+            seen.add(name)
+            for k in ("bytes", "samples"):
+                v = sh.get(k)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise DataError(f"{path}: shard {name!r} has {k} {v!r}, not a count; {bad}")
         left = limit
-        for sh in meta["shards"]:
+        for sh in shards:
             tar = self.root / sh["name"]
             idx = tar.with_name(sh["name"][: -len(".tar")] + ".idx.npy")
             fix = ("restore it from the source, or re-run `mimkit data prepare` (data.limit can leave out later "
@@ -233,11 +288,14 @@ class ShardIndex:
                 raise DataError(f"shard {tar} has {size} bytes, {sh['bytes']} were written (truncated or "
                                 f"replaced); {fix}")
             try:
-                table = np.load(idx)
+                table = np.load(idx, allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise DataError(f"shard table {idx} is missing or unreadable ({type(e).__name__}); {fix}") from e
             if table.shape != (sh["samples"], 3):
-                raise DataError(f"shard table {idx} lists {table.shape[0]} samples, index.json {sh['samples']}; {fix}")
+                raise DataError(f"shard table {idx} lists {table.shape[0] if table.ndim else 0} samples, index.json "
+                                f"{sh['samples']}; {fix}")
+            _check_table(table, idx, size, len(self.classes), fix)
+            table = table.astype(np.int64, copy=False)
             if left is not None:
                 table = table[:left]
                 left -= len(table)
@@ -261,6 +319,23 @@ class ShardIndex:
         """Samples every rank is sure to be dealt in any epoch (the ``shards // world_size`` smallest)."""
         k = self.num_shards // world_size
         return int(np.sort(self.sizes)[:k].sum())
+
+
+def _check_table(table: np.ndarray, idx: Path, tar_bytes: int, num_classes: int, fix: str) -> None:
+    """Every row of a shard's offset table points at a member inside the tar (data at a 512-byte block
+    boundary after its header, ending inside the file) and has a label of the index (-1: none)."""
+    if table.dtype.kind not in "iu":
+        raise DataError(f"shard table {idx} holds {table.dtype}, not integer offsets; {fix}")
+    if not len(table):
+        return
+    off, size, label = (table[:, k].astype(np.int64) for k in range(3))
+    top = num_classes - 1 if num_classes else -1
+    wrong = ((off < tarfile.BLOCKSIZE) | (off % tarfile.BLOCKSIZE != 0) | (size < 0) | (off > tar_bytes - size)
+             | (label < -1) | (label > top))
+    if wrong.any():
+        r = int(np.flatnonzero(wrong)[0])
+        raise DataError(f"shard table {idx} row {r} (offset {off[r]}, size {size[r]}, label {label[r]}) does not "
+                        f"point at a member inside the {tar_bytes}-byte tar with a label in [-1, {top}]; {fix}")
 
 
 def shard_stream(index: ShardIndex, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool,
@@ -322,11 +397,13 @@ class _ShardDataset(torch.utils.data.Dataset):
     """Reads one sample at its offset; items ``(image, label, note)`` as ``_SeededDataset``'s
     (``note``: ``""``, ``"skipped:<what>"`` or ``"error:<message>"``)."""
 
-    def __init__(self, index: ShardIndex, transform: Callable | None, skip_corrupt: bool):
+    def __init__(self, index: ShardIndex, transform: Callable | None, skip_corrupt: bool,
+                 max_pixels: int | None = None):
         self.root, self.names, self.tables = index.root, index.names, index.tables
         self.resize, self.mode, self.in_chans = index.resize, index.mode, index.in_chans
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.max_pixels = max_pixels
         self._files: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -348,12 +425,9 @@ class _ShardDataset(torch.utils.data.Dataset):
     def _decode(self, shard: int, member: int):
         data = self._read(shard, member)
         if self.resize is not None:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if arr.dtype != np.uint8 or arr.shape != (self.in_chans, self.resize, self.resize):
-                raise ValueError(f"array {arr.dtype} {arr.shape}, expected uint8 "
-                                 f"({self.in_chans}, {self.resize}, {self.resize})")
-            return torch.from_numpy(arr.copy())
-        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(_npy_uint8(data, (self.in_chans, self.resize, self.resize)))
+        name = f"{self.root / self.names[shard]} sample {member}"
+        with open_image_checked(io.BytesIO(data), name, self.max_pixels) as im:  # size from the header first
             im.load()
             return convert_image(im, self.mode)
 
@@ -371,6 +445,8 @@ class _ShardDataset(torch.utils.data.Dataset):
                 what = f"{self.root / self.names[shard]} sample {m} ({type(e).__name__}: {e})"
                 if not self.skip_corrupt:
                     shape = (self.in_chans, 1, 1)
+                    if isinstance(e, DataError):  # over the pixel limit: the message names it all
+                        return torch.zeros(shape, dtype=torch.uint8), -1, f"error:{e}"
                     return torch.zeros(shape, dtype=torch.uint8), -1, (
                         f"error:corrupt sample in shard {what}. Re-run `mimkit data prepare`, restore the shard, "
                         "or set data.skip_corrupt=true to skip such samples")
@@ -387,6 +463,22 @@ class _ShardDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return self.transform(image), label, note
+
+
+def _npy_uint8(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """The uint8 C-order array of ``shape`` stored as ``.npy`` bytes, its header checked before any data
+    is touched (a crafted header cannot make it allocate more than ``data`` holds)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        hshape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+        hshape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    n = int(np.prod(shape))
+    if dtype != np.uint8 or tuple(hshape) != shape or fortran or len(data) - buf.tell() != n:
+        raise ValueError(f"array {dtype} {tuple(hshape)} ({len(data) - buf.tell()} data bytes), expected uint8 "
+                         f"{shape}")
+    return np.frombuffer(data, dtype=np.uint8, count=n, offset=buf.tell()).reshape(shape).copy()
 
 
 def _collate(items):
@@ -413,9 +505,12 @@ class ShardLoader:
         num_workers, device, pin_memory, prefetch_factor: as :class:`~mimkit.data.FolderLoader`.
         shuffle: permute shards and use the buffer (else file order).
         seed, rank, world_size: the order's seed and this process's share.
-        skip_corrupt: a sample that does not decode is replaced by the next one of its shard and
-            listed in :attr:`skipped`; else :class:`DataError` naming the shard.
+        skip_corrupt: a sample that does not decode (or is over the pixel limit) is replaced by the
+            next one of its shard and listed in :attr:`skipped`; else :class:`DataError` naming the shard.
         limit: use only the first ``limit`` samples (index order).
+        max_pixels: the pixel limit of a decoded image (``None``: ``$MIMKIT_MAX_PIXELS`` or
+            :data:`~mimkit.data.folder.MAX_PIXELS`, as the folder reader; ``0``: none), checked from
+            the image header before decoding.
 
     ``len(loader)``: batches per epoch, the same on every rank (module docstring). Iteration yields
     ``images (B, C, S, S)`` float32 normalized and ``labels (B,)`` int64 on ``device``.
@@ -444,6 +539,7 @@ class ShardLoader:
         world_size: int = 1,
         skip_corrupt: bool = False,
         limit: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -451,6 +547,10 @@ class ShardLoader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.index = root if isinstance(root, ShardIndex) else ShardIndex(root, limit)
         ix = self.index
+        self.max_pixels = resolve_max_pixels(max_pixels)
+        if ix.resize is not None and self.max_pixels and ix.resize * ix.resize > self.max_pixels:
+            raise DataError(f"{ix.root} holds {ix.resize}x{ix.resize} images, over the pixel limit {self.max_pixels}; "
+                            "raise it with MIMKIT_MAX_PIXELS (0: no limit) if they are genuine")
         if ix.num_shards < world_size:
             raise DataError(f"{ix.root} has {ix.num_shards} shard(s), fewer than the {world_size} processes; re-run "
                             "`mimkit data prepare` with a smaller --shard-size (at least one shard per process, "
@@ -472,7 +572,7 @@ class ShardLoader:
         self.sampler = _ShardSampler(self)
         workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(
-            _ShardDataset(ix, transform, skip_corrupt), batch_size=batch_size, sampler=self.sampler,
+            _ShardDataset(ix, transform, skip_corrupt, self.max_pixels), batch_size=batch_size, sampler=self.sampler,
             num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=_collate,
             worker_init_fn=_worker_signals if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # worker base seeds; never the global RNG

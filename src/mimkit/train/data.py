@@ -74,7 +74,7 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     mode = "L" if enc.in_chans == 1 else "RGB"
     ds = build_dataset(d.dataset, "train", root=d.root, in_memory_size=enc.img_size if (
         d.in_memory and d.dataset.lower() not in ("fashion_mnist", "fashion-mnist", "fmnist")) else None,
-        mode=mode, skip_corrupt=d.skip_corrupt, mean=d.mean, std=d.std, limit=d.limit)
+        mode=mode, skip_corrupt=d.skip_corrupt, mean=d.mean, std=d.std, limit=d.limit, follow_links=d.follow_links)
     if ds.in_chans != enc.in_chans:
         raise DataError(
             f"data set {d.dataset} has {ds.in_chans} channel(s) but model.encoder.in_chans={enc.in_chans}; "
@@ -104,7 +104,7 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     if eval_source is not None and (ds.images is not None):
         ev = build_dataset(eval_source, "test", root=d.eval_root or d.root, in_memory_size=None
                            if eval_source.lower() in ("fashion_mnist", "fashion-mnist", "fmnist") else enc.img_size,
-                           mode=mode, mean=d.mean, std=d.std)
+                           mode=mode, mean=d.mean, std=d.std, follow_links=d.follow_links)
         data.test_images, data.test_labels = ev.images, ev.labels
     if data.train_labels is not None and bool((data.train_labels < 0).all()):
         data.train_labels = None  # unlabelled data: no kNN, pictures still work
