@@ -38,13 +38,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _load_method(path: str):
-    """A method model from a mimkit checkpoint, or an MAE from an official MAE checkpoint."""
+    """A method model from a mimkit checkpoint, or an MAE from an official MAE checkpoint (read weights
+    only, a mimkit checksum verified first: :mod:`mimkit.safe_load`)."""
     from mimkit.config import config_from_dict
     from mimkit.interop import mae_from_official
     from mimkit.train.checkpoint import consolidate_dcp, is_dcp_checkpoint, load_checkpoint
     from mimkit.train.loop import build_method
 
-    state = consolidate_dcp(path) if is_dcp_checkpoint(path) else load_checkpoint(path)
+    state = consolidate_dcp(path) if is_dcp_checkpoint(path) else load_checkpoint(path, require_checksum=False)
     if isinstance(state, dict) and "config" in state and "model" in state:
         cfg = config_from_dict(state["config"])
         model = build_method(cfg)
@@ -88,7 +89,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from mimkit.interop import export_encoder, load_encoder
-    from mimkit.train.checkpoint import consolidate_dcp, is_dcp_checkpoint
+    from mimkit.train.checkpoint import atomic_save, consolidate_dcp, is_dcp_checkpoint
 
     if getattr(args, "format", "timm") == "hf":
         from mimkit.hf import export_hf
@@ -101,11 +102,9 @@ def _export(args: argparse.Namespace) -> int:
     if is_dcp_checkpoint(args.checkpoint):  # a sharded (train.strategy=fsdp) checkpoint directory
         import tempfile
 
-        import torch
-
         with tempfile.TemporaryDirectory() as td:
             flat = Path(td) / "consolidated.pt"
-            torch.save(consolidate_dcp(args.checkpoint), flat)
+            atomic_save(consolidate_dcp(args.checkpoint), flat)  # checksummed, as load_encoder verifies
             enc = load_encoder(flat)
     else:
         enc = load_encoder(args.checkpoint)
@@ -118,7 +117,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from mimkit.data.shards import prepare_shards
 
     index = prepare_shards(args.src, args.out, shard_size=args.shard_size, resize=args.resize, mode=args.mode,
-                           skip_corrupt=args.skip_corrupt, workers=args.workers, progress=not args.quiet)
+                           skip_corrupt=args.skip_corrupt, workers=args.workers, progress=not args.quiet,
+                           follow_links=args.follow_links, max_pixels=args.max_pixels)
     kind = f"uint8 {args.resize}x{args.resize} arrays" if args.resize else "the original files"
     print(f"wrote {index['num_samples']} images ({kind}) in {len(index['shards'])} shard(s) to {args.out}"
           + (f"; skipped {len(index['skipped'])} corrupt file(s) (listed in index.json)" if index["skipped"] else "")
@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="colour mode (L: grey-scale)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable images (listed in index.json)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links that stay inside SRC_FOLDER (each real file and folder once); by "
+                        "default links are skipped and counted in a warning")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images over N pixels, from their header (default: $MIMKIT_MAX_PIXELS or 89478485, "
+                        "a decompression-bomb guard; 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_data_prepare)
 
@@ -201,9 +207,10 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 """A config, data, checkpoint, run-directory, non-finite-loss or file-system error (one line on stderr)."""
 EXIT_INTERRUPTED = 75
-"""``pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint: rerun to resume."""
+"""``pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after saving a checkpoint: rerun to resume."""
 EXIT_KEYBOARD = 130
-"""Interrupted where no checkpoint could be saved (before training started, or a second Ctrl-C)."""
+"""Interrupted (Ctrl-C) where no checkpoint could be saved: while starting (imports, config, data
+loading, before training began), outside ``pretrain``, or by a second Ctrl-C. One line, no traceback."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -211,39 +218,50 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from mimkit.config import ConfigError
-    from mimkit.data.errors import DataError
-    from mimkit.interop import InteropError
-    from mimkit.train.checkpoint import CheckpointError
-    from mimkit.train.loop import NonFiniteLossError, TrainingInterrupted
-
+def _say(text: str) -> None:
+    """One line on stderr; a closed terminal or pipe (the run's own SIGHUP) does not turn it into a traceback."""
     try:
-        return int(args.func(args) or 0)
-    except TrainingInterrupted as e:
-        print(f"mimkit: {_one_line(e)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ConfigError, DataError, CheckpointError, InteropError, NonFiniteLossError) as e:
-        print(f"mimkit: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("mimkit: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
-        return EXIT_KEYBOARD
-    except OSError as e:  # the file system: a full disk, a missing or unwritable path
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"mimkit: error: {e.strerror or _one_line(e)}{where}; free space or fix the path, then rerun "
-              "(a pretraining run resumes from its last checkpoint)", file=sys.stderr)
-        return EXIT_ERROR
-    except RuntimeError as e:
-        import torch.distributed as dist
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
-        if isinstance(e, getattr(dist, "DistError", ())) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
-            print(f"mimkit: error: a distributed collective failed ({_one_line(e)[:300]}); another rank stopped or "
-                  "crashed (see its log) or train.dist_timeout_minutes passed", file=sys.stderr)
+
+def main(argv: list[str] | None = None) -> int:
+    command = None  # set once a command runs
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from mimkit.config import ConfigError
+        from mimkit.data.errors import DataError
+        from mimkit.interop import InteropError
+        from mimkit.train.checkpoint import CheckpointError
+        from mimkit.train.loop import NonFiniteLossError, TrainingInterrupted
+
+        try:
+            command = args.command
+            return int(args.func(args) or 0)
+        except TrainingInterrupted as e:
+            _say(f"mimkit: {_one_line(e)}")
+            return EXIT_INTERRUPTED
+        except (ConfigError, DataError, CheckpointError, InteropError, NonFiniteLossError) as e:
+            _say(f"mimkit: error: {_one_line(e)}")
             return EXIT_ERROR
-        raise
+        except OSError as e:  # the file system: a full disk, a missing or unwritable path
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            _say(f"mimkit: error: {e.strerror or _one_line(e)}{where}; free space or fix the path, then rerun "
+                 "(a pretraining run resumes from its last checkpoint)")
+            return EXIT_ERROR
+        except RuntimeError as e:
+            import torch.distributed as dist
+
+            if isinstance(e, getattr(dist, "DistError", ())) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+                _say(f"mimkit: error: a distributed collective failed ({_one_line(e)[:300]}); another rank stopped "
+                     "or crashed (see its log) or train.dist_timeout_minutes passed")
+                return EXIT_ERROR
+            raise
+    except KeyboardInterrupt:  # anywhere outside the loop's own handling (which saves and raises TrainingInterrupted)
+        _say("mimkit: interrupted" + ("; nothing was saved since the last checkpoint" if command == "pretrain" else ""))
+        return EXIT_KEYBOARD
 
 
 if __name__ == "__main__":

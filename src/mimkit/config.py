@@ -4,12 +4,14 @@ A run's config has five sections: ``model`` (encoder/decoder shapes), ``method``
 the method; the other keys are that method's options dataclass), ``data``, ``optim``, ``train`` and
 ``eval``. Unknown keys raise :class:`ConfigError` with the closest valid key as a suggestion.
 YAML files may ``inherit: other.yaml`` (path relative to the file) and override parts of it.
+A leading ``~`` / ``~user`` in a path setting (:data:`PATH_KEYS`) is expanded when the config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +33,9 @@ class DataConfig:
     optional). ``in_memory``: keep the whole uint8 set on the device and augment there (batched);
     otherwise a DataLoader with ``num_workers`` processes. ``batch_size`` is per process. A directory
     written by ``mimkit data prepare`` (tar shards) is streamed (``in_memory: false``) through a
-    shuffle buffer of ``shuffle_buffer`` samples, resuming mid-epoch at the exact sample."""
+    shuffle buffer of ``shuffle_buffer`` samples, resuming mid-epoch at the exact sample.
+    ``follow_links``: symbolic links in image folders are skipped (and counted) unless true; when
+    followed, only links that stay inside the folder are, each real folder once (no loops)."""
 
     dataset: str = "fashion_mnist"
     root: str | None = None
@@ -45,6 +49,7 @@ class DataConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     skip_corrupt: bool = False
+    follow_links: bool = False
     limit: int | None = None
     shuffle_buffer: int = 4096
     decode: str = "cpu"  # image folders streamed: cpu (PIL workers), gpu (nvJPEG, mimkit.data.gpu), auto
@@ -84,7 +89,9 @@ class TrainConfig:
     scaler). ``ckpt_every_minutes``: also save when this much wall time passed since the last save
     (``null`` = steps only). ``resume_changes``: ``refuse`` (default) stops a resume whose config
     changes the optimisation (lr, schedule, batch, world size, masking, seed, data); ``allow``
-    resumes and records the changes in ``metrics.jsonl``. ``max_nonfinite``: skipped (non-finite)
+    resumes and records the changes in ``metrics.jsonl``. ``resume_older``: ``refuse`` (default) stops an
+    explicit ``train.resume=<checkpoint>`` whose step is older than a checkpoint already in ``out_dir``
+    (training on from it would overwrite the newer progress); ``allow`` goes back to it. ``max_nonfinite``: skipped (non-finite)
     steps after which the run stops; ``max_nonfinite_fraction``: a run whose share of skipped steps
     is above this fails at its end. ``dist_timeout_minutes``: how long a rank waits for the others
     in a collective before failing (torchrun). ``strategy``: ``ddp`` (default: replicated model,
@@ -112,6 +119,7 @@ class TrainConfig:
     tensorboard: bool = True
     ckpt_every_minutes: float | None = None
     resume_changes: str = "refuse"
+    resume_older: str = "refuse"
     dist_timeout_minutes: float = 30.0
     strategy: str = "ddp"
     activation_checkpointing: bool = False
@@ -242,8 +250,28 @@ def _method_from_dict(data: dict) -> MethodOptions:
     return from_dict(METHODS[name].options_class, data, "method")
 
 
+PATH_KEYS = ("model.init", "data.dataset", "data.root", "data.eval_dataset", "data.eval_root", "train.out_dir",
+             "train.resume", "method.teacher_path", "method.codebook_path", "method.tokenizer")
+"""Every setting that names a file or folder (``method.*`` ones where the method has them): a leading
+``~`` or ``~user`` in them is expanded when a config is built (:func:`expand_paths`), so
+``train.out_dir=~/runs/x`` from a YAML file or a quoted override is the home folder, never a folder
+named ``~``. Keywords (``fashion_mnist``, ``auto``, ``none``, ``package.module:attr``) are left as they are."""
+
+
+def expand_paths(cfg: Config) -> Config:
+    """Expand ``~`` / ``~user`` at the start of every :data:`PATH_KEYS` setting of ``cfg``, in place
+    (returns ``cfg``). An unknown ``~user`` is left as written (:func:`validate` reports it)."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, name, os.path.expanduser(value))
+    return cfg
+
+
 def config_from_dict(data: dict) -> Config:
-    """Nested dict -> :class:`Config` (strict)."""
+    """Nested dict -> :class:`Config` (strict), with ``~`` expanded in the path settings (:data:`PATH_KEYS`)."""
     sections = {f.name for f in dataclasses.fields(Config)}
     for key in data:
         if key not in sections:
@@ -254,7 +282,7 @@ def config_from_dict(data: dict) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"section '{key}' must be a mapping, got {value!r}")
         kw[key] = _method_from_dict(value) if key == "method" else from_dict(hints[key], value, key)
-    return Config(**kw)
+    return expand_paths(Config(**kw))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +305,7 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     """Read a config YAML (following ``inherit:``) into a nested dict."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Use a file under configs/ or give a full path.")
     try:
@@ -288,7 +316,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} must contain a mapping at the top level")
     parent = data.pop("inherit", None)
     if parent:
-        data = _deep_merge(read_yaml(path.parent / parent), data)
+        data = _deep_merge(read_yaml(path.parent / os.path.expanduser(str(parent))), data)
     return data
 
 
@@ -328,8 +356,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (temp file + rename: never a partial file)."""
-    import os
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -347,6 +373,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("rrc_flip", "flip", "none")
 RESUME_CHANGES = ("refuse", "allow")
 STRATEGIES = ("ddp", "fsdp")
+MAX_SEED = 2**32 - 1
+"""Largest ``train.seed``: ``numpy.random.seed`` takes ``[0, 2**32)`` (the loop seeds numpy with
+``(seed + rank [+ step]) % 2**32``, torch and ``random`` with the sum itself)."""
 
 
 def _fmt(v: Any) -> str:
@@ -362,7 +391,6 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     ``world_size``: processes of the run (default: ``$WORLD_SIZE`` or 1). Reads and writes nothing
     but ``os.environ``, ``torch.cuda`` and the ``out_dir`` path's type."""
     import math
-    import os
 
     problems: list[str] = []
 
@@ -409,7 +437,7 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     need(cfg.model.init_parts in ("all", "encoder"), "model.init_parts", cfg.model.init_parts,
          "is not one of all, encoder", "all loads every matching tensor, encoder only the encoder")
     if check_environment and cfg.model.init:
-        need(Path(cfg.model.init).expanduser().exists(), "model.init", cfg.model.init, "does not exist",
+        need(Path(os.path.expanduser(cfg.model.init)).exists(), "model.init", cfg.model.init, "does not exist",
              "give the path of an official MAE checkpoint, a timm ViT state dict / safetensors, a mimkit checkpoint "
              "or export, or a Hugging Face ViTMAE directory (null = random init)")
     tokens = (math.prod(s // enc.patch_size for s in (sides * 2)[:2])
@@ -516,11 +544,15 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     need(t.max_nonfinite >= 0, "train.max_nonfinite", t.max_nonfinite, "must be >= 0", "e.g. 20")
     need(finite(t.max_nonfinite_fraction) and 0 <= t.max_nonfinite_fraction <= 1, "train.max_nonfinite_fraction",
          t.max_nonfinite_fraction, "must be in [0, 1]", "e.g. 0.1")
+    need(isinstance(t.seed, int) and not isinstance(t.seed, bool) and 0 <= t.seed <= MAX_SEED, "train.seed", t.seed,
+         f"must be an integer in [0, {MAX_SEED}] (numpy's seed range)", "e.g. train.seed=0")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, "must be >= 1 or null",
          "null keeps torch's default")
     need(t.precision in PRECISIONS, "train.precision", t.precision, f"is not one of {', '.join(PRECISIONS)}",
          "e.g. train.precision=auto")
     need(t.resume_changes in RESUME_CHANGES, "train.resume_changes", t.resume_changes,
+         f"is not one of {', '.join(RESUME_CHANGES)}", "refuse (default) or allow")
+    need(t.resume_older in RESUME_CHANGES, "train.resume_older", t.resume_older,
          f"is not one of {', '.join(RESUME_CHANGES)}", "refuse (default) or allow")
     need(finite(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "train.dist_timeout_minutes",
          t.dist_timeout_minutes, "must be > 0", "e.g. 30")
@@ -572,7 +604,14 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
         if t.precision == "fp16" and kind != "cuda":
             problems.append(f"train.precision=fp16 needs a CUDA GPU (the run would use {kind}); use "
                             "train.precision=bf16 or fp32")
-        out = Path(t.out_dir).expanduser()
+        for key in PATH_KEYS:  # config_from_dict expanded ~; what is left names no user of this machine
+            section, name = key.split(".")
+            v = getattr(getattr(cfg, section), name, None)
+            if isinstance(v, str) and v.startswith("~"):
+                user = v[1:].split("/", 1)[0]
+                problems.append(f"{key}={v}: no user '{user}' on this machine to expand '~{user}'; write the full "
+                                "path (or ~/... for your home folder)")
+        out = Path(os.path.expanduser(t.out_dir))
         if out.exists() and not out.is_dir():
             problems.append(f"train.out_dir={t.out_dir} is an existing file, not a directory; choose another "
                             "train.out_dir")

@@ -50,6 +50,19 @@ def _ints(text: str) -> tuple[int, ...]:
     return vals
 
 
+MAX_SEED = 2**32 - 1  # numpy's seed range (as train.seed)
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed, e.g. 0") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{v}: a seed must be in [0, {MAX_SEED}] (numpy's seed range), e.g. 0")
+    return v
+
+
 def _seed_list(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.replace(",", " ").split())
@@ -57,7 +70,26 @@ def _seed_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of integer seeds, e.g. '0,1,2'") from None
     if not vals:
         raise argparse.ArgumentTypeError("give at least one seed, e.g. '0,1,2'")
+    bad = [v for v in vals if not 0 <= v <= MAX_SEED]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]}: a seed must be in [0, {MAX_SEED}] (numpy's seed range), "
+                                         "e.g. '0,1,2'")
     return vals
+
+
+PATH_ARGS = ("checkpoint", "checkpoints", "dataset", "test_dataset", "out", "cache_dir")
+
+
+def _expand_paths(args) -> None:
+    """``~`` / ``~user`` at the start of path flags (``--out=~/eval`` is not expanded by the shell)."""
+    import os
+
+    for name in PATH_ARGS:
+        v = getattr(args, name, None)
+        if isinstance(v, str) and v.startswith("~"):
+            setattr(args, name, os.path.expanduser(v))
+        elif isinstance(v, list):
+            setattr(args, name, [os.path.expanduser(x) if isinstance(x, str) else x for x in v])
 
 
 def _pool_list(text: str) -> str:
@@ -140,7 +172,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "memory-mapped file")
     g.add_argument("--max-cache-gb", type=float, default=4.0, help="largest all-token cache kept in RAM")
     g.add_argument("--cache-dir", default=None, help="folder for memory-mapped token caches (default: the temp dir)")
-    g.add_argument("--seed", type=int, default=0, help="seed of subsets, splits and probe initialisation")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of subsets, splits and probe initialisation")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--out", default=None, help="directory for <protocol>.json and <protocol>.md")
@@ -309,6 +341,7 @@ def run_protocol_command(args) -> int:
     from mimkit.eval.protocols import PROTOCOLS, EvalContext, options_dict
     from mimkit.eval.report import markdown_table, write_json
 
+    _expand_paths(args)
     opts = _options(args)
     kwargs = protocol_kwargs(args.protocol, args)
     ckpt = load_checkpoint_encoder(args.checkpoint, device=opts.device, **_load_kw(args))
@@ -368,6 +401,7 @@ def run_report_command(args) -> int:
     from mimkit.eval.report import run_report
 
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    _expand_paths(args)
     opts = _options(args)
     kwargs = {p: protocol_kwargs(p, _ReportArgs(args, p)) for p in protocols if p in SUBCOMMANDS}
     from mimkit.eval.data import load_checkpoint_encoder
@@ -445,13 +479,11 @@ def register_report(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m mimkit.eval.cli``) for use before the top-level CLI exists."""
-    parser = argparse.ArgumentParser(prog="mimkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    register_report(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """Stand-alone entry point (``python -m mimkit.eval.cli eval|report ...``): the top-level CLI's, so
+    errors are one line with exit status 2 and Ctrl-C exits 130 without a traceback, as ``mimkit``."""
+    from mimkit.cli import main as mimkit_main
+
+    return mimkit_main(argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def fewshot_logreg(
         supports = draw_supports(ytr, shots, draws, seed)
     accs = []
     for sup in supports:
+        if len(np.unique(ytr[sup])) < 2:
+            raise ValueError(f"few-shot needs at least 2 classes in the training labels, the support set has "
+                             f"{len(np.unique(ytr[sup]))}; evaluate on a data set with 2 or more classes")
         mu = xtr[sup].mean(0)
         sd = xtr[sup].std(0)
         sd[sd < 1e-12] = 1.0

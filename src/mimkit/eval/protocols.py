@@ -144,6 +144,43 @@ class EvalContext:
         test_spec = o.test_dataset or o.dataset
         remap_classes(split_classes(test_spec, "test"), self.class_names(), test_spec)
 
+    def check_train_classes(self, protocol: str) -> None:
+        """A classification protocol needs at least 2 classes in the training split: with one, every
+        prediction is right (kNN and linear would report 100 %) and few-shot cannot fit. Checked from the
+        class folders before any decoding, then on the loaded labels (``--limit-train`` may drop classes);
+        a :class:`~mimkit.data.errors.DataError` naming the folder, the count and the fix."""
+        from mimkit.data.errors import DataError
+
+        o = self.opts
+        loaded = "train" in self._data
+        if loaded:
+            labels = self.labels("train")
+            present = sorted(set(labels[labels >= 0].tolist()))
+            names = self.data("train")[2].get("classes") or []
+            found = [names[i] if i < len(names) else str(i) for i in present]
+        else:
+            found = self.class_names()
+        if len(found) >= 2:
+            return
+        where = self._train_folder()
+        shown = f" ({', '.join(repr(c) for c in found)})" if found else ""
+        if loaded and o.limit_train and len(self.class_names()) >= 2:
+            fix = f"raise --limit-train {o.limit_train} (its random subset kept fewer classes than the folder has)"
+        else:
+            fix = ("pass a folder with one sub-folder of images per class, 2 or more (PATH/<class>/... or "
+                   "PATH/train/<class>/...)")
+        raise DataError(f"{where}: the training split has {len(found)} class{'es' if len(found) != 1 else ''}"
+                        f"{shown}; {protocol} accuracy needs at least 2 (with one class every prediction is right "
+                        f"and would read 100 %): {fix}")
+
+    def _train_folder(self) -> str:
+        """The folder the training split is read from (``--dataset``, or its ``train/`` sub-folder)."""
+        spec = self.opts.dataset
+        if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
+            return "fashion_mnist"
+        sub = Path(spec).expanduser() / "train"
+        return str(sub) if sub.is_dir() else str(spec)
+
     def class_names(self) -> list[str]:
         """The evaluation's class -> index map (``opts.class_names`` or the training split's classes)."""
         from mimkit.eval.data import split_classes
@@ -253,6 +290,13 @@ def _config_error(msg: str):
     return ConfigError(msg)
 
 
+def _need_classes(ctx: EvalContext, protocol: str) -> None:
+    """At least 2 training classes: from the class folders before decoding, then on the loaded labels."""
+    ctx.check_train_classes(protocol)
+    ctx.labels("train")
+    ctx.check_train_classes(protocol)
+
+
 def run_knn(ctx: EvalContext, k: int = 20, temperature: float = 0.07, ks=(10, 20, 100, 200),
             loo_norm: bool = False) -> dict:
     """DINO's weighted kNN on the train bank at several ``k`` (top-1 and top-5, one pass) and Latent MIM's
@@ -260,6 +304,7 @@ def run_knn(ctx: EvalContext, k: int = 20, temperature: float = 0.07, ks=(10, 20
     (``loo_norm=False``, as Latent MIM measures it)."""
     from mimkit.eval.knn import knn_eval, loo_1nn_accuracy
 
+    _need_classes(ctx, "kNN")
     ks = sorted({*ks, k})
     n_bank = len(ctx.labels("train"))
     if ks[-1] > n_bank:  # a column names the k it measured: k beyond the bank would be the bank size again
@@ -293,6 +338,7 @@ def run_linear(ctx: EvalContext, cfg=None, augment: bool = False) -> dict:
     """BN(affine=False) + Linear probe per pool, on cached features (or with augmentation)."""
     from mimkit.eval.linear import LINEAR_PRESETS, linear_probe_augmented, train_linear_probe
 
+    _need_classes(ctx, "linear-probe")
     cfg = cfg or replace(LINEAR_PRESETS["small"], seed=ctx.opts.seed)
     metrics, detail = {}, {}
     nc = ctx.num_classes()
@@ -320,6 +366,7 @@ def run_attentive(ctx: EvalContext, cfg=None) -> dict:
     if ctx.opts.pool not in (None, "all"):
         raise _config_error(f"--pool {ctx.opts.pool} does not apply to the attentive probe: it attends over all "
                             "tokens (drop --pool)")
+    _need_classes(ctx, "attentive-probe")
     cfg = cfg or AttentiveProbeConfig(seed=ctx.opts.seed)
     o = ctx.opts
     tr, te = ctx.tokens("train"), ctx.tokens("test")
@@ -342,6 +389,7 @@ def run_finetune(ctx: EvalContext, cfg=None) -> dict:
     if o.block is not None or not o.norm:
         raise _config_error("--block / --no-norm do not apply to fine-tuning: it trains the whole encoder with "
                             "MAE's head (global pool + fc_norm); drop them")
+    _need_classes(ctx, "fine-tuning")
     cfg = cfg or finetune_preset("small", seed=o.seed)
     if o.pool is not None:
         if o.pool not in ("mean", "cls"):
@@ -362,6 +410,7 @@ def run_fewshot(ctx: EvalContext, shots: int = 10, draws: int = 5, C: float = 1.
     are encoded (``shots x classes x draws`` at most), not the whole train split."""
     from mimkit.eval.fewshot import draw_supports, fewshot_logreg
 
+    _need_classes(ctx, "few-shot")
     counts = torch.bincount(ctx.labels("train").long())
     present = torch.nonzero(counts).flatten()
     if len(present) and int(counts[present].min()) < shots:
