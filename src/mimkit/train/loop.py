@@ -11,7 +11,7 @@ and augmentation are functions of (seed, epoch, batch index) and the RNG states 
 
 Faults: the config is validated before anything is written or read; the run directory is locked
 (:class:`~mimkit.train.checkpoint.RunLock`); a resume whose config changes the optimisation is
-refused unless ``train.resume_changes=allow``; SIGTERM / SIGINT / SIGUSR1 save a checkpoint at the
+refused unless ``train.resume_changes=allow``; SIGTERM / SIGINT / SIGUSR1 / SIGHUP save a checkpoint at the
 next step boundary and raise :class:`TrainingInterrupted` (the CLI exits with
 :data:`EXIT_INTERRUPTED`); a corrupt file met by a streaming loader saves the state of the last step
 boundary, then raises :class:`~mimkit.data.errors.DataError`.
@@ -19,7 +19,9 @@ boundary, then raises :class:`~mimkit.data.errors.DataError`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import json
 import math
 import os
@@ -28,29 +30,31 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mimkit.config import Config, ConfigError, save_config, to_dict, validate
+from mimkit.config import PATH_KEYS, Config, ConfigError, expand_paths, save_config, to_dict, validate
 from mimkit.data.errors import DataError
 from mimkit.methods import Method, Progress
 from mimkit.methods import build_method as _build_method
 from mimkit.nn.vit import image_hw
 from mimkit.train import checkpoint as ckpt
 from mimkit.train.data import build_train_data
-from mimkit.train.distributed import all_ok, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
+from mimkit.train.distributed import all_ok, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from mimkit.train.logging import MetricLogger, make_progress_bar
 from mimkit.train.optim import effective_lr, lr_at, param_groups, set_lr
 from mimkit.train.step import AfterStepGuard, HostFlags, NonFiniteTracker, fused_adamw_supported
 
 EXIT_INTERRUPTED = 75
-"""Exit status of ``mimkit pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint
+"""Exit status of ``mimkit pretrain`` stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after saving a checkpoint
 (``EX_TEMPFAIL``: rerun the same command to resume; a requeue script tests for it)."""
 
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")  # SIGHUP: the terminal was closed (or ssh dropped)
 
 # Resume safety: config keys whose change alters the optimisation (refused unless
 # train.resume_changes=allow); keys under these prefixes except FREE ones, plus the world size.
@@ -72,6 +76,20 @@ class TrainingInterrupted(Exception):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
+_LIVE_TRAINERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_trainers() -> None:
+    """Close every trainer still open when the interpreter exits (a caller that kept one alive, e.g. as
+    a module global, and never called :meth:`Trainer.close`): its process groups and their threads end
+    here, while Python is whole, not later during interpreter shutdown, where a gloo thread releasing a
+    tensor aborts the process (``terminate called without an active exception``)."""
+    for trainer in list(_LIVE_TRAINERS):
+        with contextlib.suppress(Exception):
+            trainer.close()
+
+
 def _flatten(d, prefix: str = "") -> dict:
     out = {}
     if isinstance(d, dict):
@@ -85,6 +103,10 @@ def config_changes(old: dict, new: dict, old_world: int | None = None, new_world
     """``{key: (old, new)}`` of the settings that alter the optimisation (see ``RESUME_GUARDED_*``).
     Keys the old config does not have (added by a newer mimkit) are not compared."""
     a, b = _flatten(old), _flatten(new)
+    for flat in (a, b):  # a path written with `~` by an older mimkit equals its expansion
+        for k in PATH_KEYS:
+            if isinstance(flat.get(k), str):
+                flat[k] = os.path.expanduser(flat[k])
 
     def guarded(k: str) -> bool:
         return (k.startswith(RESUME_GUARDED_PREFIXES) or k in RESUME_GUARDED_KEYS) and k not in RESUME_FREE_KEYS
@@ -159,19 +181,27 @@ class Trainer:
     then loads the data. :meth:`train` runs the loop and releases the lock (as does :meth:`close`)."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        self._closed = False
+        self._run_released = False
+        self.cfg = expand_paths(cfg)  # a Config built in code: `~` in its paths as from a YAML file
         validate(cfg)  # ranges and combinations: one-line ConfigError before any file or data
+        self.lock: ckpt.RunLock | None = None
+        self._created_dir = False
+        self._old_handlers: dict = {}
+        # a process group this trainer starts is this trainer's to end (close); one the caller
+        # started before is left to the caller, only the groups made here are destroyed
+        self._owns_process_group = not (dist.is_available() and dist.is_initialized())
         self.info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
+        self._owns_process_group = self._owns_process_group and self.info.enabled
+        self._groups: list = []  # process groups made by this trainer (destroyed by close)
+        _LIVE_TRAINERS.add(self)  # closed at interpreter exit if the caller never does
         info = self.info
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + info.rank)
         self.out_dir = Path(cfg.train.out_dir)
         self.device = info.device
-        self.lock: ckpt.RunLock | None = None
-        self._created_dir = False
         self._signal: int | None = None
-        self._old_handlers: dict = {}
         self.resumed_from: Path | None = None
         self.resume_note: str | None = None
         self.resume_diff: dict = {}
@@ -255,9 +285,7 @@ class Trainer:
             if self._dcp_resume is not None:
                 self._load_dcp(self._dcp_resume)
             if self.cfg.train.strategy == "fsdp" and info.enabled and self.device.type == "cuda":
-                import torch.distributed as dist
-
-                self._ckpt_group = dist.new_group(backend="gloo")  # async DCP writes talk on their own group
+                self._ckpt_group = self.new_group(backend="gloo")  # async DCP writes talk on their own group
         except BaseException:
             self.close(failed=True)
             raise
@@ -344,6 +372,8 @@ class Trainer:
         if res is None:
             return None
         path, state, note = res
+        if resume not in ("auto", "none", ""):
+            self._refuse_going_back(path, int(state["step"]))
         self.resume_note = note
         extra = state.get("extra") or {}
         old_world = extra.get("world_size", len(state.get("rng") or []) or None)
@@ -375,6 +405,33 @@ class Trainer:
             self._warn(f"resuming with changed settings (train.resume_changes=allow): {_describe_changes(diff)}")
         self.resume_diff = diff
         return path, state
+
+    def _newest_step_in_run_dir(self, other_than: Path) -> tuple[int, Path] | None:
+        """The highest step of the checkpoints in ``out_dir`` (single files, numbered copies, DCP
+        directories) other than ``other_than``: what a resume from an older point would overwrite."""
+        found: list[tuple[int, Path]] = []
+        skip = other_than.resolve()
+        found += [(s, p) for s, p in ckpt.numbered_checkpoints(self.out_dir) if p.resolve() != skip]
+        found += [(s, p) for s, p in ckpt.dcp_checkpoints(self.out_dir) if p.resolve() != skip]
+        latest = self.out_dir / ckpt.LATEST
+        if latest.is_file() and latest.resolve() != skip:
+            with contextlib.suppress(ckpt.CheckpointError, KeyError, TypeError, ValueError):
+                found.append((int(ckpt.load_checkpoint(latest)["step"]), latest))
+        return max(found, key=lambda sp: sp[0]) if found else None
+
+    def _refuse_going_back(self, path: Path, step: int) -> None:
+        """An explicit ``train.resume`` older than the run directory's newest checkpoint would train on
+        from there and overwrite the newer progress: refused unless ``train.resume_older=allow``."""
+        newest = self._newest_step_in_run_dir(path)
+        if newest is None or newest[0] <= step:
+            return
+        if self.cfg.train.resume_older != "allow":
+            raise ConfigError(
+                f"train.resume={path} is at step {step}, but {newest[1]} in the run directory is at step {newest[0]}: "
+                "resuming would go back and overwrite that progress. Drop train.resume (or use auto) to continue "
+                "from the newest checkpoint, choose a new train.out_dir, or pass train.resume_older=allow to go back")
+        self._warn(f"train.resume_older=allow: going back from step {newest[0]} ({newest[1]}) to step {step} "
+                   f"({path}); the newer checkpoints will be overwritten")
 
     def _apply_init(self, model: nn.Module):
         """``model.init``: load the starting weights (:mod:`mimkit.init_from`), print what was loaded,
@@ -446,27 +503,53 @@ class Trainer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        # torch unpickles .metadata and the shards' non-tensor items without restriction: every file is
+        # checked against the digests recorded in the checksummed trainer.pt first (CheckpointError)
+        ckpt.verify_dcp_dir(path)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
             with warnings.catch_warnings():  # one process: DCP says it reads without a process group
                 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} could not be read into this model ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); it is damaged or was written by a run with a "
                 "different config. Delete it (the previous one is used) or use another train.out_dir") from e
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
-    def close(self, failed: bool = False) -> None:
-        """Release the run directory (and remove it when this run created it and failed before
-        writing anything)."""
+    def new_group(self, **kwargs):
+        """``dist.new_group`` for a group this trainer uses (and :meth:`close` destroys)."""
+        group = dist.new_group(**kwargs)
+        self._groups.append(group)
+        return group
+
+    def _host_flag_group(self):
+        """The group host-side flags are agreed on: the default one when it is gloo, else a gloo group
+        made once (see :class:`~mimkit.train.step.HostFlags`)."""
+        if not self.info.enabled or dist.get_backend() == "gloo":
+            return None
+        if getattr(self, "_flag_group", None) is None:
+            self._flag_group = self.new_group(backend="gloo")
+        return self._flag_group
+
+    def release_run_dir(self, failed: bool = False) -> None:
+        """End the run's hold on the machine and its directory: restore the signal handlers, end the
+        data loader's workers and threads, release the run-directory lock (and remove the directory
+        when this run created it and failed before writing anything). :meth:`train` calls it on every
+        exit path; the model, optimizer and process group stay usable (e.g. to gather a sharded
+        model's full state) until :meth:`close`."""
+        if self._run_released:
+            return
+        self._run_released = True
         self._restore_signals()
         close_loader = getattr(getattr(getattr(self, "data", None), "loader", None), "close", None)
         if close_loader is not None:
             with contextlib.suppress(Exception):
-                close_loader()  # persistent DataLoader workers end with the run
+                close_loader()  # persistent DataLoader workers and decode threads end with the run
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -474,6 +557,48 @@ class Trainer:
             self._created_dir = False
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only when empty
+
+    def close(self, failed: bool = False) -> None:
+        """Release the run directory (:meth:`release_run_dir`), then tear the distributed state down in
+        order: wait for an asynchronous checkpoint write still in flight, drop every module that holds
+        a process group (the DDP wrapper; a sharded model and its optimizer), destroy the groups this
+        trainer made, and the default group when this trainer started it. Safe to call twice; called
+        by :func:`pretrain`, and at interpreter exit for a trainer nobody closed. After closing a
+        distributed run the trainer cannot train again."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE_TRAINERS.discard(self)
+        try:
+            self.release_run_dir(failed)
+        finally:
+            self._teardown_distributed()
+
+    def _teardown_distributed(self) -> None:
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is not None:  # an error path left an async DCP write running: let its thread finish
+            with contextlib.suppress(Exception):
+                pending[0].result()
+        if not getattr(self, "info", None) or not self.info.enabled:
+            return
+        # modules and optimizers that reference a process group: released so that destroying the group
+        # really ends it (a live reference keeps gloo's threads running until interpreter shutdown)
+        if hasattr(self, "train_model"):
+            self.train_model = None
+        if getattr(self, "_sharded", False):
+            self.model = self.method = self.optimizer = None
+            self._full_method = None
+        self._ckpt_group = self._flag_group = None
+        if dist.is_available() and dist.is_initialized():
+            if self._owns_process_group:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()  # the default group and every group made on it
+            else:
+                for group in self._groups:
+                    with contextlib.suppress(Exception):
+                        dist.destroy_process_group(group)
+        self._groups = []
+        gc.collect()  # free the released modules' last references to the groups now, not at exit
 
     def __del__(self):
         with contextlib.suppress(Exception):
@@ -486,6 +611,23 @@ class Trainer:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop at once
             return
         self._signal = signum
+        if signum == getattr(signal, "SIGHUP", None):
+            # the terminal was closed: writing to it now fails (EIO) and would break the step before the
+            # save, so output that went to the dead terminal goes to /dev/null (a log file or pipe stays)
+            import errno
+            import termios
+
+            for fd in (1, 2):
+                try:
+                    termios.tcgetattr(fd)
+                except termios.error as e:
+                    if e.args and e.args[0] == errno.EIO:  # a hung-up terminal (a pipe or file: ENOTTY)
+                        with contextlib.suppress(OSError):
+                            null = os.open(os.devnull, os.O_WRONLY)
+                            os.dup2(null, fd)
+                            os.close(null)
+                except (OSError, ValueError):
+                    pass
         if self.info.is_main:
             name = signal.Signals(signum).name
             with contextlib.suppress(OSError):
@@ -704,10 +846,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Run the loop to ``train.epochs`` / ``train.max_steps``; releases the run directory at the end."""
+        if self._closed:
+            raise RuntimeError("this Trainer was closed; make a new one to train again")
         try:
             return self._train()
         finally:
-            self.close()
+            self.release_run_dir()
 
     def _train(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -741,7 +885,7 @@ class Trainer:
         # read the flag every step instead. Host-side flags (signal, data error, checkpoint due) are
         # agreed through a CPU all-reduce when there are several processes (HostFlags).
         sync_free = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
-        host_flags = HostFlags(info)
+        host_flags = HostFlags(info, self._host_flag_group())
         tracker = NonFiniteTracker(cfg.train.log_every_steps, self.device) if sync_free else None
         guard = AfterStepGuard(unwrap(self.model), self.optimizer) if sync_free else None
 
@@ -1008,11 +1152,10 @@ class Trainer:
 
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) pretraining for ``cfg``; returns a result dict (``out_dir``, ``step``, ``knn``,
-    ``skipped_files`` ...). Raises :class:`TrainingInterrupted` after saving on SIGTERM/SIGINT/SIGUSR1."""
+    ``skipped_files`` ...). Raises :class:`TrainingInterrupted` after saving on SIGTERM/SIGINT/SIGUSR1/SIGHUP."""
     trainer = Trainer(cfg)
     try:
         return trainer.train()
     finally:
         trainer.close()
-        cleanup(trainer.info)
 

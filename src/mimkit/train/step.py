@@ -137,13 +137,16 @@ class HostFlags:
     data error or a stop signal thus makes every rank stop at the same step boundary, at the cost of
     a CPU round trip per step instead of a GPU sync."""
 
-    def __init__(self, info: DistInfo):
+    def __init__(self, info: DistInfo, group=None):
+        """``group``: the gloo group to reduce on; ``None``: the default group, which must then be gloo
+        when there are several processes (the trainer makes the gloo group once and destroys it)."""
         self.info = info
-        self.group = None
-        if info.enabled:
+        self.group = group
+        if info.enabled and group is None:
             import torch.distributed as dist
 
-            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            if dist.get_backend() != "gloo":
+                raise ValueError("HostFlags needs a gloo group when the default process group is not gloo")
 
     def reduce(self, *flags: bool) -> list[int]:
         if not self.info.enabled:
