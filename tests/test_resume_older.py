@@ -55,6 +55,11 @@ def test_an_older_explicit_resume_point_is_refused_unless_allowed(tmp_path, caps
     err = capsys.readouterr().err
     assert "going back from step 4" in err and "to step 2" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    # the abandoned timeline's copy (step 4) is gone: auto-resume past a damaged checkpoint.pt cannot
+    # jump back to it, and the run's own latest checkpoint is not "older" than anything
+    assert [s for s, _ in numbered_checkpoints(out)] == [1, 2, 3]
+    pretrain(cfg(out, "train.max_steps=4", f"train.resume={out / 'checkpoint.pt'}"))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
 
 
 def test_resume_older_takes_only_refuse_or_allow(tmp_path):

@@ -227,6 +227,21 @@ def replace_trainer(step_dir: Path, marker: Path, checksum: bool) -> None:
         forge_checksum(step_dir / "trainer.pt")
 
 
+def reseal(step_dir: Path) -> None:
+    """Rebuild the directory's manifest and trainer.pt checksum after its files were changed: what an
+    attacker can do (a checksum is not a signature), so only the restricted reader stands in the way."""
+    state = load_checkpoint(step_dir / "trainer.pt")
+    torch.save({**state, "dcp_manifest": ck.dcp_manifest(step_dir)}, step_dir / "trainer.pt")
+    forge_checksum(step_dir / "trainer.pt")
+
+
+def one_line(text: str, path, *needles: str) -> None:
+    text = text.strip()
+    assert "\n" not in text and str(path) in text, text
+    for n in needles:
+        assert n in text, text
+
+
 @needs_fmnist
 def test_sharded_checkpoint_metadata_that_runs_code_is_refused_everywhere(tmp_path, marker, fsdp_run, capsys):
     from mimkit.train import pretrain
@@ -236,29 +251,63 @@ def test_sharded_checkpoint_metadata_that_runs_code_is_refused_everywhere(tmp_pa
     manifest = load_checkpoint(step_dir / "trainer.pt")["dcp_manifest"]["files"]
     assert ".metadata" in manifest and any(n.endswith(".distcp") for n in manifest)
     replace_metadata(step_dir, marker)
-    # resume (auto): the directory is picked (sizes match), then refused before DCP reads it
+    # 1. the manifest left as written: the digest tells, before DCP reads anything
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
+    one_line(str(e.value), step_dir, ".metadata does not match the digest")
+    with pytest.raises(CheckpointError) as e:
+        pretrain(cfg(tmp_path / "other", "train.max_steps=2", "train.strategy=fsdp", f"train.resume={step_dir}"))
+    one_line(str(e.value), step_dir, ".metadata does not match the digest")
+    one_line(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), step_dir, "does not match the digest")
+    # 2. a forged manifest and checksum: the restricted metadata unpickler refuses the pickle's global
+    reseal(step_dir)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
     assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    assert ".metadata does not match the digest" in str(e.value)
-    # explicit resume of the directory
+    assert "is not plain DCP metadata" in str(e.value) and "getattr" in str(e.value)
     with pytest.raises(CheckpointError) as e:
-        pretrain(cfg(tmp_path / "other", "train.max_steps=2", "train.strategy=fsdp", f"train.resume={step_dir}"))
+        pretrain(cfg(tmp_path / "other2", "train.max_steps=2", "train.strategy=fsdp", f"train.resume={step_dir}"))
     assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    # export, visualize and model.init consolidate the directory: verified first
+    # export, visualize and model.init consolidate the directory through the same reader
     assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), step_dir, ALLOW_PICKLE)
     assert_refused(run_cli(["visualize", step_dir, "--out", tmp_path / "v.png"], capsys), step_dir, ALLOW_PICKLE)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(tmp_path / "init", f"model.init={step_dir}"))
     assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    # the payload is live: with the opt-in, torch's DCP reader unpickles it
+    # the payload is live: with the opt-in, torch's own DCP reader unpickles it
     assert not marker.exists()
     with pytest.MonkeyPatch.context() as m:
         m.setenv(ALLOW_PICKLE, "1")
         with pytest.raises(CheckpointError, match="could not be read"):
             ck.consolidate_dcp(step_dir)
-    assert marker.exists() and "WARNING" in capsys.readouterr().err
+    assert marker.exists() and "FULL UNPICKLING" in capsys.readouterr().err
     marker.unlink()
+
+
+@needs_fmnist
+def test_sharded_checkpoint_byte_items_are_read_weights_only(tmp_path, marker, fsdp_run):
+    """A shard's non-tensor item (e.g. the optimizer's param groups) replaced by a code-running pickle,
+    manifest and checksum forged: the planner reads byte items weights only, so the code never runs."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    run = tmp_path / "run"
+    step_dir = copy_run(fsdp_run, run)
+    meta = ck._DCPMetadataUnpickler(open(step_dir / ".metadata", "rb")).load()
+    keys = [k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+    info = max((v for idx, v in meta.storage_data.items() if idx.fqn in keys), key=lambda v: v.length)
+    shard = step_dir / info.relative_path
+    data = bytearray(shard.read_bytes())
+    buf = io.BytesIO()
+    torch.save(Boom(marker), buf, _use_new_zipfile_serialization=False)  # the small legacy format
+    payload = buf.getvalue()
+    data[info.offset:info.offset + info.length] = payload.ljust(info.length, b"\0")[:info.length]
+    assert len(payload) <= info.length, "the payload must fit the item it replaces"
+    shard.write_bytes(bytes(data))
+    reseal(step_dir)
+    with pytest.raises(CheckpointError) as e:
+        ck.consolidate_dcp(step_dir)
+    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
+    assert "weights-only allowlist" in str(e.value) and "optimizer." in str(e.value)
 
 
 @needs_fmnist
@@ -410,7 +459,7 @@ def test_pickle_opt_in_loads_with_full_unpickling_and_a_loud_warning(tmp_path, m
     assert f"WARNING: {ALLOW_PICKLE}=1" in err and "FULL UNPICKLING" in err and "pathlib" in err
 
 
-def test_sharded_checkpoint_without_manifest_needs_the_pickle_opt_in(tmp_path, monkeypatch, capsys):
+def test_sharded_checkpoint_integrity_manifest(tmp_path, monkeypatch, capsys):
     d = ck.dcp_tmp_dir(tmp_path, 5)
     d.mkdir(parents=True)
     (d / ".metadata").write_bytes(b"m")
@@ -418,17 +467,27 @@ def test_sharded_checkpoint_without_manifest_needs_the_pickle_opt_in(tmp_path, m
     final = ck.finalize_dcp(tmp_path, 5, {"step": 5}, keep=-1)
     state = ck.verify_dcp_dir(final)  # the manifest matches
     assert set(state["dcp_manifest"]["files"]) == {".metadata", "__0_0.distcp"}
+    (final / "__1.metadata").write_bytes(b"x")  # a file the manifest does not list (DCP reads per-rank metadata)
+    with pytest.raises(FileRefusedError, match=r"does not list \(__1.metadata\)"):
+        ck.verify_dcp_dir(final)
+    (final / "__1.metadata").unlink()
     (final / "__0_0.distcp").write_bytes(b"sharD")  # same size, other bytes
     with pytest.raises(FileRefusedError, match="__0_0.distcp does not match the digest"):
         ck.verify_dcp_dir(final)
+    monkeypatch.setenv(ALLOW_UNVERIFIED, "1")  # a mismatch is refused whatever the opt-ins
+    monkeypatch.setenv(ALLOW_PICKLE, "1")
+    with pytest.raises(FileRefusedError, match="does not match"):
+        ck.verify_dcp_dir(final)
+    monkeypatch.delenv(ALLOW_UNVERIFIED)
+    monkeypatch.delenv(ALLOW_PICKLE)
     ck.load_dcp_trainer_state(final)  # picking a directory checks only the sizes
     atomic_save({"step": 5}, final / "trainer.pt")  # an older mimkit's trainer.pt: no manifest
     with pytest.raises(FileRefusedError) as e:
         ck.verify_dcp_dir(final)
-    assert_refused(str(e.value), final, ALLOW_PICKLE)
-    monkeypatch.setenv(ALLOW_PICKLE, "1")
+    assert_refused(str(e.value), final, ALLOW_UNVERIFIED)
+    monkeypatch.setenv(ALLOW_UNVERIFIED, "1")
     assert ck.verify_dcp_dir(final)["step"] == 5
-    assert "WARNING" in capsys.readouterr().err
+    assert "unverified" in capsys.readouterr().err
 
 
 @needs_fmnist

@@ -26,9 +26,8 @@ Two opt-ins, both environment variables, both printing a warning:
 * ``MIMKIT_ALLOW_UNVERIFIED=1`` loads a file whose checksum is missing or malformed (still weights
   only). A checksum that is present and does not match is always refused.
 * ``MIMKIT_ALLOW_PICKLE=1`` loads a file that needs more than the allowlist with full unpickling,
-  which runs whatever code the file holds (:func:`unsafe_full_unpickle`, the only place mimkit does
-  that); sharded checkpoints without a shard manifest need it too (torch reads DCP's ``.metadata``
-  with ``pickle``).
+  which runs whatever code the file holds (:func:`unsafe_full_unpickle`; for a sharded checkpoint
+  directory, torch's own DCP reader: :func:`mimkit.train.checkpoint.dcp_load`).
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ class _BytesDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: ImageFolder):
         self.samples = folder.samples
+        self.max_pixels = getattr(folder, "max_pixels", None)  # the folder's own limit, as on the CPU path
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -185,7 +186,7 @@ class _BytesDataset(torch.utils.data.Dataset):
         except OSError as e:
             return torch.empty(0, dtype=torch.uint8), label, f"{path}|{e.strerror or e}"
         try:  # the pixel limit of every reader (mimkit.data.folder.MAX_PIXELS), from the header alone
-            open_image_checked(io.BytesIO(data), str(path)).close()
+            open_image_checked(io.BytesIO(data), str(path), self.max_pixels).close()
         except DataError as e:
             return torch.empty(0, dtype=torch.uint8), label, f"{path}|{e}"
         except Exception:

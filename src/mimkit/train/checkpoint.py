@@ -43,6 +43,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -57,13 +58,15 @@ import torch
 
 from mimkit.safe_load import (
     ALLOW_PICKLE,
+    ALLOW_UNVERIFIED,
     CheckpointError,
     FileRefusedError,
+    allowed_globals,
     append_checksum,
     bytes_digest,
     env_flag,
     safe_load,
-    weights_only_load,
+    warn,
 )
 
 LATEST = "checkpoint.pt"
@@ -316,6 +319,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return state
 
 
+def peek_step(path: str | Path) -> int | None:
+    """The ``step`` of a checkpoint file without reading its tensors (memory-mapped, weights only, not
+    verified: for deciding whether another checkpoint is newer); ``None`` when it cannot be read."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return int(state["step"])
+    except Exception:  # noqa: BLE001 - unreadable, damaged or not a checkpoint: nothing to compare
+        return None
+
+
 def numbered_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     """``[(step, path)]`` of the ``checkpoint-<step>.pt`` files, oldest step first."""
     out = []
@@ -382,6 +396,16 @@ def load_for_resume(out_dir: str | Path, resume: str, warn: Callable[[str], None
         raise CheckpointError(errors[0])
     raise CheckpointError(f"{errors[0].rstrip('.')}; the {len(errors) - 1} numbered copies are unusable too. "
                           "Delete them to start over, or point train.resume at a good checkpoint")
+
+
+def drop_newer(out_dir: Path, step: int) -> list[Path]:
+    """Delete the numbered copies of steps above ``step``: the timeline a run left when it resumed from
+    an older checkpoint (``train.resume_older=allow``, or past a damaged newest one); ``resume=auto``
+    would otherwise go back to them. Returns the deleted files."""
+    gone = [p for s, p in numbered_checkpoints(out_dir) if s > step]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def prune(out_dir: Path, keep: int) -> list[Path]:
@@ -539,16 +563,19 @@ class RunLock:
 # ``trainer.pt`` is complete; the newest complete one is resumed, an unreadable one falls back to
 # the previous one as for the single-file checkpoints.
 #
-# torch reads a DCP directory with full unpickling (``FileSystemReader.read_metadata`` runs
-# ``pickle.load`` on ``.metadata``; ``DefaultLoadPlanner.load_bytes`` runs ``torch.load(weights_only=
-# False)`` on the non-tensor items of the ``*.distcp`` shards, e.g. the optimizer's param groups;
-# only tensors are read weights only). So ``trainer.pt`` also holds ``dcp_manifest``: the size and
-# BLAKE2b digest of every other file of the directory, taken by rank 0 when it finalizes the
-# directory. A resume checks the manifest's files and sizes when it picks a directory and their
-# digests right before DCP reads them (:meth:`mimkit.train.loop.Trainer._load_dcp`);
-# :func:`consolidate_dcp` (export, visualize, ``model.init``) checks the digests first too. A
-# directory without a manifest (another tool's, an older mimkit's) is refused unless
-# ``MIMKIT_ALLOW_PICKLE=1``.
+# torch's own reader unpickles a DCP directory without restriction (``FileSystemReader.read_metadata``
+# runs ``pickle.load`` on ``.metadata``; ``DefaultLoadPlanner.load_bytes`` runs ``torch.load(weights_only=
+# False)`` on the non-tensor items of the ``*.distcp`` shards, e.g. the optimizer's param groups). mimkit
+# never reads a directory that way: :func:`dcp_load` passes DCP a reader whose metadata unpickler
+# accepts only DCP's own metadata classes, tensor sizes and dtypes (:class:`_DCPMetadataUnpickler`),
+# and a planner that reads the byte items weights only. Integrity is checked as for single files:
+# ``trainer.pt`` (checksummed) holds ``dcp_manifest``, the size and BLAKE2b digest of every other
+# file of the directory, taken by rank 0 when it finalizes the directory; a resume checks files and
+# sizes when it picks a directory and rank 0 checks the digests right before DCP reads it
+# (:meth:`mimkit.train.loop.Trainer._load_dcp`); :func:`consolidate_dcp` (export, visualize,
+# ``model.init``) checks them first too. A file that does not match, or that the manifest does not
+# list, is refused; a directory without a manifest (another tool's, an older mimkit's) is read only
+# with ``MIMKIT_ALLOW_UNVERIFIED=1`` (and then still through the restricted reader).
 
 DCP_DIR = "dcp"
 DCP_STEP_RE = re.compile(r"^step-(\d+)$")
@@ -647,42 +674,41 @@ def finalize_dcp(out_dir: Path, step: int, trainer_state: dict, keep: int) -> Pa
 
 def verify_dcp_files(path: Path, state: dict, digests: bool = True) -> None:
     """Check the files of the DCP directory ``path`` against the manifest in its ``trainer.pt``
-    (``state``): present, the recorded sizes and (``digests``) BLAKE2b digests. Raises
-    :class:`CheckpointError`. torch reads these files with full unpickling, so a missing manifest or a
-    file that does not match it is read only with ``MIMKIT_ALLOW_PICKLE=1`` (and a loud warning)."""
+    (``state``): every listed file present with its recorded size and (``digests``) BLAKE2b digest,
+    and no file the manifest does not list. Raises :class:`CheckpointError` (a mismatch or an unlisted
+    file: :class:`FileRefusedError`); a directory without a manifest is refused unless
+    ``MIMKIT_ALLOW_UNVERIFIED=1``."""
     path = Path(path)
     manifest = state.get(DCP_MANIFEST) if isinstance(state, dict) else None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    problem = None
-    if not isinstance(files, dict):
-        problem = (f"has no manifest of its shard files in {DCP_TRAINER} (written by an older mimkit or another tool), "
-                   "so its .metadata and shards cannot be verified")
-    elif DCP_METADATA not in files:
-        problem = f"has a manifest in {DCP_TRAINER} that does not cover {DCP_METADATA}"
-    else:
-        for name, rec in files.items():
-            p = path / str(name)
-            if "/" in str(name) or str(name) in (".", "..", DCP_TRAINER) or not isinstance(rec, dict):
-                problem = f"has a manifest naming an invalid file {name!r}"
-                break
-            if not p.is_file():
-                raise CheckpointError(f"sharded checkpoint {path} is incomplete: {name} is missing; delete it or point "
-                                      "train.resume at another checkpoint")
-            if p.stat().st_size != rec.get("size") or (digests and bytes_digest(p) != rec.get("blake2b")):
-                problem = (f"is corrupt: {name} does not match the digest recorded in {DCP_TRAINER} when it was written "
-                           "(damaged, or replaced)")
-                break
-    if problem is None:
-        return
-    if env_flag(ALLOW_PICKLE):
-        print(f"WARNING: sharded checkpoint {path} {problem}; reading it anyway because {ALLOW_PICKLE}=1: torch reads "
-              ".metadata and the shards with full unpickling, which can run any code. Do this only for checkpoints "
-              "from a source you trust", file=sys.stderr)
-        return
-    raise FileRefusedError(
-        f"sharded checkpoint {path} {problem}, so it was not read (torch reads .metadata and the shards with full "
-        "unpickling, which can run code); delete it or point train.resume at another checkpoint, or if you trust it "
-        f"set {ALLOW_PICKLE}=1")
+    if not isinstance(files, dict) or DCP_METADATA not in files:
+        what = "no manifest of its shard files" if not isinstance(files, dict) else f"a manifest without {DCP_METADATA}"
+        if env_flag(ALLOW_UNVERIFIED):
+            warn(f"sharded checkpoint {path} has {what} in {DCP_TRAINER}; reading it unverified because "
+                 f"{ALLOW_UNVERIFIED}=1 (still without running code from it)")
+            return
+        raise FileRefusedError(
+            f"sharded checkpoint {path} has {what} in {DCP_TRAINER} (written by an older mimkit or another tool), so "
+            f"its files cannot be verified and it was not read; if you trust it, set {ALLOW_UNVERIFIED}=1")
+    for name, rec in files.items():
+        if "/" in str(name) or str(name) in (".", "..", DCP_TRAINER) or not isinstance(rec, dict):
+            raise FileRefusedError(f"sharded checkpoint {path} has a manifest naming an invalid file {name!r}; delete "
+                                   "it or point train.resume at another checkpoint")
+        p = path / str(name)
+        if not p.is_file():
+            raise CheckpointError(f"sharded checkpoint {path} is incomplete: {name} is missing; delete it or point "
+                                  "train.resume at another checkpoint")
+        if p.stat().st_size != rec.get("size") or (digests and bytes_digest(p) != rec.get("blake2b")):
+            raise FileRefusedError(
+                f"sharded checkpoint {path} is corrupt: {name} does not match the digest recorded in {DCP_TRAINER} when "
+                "it was written (damaged, or replaced), so it was not read; delete it or point train.resume at another "
+                "checkpoint")
+    extra = sorted(p.name for p in path.iterdir() if p.name != DCP_TRAINER and p.name not in files)
+    if extra:
+        raise FileRefusedError(
+            f"sharded checkpoint {path} holds file(s) its manifest does not list ({', '.join(extra[:5])}), so it was not "
+            "read (DCP could read them in place of the verified ones); remove them, or point train.resume at another "
+            "checkpoint")
 
 
 def load_dcp_trainer_state(path: Path, digests: bool = False) -> dict:
@@ -739,31 +765,140 @@ def load_dcp_for_resume(out_dir: str | Path, resume: str, warn: Callable[[str], 
                           f"{Path(out_dir) / DCP_DIR} to start over, or point train.resume at a good checkpoint")
 
 
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file accepting only the globals such a file is made of: DCP's
+    metadata classes, the file reader's storage records, ``torch.Size``, dtypes and the layout
+    decoder; anything else (a pickle that would run code) raises ``UnpicklingError`` naming it."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str):
+        if name in self._ALLOWED.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a DCP .metadata file")
+
+
+def _dcp_reader(path: Path):
+    """A ``FileSystemReader`` whose metadata is read with :class:`_DCPMetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        refused: FileRefusedError | None = None  # DCP wraps reader errors; dcp_load re-raises this one
+
+        def read_metadata(self, *args, **kwargs):
+            meta_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(meta_path, "rb") as f:
+                try:
+                    metadata = _DCPMetadataUnpickler(f).load()
+                except pickle.UnpicklingError as e:
+                    self.refused = FileRefusedError(
+                        f"sharded checkpoint {path} was not read: {meta_path} is not plain DCP metadata ({e}) and "
+                        f"unpickling it could run code; if you trust it, set {ALLOW_PICKLE}=1 to read it with full "
+                        "unpickling")
+                    raise self.refused from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _weights_only_planner(base, path: Path):
+    """``base`` (a DCP load planner class) reading the shards' byte items weights only."""
+
+    class WeightsOnlyPlanner(base):
+        refused: FileRefusedError | None = None  # DCP wraps planner errors; dcp_load re-raises this one
+
+        def load_bytes(self, read_item, value) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                with torch.serialization.safe_globals(allowed_globals()):
+                    obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                reason = re.sub(r"\s+", " ", str(e).split("WeightsUnpickler error:")[-1]).strip()[:200]
+                self.refused = FileRefusedError(
+                    f"sharded checkpoint {path} was not read: its item {fqn} needs Python objects outside the weights-"
+                    f"only allowlist ({reason}) and unpickling it could run code; if you trust it, set "
+                    f"{ALLOW_PICKLE}=1 to read it with full unpickling")
+                raise self.refused from None
+            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, but weights only
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return WeightsOnlyPlanner()
+
+
+def dcp_load(state: dict, path: Path, *, rebuild: bool = False, no_dist: bool = False) -> dict:
+    """``torch.distributed.checkpoint.load`` of the directory ``path`` into ``state`` without running
+    code from it (restricted metadata unpickler, weights-only byte items; see the section comment).
+    ``rebuild``: fill an empty ``state`` from the checkpoint's own metadata (one process). Errors are
+    torch's (DCP's ``CheckpointException`` is a ``BaseException``) or :class:`FileRefusedError`."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    base = _EmptyStateDictLoadPlanner if rebuild else DefaultLoadPlanner
+    if env_flag(ALLOW_PICKLE):  # torch's own reader: full unpickling
+        print(f"WARNING: {ALLOW_PICKLE}=1: reading the sharded checkpoint {path} with FULL UNPICKLING (torch's DCP "
+              "reader). A pickle can run any code on this machine with your permissions; do this only for "
+              "checkpoints from a source you trust", file=sys.stderr)
+        reader, planner = dcp.FileSystemReader(str(path)), base()
+    else:
+        reader, planner = _dcp_reader(Path(path)), _weights_only_planner(base, Path(path))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        with warnings.catch_warnings():  # one process: DCP says it reads without a process group
+            warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+            if rebuild:  # dcp.load copies back only the keys `state` had: fill it as dcp_to_torch_save does
+                from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+                _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+            else:
+                dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except (Exception, CheckpointException):
+        for part in (reader, planner):
+            if getattr(part, "refused", None) is not None:
+                raise part.refused from None
+        raise
+    return state
+
+
 def consolidate_dcp(path: str | Path) -> dict:
     """A DCP checkpoint directory as one single-process state dict: ``{"model", "step", "config",
-    ...}`` (the optimizer state is left out), read with torch's own ``dcp_to_torch_save``. For
-    ``mimkit export`` and for inspecting a sharded run on one machine."""
-    import tempfile
-
+    ...}`` (the optimizer state is left out), verified (:func:`verify_dcp_dir`) and read without
+    running code (:func:`dcp_load`). For ``mimkit export`` and for inspecting a sharded run on one
+    machine."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = Path(path)
-    trainer = verify_dcp_dir(path)  # before torch unpickles .metadata and the shards' byte items
-    with tempfile.TemporaryDirectory() as td:
-        flat = Path(td) / "full.pt"
-        try:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
-                dcp_to_torch_save(str(path), str(flat))
-            full = weights_only_load(flat, "cpu", "consolidated checkpoint")
-        except FileRefusedError:
-            raise
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or incomplete") from e
+    trainer = verify_dcp_dir(path)
+    try:
+        full = dcp_load({}, path, rebuild=True, no_dist=True)
+    except FileRefusedError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or incomplete") from e
+    if "model" not in full:
+        raise CheckpointError(f"checkpoint {path} holds no model state; it is not a mimkit sharded checkpoint")
     out = {k: v for k, v in trainer.items() if k not in ("checksum", DCP_MANIFEST)}
     out["model"] = full["model"]
     return out
+

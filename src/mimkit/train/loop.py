@@ -211,13 +211,17 @@ class Trainer:
         self._ckpt_group = None  # the process group of asynchronous DCP writes (GPU)
         self._pending_save = None  # (future, step, trainer state) of an asynchronous DCP write
         self._full_method: nn.Module | None = None  # rank 0: the gathered model of a sharded run
-        try:  # option errors of the method become one-line config errors, before the data is loaded
-            model = build_method(cfg)
-            model.check_batch_size(cfg.data.batch_size)
-        except ConfigError:
+        try:
+            try:  # option errors of the method become one-line config errors, before the data is loaded
+                model = build_method(cfg)
+                model.check_batch_size(cfg.data.batch_size)
+            except ConfigError:
+                raise
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"method '{cfg.method.name}': {e}") from e
+        except BaseException:
+            self.close(failed=True)  # the process group started above ends here, not at interpreter exit
             raise
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"method '{cfg.method.name}': {e}") from e
         try:
             self._claim_run_dir(model)
             resume = self._load_resume_state()
@@ -415,8 +419,9 @@ class Trainer:
         found += [(s, p) for s, p in ckpt.dcp_checkpoints(self.out_dir) if p.resolve() != skip]
         latest = self.out_dir / ckpt.LATEST
         if latest.is_file() and latest.resolve() != skip:
-            with contextlib.suppress(ckpt.CheckpointError, KeyError, TypeError, ValueError):
-                found.append((int(ckpt.load_checkpoint(latest)["step"]), latest))
+            step = ckpt.peek_step(latest)
+            if step is not None:
+                found.append((step, latest))
         return max(found, key=lambda sp: sp[0]) if found else None
 
     def _refuse_going_back(self, path: Path, step: int) -> None:
@@ -497,29 +502,40 @@ class Trainer:
 
     def _load_dcp(self, path: Path) -> None:
         """Read a DCP checkpoint into the (sharded or replicated) model and optimizer: DCP re-shards
-        what ``M`` processes wrote for this run's ``N``."""
-        import warnings
-
-        import torch.distributed.checkpoint as dcp
+        what ``M`` processes wrote for this run's ``N``. Rank 0 first checks every file against the
+        digests in the checksummed ``trainer.pt`` and the ranks agree before any of them reads; the
+        read itself runs no code from the files (:func:`~mimkit.train.checkpoint.dcp_load`)."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        # torch unpickles .metadata and the shards' non-tensor items without restriction: every file is
-        # checked against the digests recorded in the checksummed trainer.pt first (CheckpointError)
-        ckpt.verify_dcp_dir(path)
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
+        err: BaseException | None = None
+        if self.info.is_main:
+            try:
+                ckpt.verify_dcp_dir(path)
+            except (ckpt.CheckpointError, OSError) as e:
+                err = e
+        if not all_ok(err is None, self.info):
+            if isinstance(err, ckpt.CheckpointError):
+                raise err
+            raise ckpt.CheckpointError(f"checkpoint {path} could not be verified ({err or 'see rank 0'}); delete it "
+                                       "(the previous one is used) or use another train.out_dir")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
-            with warnings.catch_warnings():  # one process: DCP says it reads without a process group
-                warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path))
+            ckpt.dcp_load(state, path)
+        except ckpt.FileRefusedError:
+            raise
         except (Exception, CheckpointException) as e:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} could not be read into this model ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); it is damaged or was written by a run with a "
                 "different config. Delete it (the previous one is used) or use another train.out_dir") from e
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def _require_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"this Trainer was closed, so it cannot {what}; make a new Trainer (it resumes from the "
+                               "last checkpoint)")
 
     def new_group(self, **kwargs):
         """``dist.new_group`` for a group this trainer uses (and :meth:`close` destroys)."""
@@ -655,6 +671,7 @@ class Trainer:
         """The full state; ``rng``: this rank's RNG state to store instead of the current one (the
         state at the last step boundary when a step is abandoned). Sharded runs: every key but
         ``model`` and ``optimizer`` (those go to the DCP shards, see :meth:`save`)."""
+        self._require_open("give its state")
         rng = rng if rng is not None else ckpt.rng_state()
         if self.info.enabled:
             import torch.distributed as dist
@@ -681,6 +698,10 @@ class Trainer:
         when distributed. Raises :class:`~mimkit.train.checkpoint.CheckpointError` on every rank when
         rank 0 could not write (the previous checkpoint is then intact). ``train.strategy=fsdp``
         writes a DCP directory instead (:meth:`_save_dcp`)."""
+        self._require_open("save")
+        if self._run_released:
+            raise RuntimeError("this Trainer has released its run directory (train() ended), so it cannot save; "
+                               "make a new Trainer to continue the run")
         if self.cfg.train.strategy == "fsdp":
             return self._save_dcp(final, rng)
         state = self.state_dict(rng)  # collective when distributed: every rank calls it
@@ -689,6 +710,7 @@ class Trainer:
         if self.info.is_main:
             try:
                 ckpt.atomic_save(state, latest)
+                ckpt.drop_newer(self.out_dir, self.step)
                 keep = self.cfg.train.keep_checkpoints
                 if keep:
                     ckpt.atomic_copy(latest, self.out_dir / ckpt.numbered_name(self.step))
@@ -846,8 +868,10 @@ class Trainer:
 
     def train(self) -> dict:
         """Run the loop to ``train.epochs`` / ``train.max_steps``; releases the run directory at the end."""
-        if self._closed:
-            raise RuntimeError("this Trainer was closed; make a new one to train again")
+        self._require_open("train")
+        if self._run_released:
+            raise RuntimeError("this Trainer has finished its run (train() ran or failed, and released the run "
+                               "directory); make a new Trainer to train again, which resumes from the last checkpoint")
         try:
             return self._train()
         finally:
@@ -1109,6 +1133,7 @@ class Trainer:
     # -- evaluation and pictures ------------------------------------------------------------------
     def evaluate_knn(self) -> dict | None:
         """DINO kNN on the frozen encoder (cls and mean-pooled patches) on the main process."""
+        self._require_open("evaluate")
         d = self.data
         if d.train_images is None or d.test_images is None or d.train_labels is None:
             return None
