@@ -22,6 +22,17 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+TINY_RUN = [
+    "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
+    "model.decoder.embed_dim=16", "model.decoder.depth=1", "model.decoder.num_heads=2",
+    "data.limit=256", "train.log_every_steps=1", "train.progress_bar=false", "train.tensorboard=false",
+    "eval.knn_at_end=false", "eval.picture_at_end=false", "optim.warmup_epochs=1", "train.num_threads=1",
+    "train.epochs=1",
+]
+"""Overrides of configs/mae_fashion_mnist.yaml for a run of a few seconds (a 2-block encoder on 256
+images, no evaluation, no picture, one thread); a test adds its batch size and what it checks."""
+
+
 def tiny_model_config(**enc):
     from mimkit.methods import DecoderConfig, ModelConfig
     from mimkit.nn import ViTConfig

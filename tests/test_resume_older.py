@@ -5,20 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import needs_fmnist
+from conftest import TINY_RUN, needs_fmnist
 
 from mimkit.config import ConfigError, load_config
 from mimkit.train import pretrain
 from mimkit.train.checkpoint import load_checkpoint, numbered_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
-    "model.decoder.embed_dim=16", "model.decoder.depth=1", "model.decoder.num_heads=2",
-    "data.limit=256", "data.batch_size=32", "train.log_every_steps=1", "train.progress_bar=false",
-    "train.tensorboard=false", "eval.knn_at_end=false", "eval.picture_at_end=false", "optim.warmup_epochs=1",
-    "train.epochs=1", "train.ckpt_every_steps=1", "train.keep_checkpoints=-1",
-]
+TINY = [*TINY_RUN, "data.batch_size=32", "train.ckpt_every_steps=1", "train.keep_checkpoints=-1"]
 
 
 def cfg(out, *extra):
