@@ -70,6 +70,43 @@ def test_block_masking_exact_count_and_blocks(ratio):
     assert torch.all(plan.ids_keep[:, 1:] > plan.ids_keep[:, :-1])
 
 
+# Official statistics of CAE's block masking at 14x14 (min 16 patches per block, aspect 0.3), 2000 masks
+# per count, components 4-connected, "isolated" = masked patches without a masked 4-neighbour. Computed
+# once with the official generator (Atten4Vis/CAE furnace/masking_generator.py at 1016f85, run
+# unedited): `random.seed(s); gen = MaskingGenerator(14, count, min_num_patches=16, min_aspect=0.3);
+# masks = [gen() for _ in range(2000)]`, then scipy.ndimage.label per mask; seeds 0 and 1 gave
+# 98: 1.336/1.355 components, 0.059/0.059 isolated; 75: 1.484/1.482, 0.100/0.084; 30: 1.575/1.564,
+# 0.112/0.103 (the values below are the means of the two seeds).
+OFFICIAL_BLOCK_STATS = {98: (1.346, 0.059), 75: (1.483, 0.092), 30: (1.570, 0.108)}
+
+
+def _block_stats(m: torch.Tensor) -> tuple[float, float]:
+    from scipy import ndimage
+
+    g = m.view(-1, 14, 14)
+    comps = sum(ndimage.label(x.numpy())[1] for x in g) / len(g)
+    pad = torch.nn.functional.pad(g.float(), (1, 1, 1, 1))
+    nb = pad[:, :-2, 1:-1] + pad[:, 2:, 1:-1] + pad[:, 1:-1, :-2] + pad[:, 1:-1, 2:]
+    isolated = ((nb == 0) & g).sum((1, 2)).float().mean().item()
+    return comps, isolated
+
+
+@pytest.mark.parametrize("count", [98, 75, 30])
+def test_block_masking_has_the_official_block_statistics(count):
+    """Masks made of the official generator's few blocks: connected components and isolated masked
+    patches per mask match the official code's (scattered random fill-ins would give several times
+    more of both: 6.1 components and 4.3 isolated patches at 98/196)."""
+    from mimkit.masking import BlockOptions
+
+    gen = BlockMasking(count=196 - count, options=BlockOptions(min_patches=16, min_aspect=0.3))
+    m = gen.boolean_mask(2000, (14, 14), generator=torch.Generator().manual_seed(count))
+    assert torch.all(m.sum(1) == count)
+    comps, isolated = _block_stats(m)
+    ref_c, ref_i = OFFICIAL_BLOCK_STATS[count]
+    assert abs(comps - ref_c) < 0.08, (comps, ref_c)
+    assert abs(isolated - ref_i) < 0.04, (isolated, ref_i)
+
+
 def test_plan_from_mask_rejects_unequal_counts():
     m = torch.zeros(2, 4, dtype=torch.bool)
     m[0, 0] = True

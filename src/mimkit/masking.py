@@ -288,16 +288,25 @@ class BlockOptions:
 class BlockMasking(MaskGenerator):
     """BEiT/CAE block-wise masking with an exact masked count ``L - num_keep(L, ratio, count)``.
 
-    Rectangles of area in ``[min_patches, remaining]`` and aspect ratio log-uniform in
-    ``[min_aspect, 1/min_aspect]`` are added until the masked count is reached (BEiT's
-    ``MaskingGenerator``; rectangles that would add nothing or overshoot are rejected). As in CAE's
-    generator, the count is then made exact: missing patches are added at random, surplus ones
-    removed at random. Vectorised over the batch: each round proposes one rectangle for every image.
-    Visible and masked ids are in raster order (:func:`plan_from_mask`).
+    The algorithm of CAE's ``MaskingGenerator`` (Atten4Vis/CAE ``furnace/masking_generator.py``, itself
+    BEiT's with an exact count): with ``remaining`` patches still to mask and ``cap = min(remaining,
+    max_patches)``, a rectangle is drawn with area uniform between ``min_patches`` and ``cap`` (when
+    ``cap < min_patches`` the area lies in ``[cap, min_patches]``, as ``random.uniform(a, b)`` with
+    ``a > b`` gives), aspect ratio log-uniform in ``[min_aspect, 1/min_aspect]``, ``h = round(sqrt(area
+    * aspect))``, ``w = round(sqrt(area / aspect))`` (both below the grid's sides) and a uniform corner;
+    it is accepted when it adds between 1 and ``cap`` new patches (overlapping masked ones is allowed).
+    Rectangles are drawn until exactly the count is masked, so masks stay made of a few blocks even
+    for the last patches (no scattered single patches).
+
+    Vectorised over the batch: each round draws one rectangle for every image that is not complete;
+    an image's sequence of draws is independent of the others', so each mask has the distribution of
+    the sequential generator. A mask still short after ``max_rounds`` rounds (not met in practice; the
+    statistics test draws thousands) is completed with random patches. Visible and masked ids are in
+    raster order (:func:`plan_from_mask`).
     """
 
     def __init__(self, mask_ratio: float = 0.5, options: BlockOptions | None = None, count: int | None = None,
-                 max_rounds: int = 200):
+                 max_rounds: int = 4096, check_every: int = 8):
         self.mask_ratio = mask_ratio
         self.options = options or BlockOptions()
         self.count = count
@@ -306,6 +315,7 @@ class BlockMasking(MaskGenerator):
             raise ValueError(f"block masking needs min_patches >= 1 and 0 < min_aspect <= 1, got {o}")
         self.log_aspect = (math.log(o.min_aspect), math.log(1 / o.min_aspect))
         self.max_rounds = max_rounds
+        self.check_every = check_every  # rounds between two reads of "all complete?" (a host sync each)
 
     def num_masked(self, num_tokens: int) -> int:
         return num_tokens - num_keep(num_tokens, self.mask_ratio, self.count)
@@ -321,23 +331,22 @@ class BlockMasking(MaskGenerator):
         gh, gw = grid
         length = gh * gw
         target = self.num_masked(length)
-        min_p = self.options.min_patches
+        min_p = float(self.options.min_patches)
         max_area = self.options.max_patches or target
         m = torch.zeros(batch_size, gh, gw, dtype=torch.bool, device=device)
         rows = torch.arange(gh, device=device)[None, :, None]
         cols = torch.arange(gw, device=device)[None, None, :]
-        for _ in range(self.max_rounds):
-            count = m.flatten(1).sum(1)
-            remaining = target - count
-            if not bool((remaining >= min_p).any()):
+        lo_ar, hi_ar = self.log_aspect
+        for r in range(self.max_rounds):
+            remaining = target - m.flatten(1).sum(1)  # (B,), 0 for a complete mask
+            if r % self.check_every == 0 and not bool((remaining > 0).any()):
                 break
-            hi = remaining.clamp(max=max_area).float()
-            area = min_p + _uniform((batch_size,), device, generator) * (hi - min_p).clamp(min=0)
-            log_ar = self.log_aspect[0] + _uniform((batch_size,), device, generator) * (self.log_aspect[1] - self.log_aspect[0])
-            ar = torch.exp(log_ar)
-            h = torch.round(torch.sqrt(area * ar)).long().clamp(min=1)
-            w = torch.round(torch.sqrt(area / ar)).long().clamp(min=1)
-            ok = (h < gh) & (w < gw)
+            cap = remaining.clamp(max=max_area).float()
+            area = min_p + _uniform((batch_size,), device, generator) * (cap - min_p)  # random.uniform(min_p, cap)
+            ar = torch.exp(lo_ar + _uniform((batch_size,), device, generator) * (hi_ar - lo_ar))
+            h = torch.round(torch.sqrt(area * ar)).long()
+            w = torch.round(torch.sqrt(area / ar)).long()
+            fits = (h < gh) & (w < gw)
             top = (_uniform((batch_size,), device, generator) * (gh - h + 1).clamp(min=1)).long()
             left = (_uniform((batch_size,), device, generator) * (gw - w + 1).clamp(min=1)).long()
             rect = (
@@ -345,14 +354,15 @@ class BlockMasking(MaskGenerator):
                 & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
             )
             new = (rect & ~m).flatten(1).sum(1)
-            accept = ok & (new > 0) & (new <= remaining) & (remaining >= min_p)
+            accept = fits & (new > 0) & (new <= cap.long())  # a complete mask has cap 0: nothing is accepted
             m = m | (rect & accept[:, None, None])
-        # exact count (CAE): rank by (in a block) + noise, take the top `target`
-        score = m.flatten(1).float() + _uniform((batch_size, length), device, generator) * 0.5
-        top_ids = torch.topk(score, target, dim=1).indices
-        exact = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
-        exact.scatter_(1, top_ids, True)
-        return exact
+        m = m.flatten(1)
+        short = target - m.sum(1)
+        if bool((short > 0).any()):  # after max_rounds only: complete with random patches
+            score = m.float() + _uniform((batch_size, length), device, generator) * 0.5
+            top_ids = torch.topk(score, target, dim=1).indices
+            m = torch.zeros(batch_size, length, dtype=torch.bool, device=device).scatter_(1, top_ids, True)
+        return m
 
     def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
                  progress=None, grid=None) -> MaskPlan:
