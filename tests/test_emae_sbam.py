@@ -372,13 +372,78 @@ def test_configs_load(name, method):
         assert cfg.method.masking.kind == "sbam"
 
 
+def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def _norm_pix_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, 28, 28)`` -> ``(B, 49, 16)``: 4x4 patches row-major over the 7x7 grid, each standardised
+    with MAE's unbiased variance and eps 1e-6."""
+    patches = torch.stack([x[:, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].reshape(len(x), 16)
+                           for r in range(7) for c in range(7)], 1)
+    return (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
 def test_fashion_mnist_presets_run_one_step():
-    for name in ("emae_fashion_mnist", "sbam_fashion_mnist"):
-        cfg = load_config(CONFIGS / f"{name}.yaml", ["model.encoder.depth=1", "model.decoder.depth=1"])
-        model = METHODS[cfg.method.name](cfg.model, cfg.method)
-        out = model(torch.randn(2, 1, 28, 28), Progress(step=9, total_steps=10))
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
+    """What the two presets' comments promise, and one step's loss written out by hand: a 192-wide ViT on
+    the 49 patches of 28x28 images, per-patch normalised pixel targets; EMAE with 4 disjoint covering
+    views (13/12/12/12 visible) and the pairwise consistency term at weight 1; SBAM with random masking
+    for the first 25 % of training, then the least salient tokens kept (salience + 0.5 noise) at one
+    adaptive ratio 0.75 +- 0.1 per batch (threshold 0.5)."""
+    over = ["model.encoder.depth=1", "model.decoder.depth=1"]
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    target = _norm_pix_by_hand(x)
+    cfg = load_config(CONFIGS / "emae_fashion_mnist.yaml", over)
+    model = METHODS[cfg.method.name](cfg.model, cfg.method)
+    assert isinstance(model, EMAE) and (model.encoder.embed_dim, model.encoder.num_patches) == (192, 49)
+    out = model(x, Progress(step=9, total_steps=10), generator=torch.Generator().manual_seed(0))
+    plan = out.plan
+    assert (plan.num_views, plan.num_seqs) == (4, 8) and out.pred.shape == (8, 49, 16)
+    mask = plan.mask.view(2, 4, 49)
+    assert torch.equal((1 - mask).sum(1), torch.ones(2, 49))  # every patch visible in exactly one view
+    assert [sorted(row) for row in (1 - mask).sum(2).tolist()] == [[12, 12, 12, 13]] * 2
+    torch.testing.assert_close(out.target, target, rtol=1e-5, atol=1e-5)
+    pred = out.pred.detach().view(2, 4, 49, 16)
+    whole = sum(_masked_mean((pred[:, v] - target).pow(2).mean(-1), mask[:, v]) for v in range(4)) / 4
+    pairs = [_masked_mean((pred[:, i] - pred[:, j]).pow(2).mean(-1), mask[:, i] * mask[:, j])
+             for i in range(4) for j in range(4) if i != j]
+    cons = sum(pairs) / 12
+    torch.testing.assert_close(out.metrics["loss_consistency"], cons, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), whole + 1.0 * cons, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert float(model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum()) > 0
+
+    cfg = load_config(CONFIGS / "sbam_fashion_mnist.yaml", over)
+    model = METHODS[cfg.method.name](cfg.model, cfg.method)
+    assert (model.encoder.embed_dim, model.encoder.num_patches) == (192, 49)
+    x = 0.05 * torch.randn(2, 1, 28, 28)
+    x[0, :, 8:20, 6:18] += 1.0  # a bright square, a vertical ramp: a few clearly salient tokens, more in the ramp
+    x[1] += torch.linspace(-1.5, 1.5, 28)[:, None]
+    noise = torch.rand(2, 49)
+    early = model(x, Progress(step=2, total_steps=10), noise=noise).plan  # warm start: MAE's random masking
+    assert torch.equal(early.mask, RandomMasking(0.75)(2, 49, noise=noise).mask)
+    out = model(x, Progress(step=9, total_steps=10), noise=noise)
+    with torch.no_grad():  # SBAM's salience by hand: column sums of softmax(X X^T), min-max per image
+        tok = model.encoder.patch_tokens(x).double()
+        received = (tok @ tok.transpose(1, 2)).softmax(-1).sum(1)
+        lo, hi = received.amin(1, keepdim=True), received.amax(1, keepdim=True)
+        sal = (received - lo) / (hi - lo + 1e-6)
+    assert float((sal - 0.5).abs().min()) > 0.01  # no token on the threshold: the count below is robust
+    ratio = 0.75 - 0.1 + 0.2 * float((sal > 0.5).double().mean())  # one ratio for the batch
+    n_keep = min(max(math.floor(49 * (1 - ratio) + 1e-9), math.ceil(49 * 0.15)), math.floor(49 * 0.35))
+    assert n_keep > 12  # few salient tokens: fewer masked than the base ratio's 37
+    order = torch.argsort(sal + 0.5 * noise.double(), dim=1)
+    expect = torch.ones(2, 49)
+    for b in range(2):
+        expect[b, order[b, :n_keep]] = 0.0
+    assert torch.equal(out.plan.mask, expect) and out.plan.keep_valid is None
+    target = _norm_pix_by_hand(x)
+    torch.testing.assert_close(out.target, target, rtol=1e-5, atol=1e-5)
+    loss = _masked_mean((out.pred.detach() - target).pow(2).mean(-1), expect)
+    torch.testing.assert_close(out.loss.detach(), loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert float(model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum()) > 0
 
 
 def test_pictures(tmp_path):

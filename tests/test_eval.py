@@ -130,11 +130,24 @@ def test_linear_probe_augmented_runs_and_freezes_encoder():
     enc = tiny_encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     x, y = stripe_images(8)
-    cfg = LinearProbeConfig(epochs=2, batch_size=8, warmup_epochs=1, optimizer="sgd", crop_scale=(0.5, 1.0))
-    res = linear_probe_augmented(enc, x, y, x, y, cfg, pool="mean")
-    assert 0 <= res["top1"] <= 100 and len(res["history"]) == 2
+    xt, yt = stripe_images(4, seed=1)
+    cfg = LinearProbeConfig(epochs=2, batch_size=8, warmup_epochs=1, optimizer="sgd", lr=0.5, crop_scale=(0.5, 1.0))
+    res = linear_probe_augmented(enc, x, y, xt, yt, cfg, pool="mean")
+    assert len(res["history"]) == 2
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k])
+    # testing: un-augmented mean-pooled features (inputs scaled by the default mean/std 0.5), the BN set to
+    # the exact mean / unbiased variance of the un-augmented *train* features, then the head
+    with torch.no_grad():
+        feats, test_feats = (enc.forward_features((v.float() / 255 - 0.5) / 0.5)[:, 1:].mean(1) for v in (x, xt))
+        bn, head = res["model"].bn, res["model"].head
+        torch.testing.assert_close(bn.running_mean, feats.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, feats.var(0), rtol=1e-4, atol=1e-5)
+        logits = (test_feats - feats.mean(0)) / (feats.var(0) + 1e-6).sqrt() @ head.weight.T + head.bias
+    pred = logits.argmax(1)
+    assert len(set(pred.tolist())) > 1  # not a constant prediction, so the values below can be wrong
+    assert res["top1"] == pytest.approx(100.0 * float((pred == yt).float().mean()))
+    assert res["per_class"] == pytest.approx([100.0 * float((pred[yt == c] == c).float().mean()) for c in range(3)])
 
 
 # -- attentive probe ------------------------------------------------------------------------------
@@ -187,7 +200,14 @@ def test_attentive_probe_parameters_and_gradients():
     assert all(p.grad is None for p in enc.parameters())
     res = train_attentive_probe(tokens, y, tokens, y, enc.num_heads,
                                 AttentiveProbeConfig(epochs=3, batch_size=9, warmup_epochs=1, base_lr=0.5))
-    assert 0 <= res["top1"] <= 100 and len(res["per_class"]) == 3
+    assert (res["batch_size"], res["steps"], len(res["history"])) == (9, 6, 3)
+    # the reported accuracies are those of the returned probe in eval mode (BN running statistics)
+    probe = res["model"].eval()
+    with torch.no_grad():
+        pred = probe(tokens).argmax(1)
+    assert len(set(pred.tolist())) > 1  # not a constant prediction, so the values below can be wrong
+    assert res["top1"] == pytest.approx(100.0 * float((pred == y).float().mean()))
+    assert res["per_class"] == pytest.approx([100.0 * float((pred[y == c] == c).float().mean()) for c in range(3)])
 
 
 def test_attentive_probe_small_data_defaults():
@@ -398,9 +418,27 @@ def test_cli_eval_knn_end_to_end(tmp_path):
     n = data["setup"]["n_train"]  # a small bank: k beyond it is not reported under a false name
     assert set(data["metrics"]) == {f"knn{k}_{p}" for k in (10, 20, 100, 200) if k <= n for p in ("cls", "mean")} | {
         "knn20top5_cls", "knn20top5_mean", "loo1nn_cls-noLN", "loo1nn_mean-noLN"}
-    assert all(0 <= v <= 100 for v in data["metrics"].values())
     assert data["setup"]["mean"] == [0.3] and data["setup"]["norm_source"] == "checkpoint config"
     assert data["setup"]["train_data"]["n"] == 24 and data["setup"]["test_data"]["n"] == 6  # 80/20 split
+    # the numbers, by hand on the same split: the saved encoder's features of images scaled by the checkpoint's
+    # mean/std 0.3, DINO's vote (k = 10, T = 0.07), and leave-one-out 1-NN on test features without the final norm
+    from mimkit.eval.protocols import EvalContext, EvalOptions
+    from tests.test_eval_trust import reference_knn
+
+    ctx = EvalContext(tiny_encoder(), EvalOptions(dataset=str(root), progress=False))
+    (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
+    enc = tiny_encoder()
+    with torch.no_grad():
+        tr, te = (enc.forward_features((v.float() / 255 - 0.3) / 0.3) for v in (xtr, xte))
+        raw = enc.forward_features((xte.float() / 255 - 0.3) / 0.3, norm=False)
+    for pool, a, b, r in (("cls", tr[:, 0], te[:, 0], raw[:, 0]), ("mean", tr[:, 1:].mean(1), te[:, 1:].mean(1),
+                                                                    raw[:, 1:].mean(1))):
+        votes = reference_knn(a, ytr.numpy(), b, 10, 0.07, 3)
+        assert data["metrics"][f"knn10_{pool}"] == pytest.approx(100 * np.mean(votes.argmax(1) == yte.numpy()))
+        cos = F.normalize(r, dim=1) @ F.normalize(r, dim=1).T
+        nearest = cos.fill_diagonal_(-2.0).argmax(1)
+        loo = 100 * float((yte[nearest] == yte).float().mean())
+        assert data["metrics"][f"loo1nn_{pool}-noLN"] == pytest.approx(loo)
     md = (out / "knn.md").read_text().splitlines()
     assert md[0].startswith("| checkpoint |") and "checkpoint-00000010.pt" in md[2]
 

@@ -21,6 +21,7 @@ from mimkit.nn.vit import ViTConfig, ViTEncoder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import needs_fmnist  # noqa: E402
+from test_eval_trust import reference_knn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = (28, 40)  # patch 4: a 7 x 10 grid
@@ -133,12 +134,24 @@ def test_every_protocol_on_a_rectangular_checkpoint(rect_ckpt, tmp_path, monkeyp
     torch.testing.assert_close(ctx.features("test", "mean"), own[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ctx.tokens("test").float(), own, rtol=2e-3, atol=2e-3)  # float16 cache
 
-    def in_range(res):
+    def in_range(res, draws=1):
+        """Every accuracy is a whole number of correct images among the 32 test images (few-shot: the mean
+        of ``draws`` such numbers): the protocol scored exactly the test split."""
         vals = [v for k, v in res["metrics"].items() if not k.endswith("_std")]
-        return vals and all(np.isfinite(v) and 0 <= v <= 100 for v in vals)
+        return vals and all(abs(v * 32 * draws / 100 - round(v * 32 * draws / 100)) < 1e-4 for v in vals)
 
     knn = PROTOCOLS["knn"](ctx, ks=(5,), k=5)
     assert in_range(knn) and {"knn5_cls", "loo1nn_cls-noLN", "loo1nn_mean-noLN"} <= set(knn["metrics"])
+    # by hand: DINO's vote (k = 5) on the encoder's own train features, leave-one-out 1-NN without the final norm
+    xtr, ytr, _ = ctx.data("train")
+    with torch.no_grad():
+        own_tr = enc.forward_features(normalize_images(xtr, ctx.mean, ctx.std))
+        raw = enc.forward_features(normalize_images(x, ctx.mean, ctx.std), norm=False)
+    votes = reference_knn(own_tr[:, 0], ytr.numpy(), own[:, 0], 5, 0.07, ctx.num_classes())
+    assert knn["metrics"]["knn5_cls"] == pytest.approx(100 * np.mean(votes.argmax(1) == y.numpy()))
+    rn = F.normalize(raw[:, 0], dim=1)
+    nearest = (rn @ rn.T).fill_diagonal_(-2.0).argmax(1)
+    assert knn["metrics"]["loo1nn_cls-noLN"] == pytest.approx(100 * float((y[nearest] == y).float().mean()))
     lin = replace(LINEAR_PRESETS["small"], epochs=2, warmup_epochs=0.2)
     assert in_range(PROTOCOLS["linear"](ctx, cfg=lin))
     seen = []  # the augmented probe's random-resized crops come back at (H, W)
@@ -160,9 +173,15 @@ def test_every_protocol_on_a_rectangular_checkpoint(rect_ckpt, tmp_path, monkeyp
     att = PROTOCOLS["attentive"](ctx, cfg=AttentiveProbeConfig(epochs=2, warmup_epochs=0.2))
     assert in_range(att)
     few = PROTOCOLS["fewshot"](ctx, shots=2, draws=2)
-    assert in_range(few)
+    assert in_range(few, draws=2) and all(in_range({"metrics": {"a": a}}) for a in few["pools"]["mean"]["accs"])
     diag = PROTOCOLS["diagnostics"](ctx, k=5)
-    assert -1 <= diag["metrics"]["sim"] <= 1 and 1 <= diag["metrics"]["erank_cls"] <= enc.embed_dim
+    # Sim by hand: mean cosine over all pairs of patch tokens (no cls, no final norm), averaged over images
+    pn = F.normalize(raw[:, 1:], dim=-1)
+    assert diag["metrics"]["sim"] == pytest.approx(float((pn @ pn.transpose(1, 2)).mean()), abs=2e-3)  # fp16 cache
+    # effective rank by hand: exp(entropy) of the normalised singular values of the centred cls features
+    sv = torch.linalg.svdvals((own[:, 0] - own[:, 0].mean(0)).double())
+    p = sv / sv.sum()
+    assert diag["metrics"]["erank_cls"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
 
     grids = []
     real_pca = viz.pca_rgb
@@ -180,7 +199,9 @@ def test_every_protocol_on_a_rectangular_checkpoint(rect_ckpt, tmp_path, monkeyp
 
     seg_ctx = EvalContext(ck, EvalOptions(limit_train=24, limit_test=8, progress=False))
     seg = PROTOCOLS["segmentation"](seg_ctx, cfg=SegProbeConfig(epochs=2, batch_size=8))
-    assert seg["grid"] == [7, 10] and 0 < seg["metrics"]["miou_patches"] <= 100
+    assert seg["grid"] == [7, 10] and seg["num_classes"] == 11 and len(seg["per_class_iou"]) == 11
+    # mIoU: the mean over the classes present (a class with an empty union is NaN and left out)
+    assert seg["metrics"]["miou_patches"] == pytest.approx(np.nanmean(seg["per_class_iou"]))
     assert "resized to 28x40" in seg["data"]["source"]
 
 
@@ -224,10 +245,23 @@ def test_cli_evaluates_a_folder_of_non_square_images(tmp_path, capsys):
     res = json.loads((out / "knn.json").read_text())
     assert res["setup"]["img_size"] == [28, 40] and res["setup"]["n_train"] + res["setup"]["n_test"] == 16
     assert res["setup"]["train_data"]["resize"] == "cover 32x46 (aspect kept), centre crop 28x40 (crop_pct 0.875)"
-    assert all(0 <= v <= 100 for v in res["metrics"].values()) and "loo1nn_cls-noLN" in res["metrics"]
+    # by hand on the same split: the saved encoder on images scaled by the checkpoint's mean 0.4 / std 0.3,
+    # DINO's vote at k = 10 and leave-one-out 1-NN without the final norm (stripes: both must be 100 %)
+    ctx = EvalContext(enc.eval(), EvalOptions(dataset=str(root), progress=False))
+    (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
+    with torch.no_grad():
+        tr, te = (enc.forward_features((v.float() / 255 - 0.4) / 0.3) for v in (xtr, xte))
+        raw = F.normalize(enc.forward_features((xte.float() / 255 - 0.4) / 0.3, norm=False)[:, 0], dim=1)
+    votes = reference_knn(tr[:, 0], ytr.numpy(), te[:, 0], 10, 0.07, 2)
+    nearest = (raw @ raw.T).fill_diagonal_(-2.0).argmax(1)
+    assert res["metrics"]["knn10_cls"] == pytest.approx(100 * np.mean(votes.argmax(1) == yte.numpy())) == 100.0
+    assert res["metrics"]["loo1nn_cls-noLN"] == pytest.approx(100 * float((yte[nearest] == yte).float().mean()))
     assert main(["eval", "fewshot", str(ckpt), "--dataset", str(root), "--shots", "2", "--draws", "2", "--out",
                  str(out), "--device", "cpu", "--no-progress"]) == 0
-    assert 0 <= json.loads((out / "fewshot.json").read_text())["metrics"]["fewshot2_mean"] <= 100
+    few = json.loads((out / "fewshot.json").read_text())
+    accs, n_test = few["pools"]["mean"]["accs"], res["setup"]["n_test"]
+    assert len(accs) == 2 and few["metrics"]["fewshot2_mean"] == pytest.approx(np.mean(accs))
+    assert all(abs(a * n_test / 100 - round(a * n_test / 100)) < 1e-4 for a in accs)  # whole test images
     # the setup block of a report names the rectangle
     from mimkit.eval.report import setup_markdown
 

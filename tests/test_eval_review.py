@@ -18,9 +18,28 @@ def test_block_outside_the_encoder_is_an_error(block):
         EvalContext(tiny_encoder(), EvalOptions(block=block))
 
 
-def test_block_inside_the_encoder_is_accepted():
-    for block in (0, 1, -1, -2):
-        EvalContext(tiny_encoder(), EvalOptions(block=block))
+def test_block_inside_the_encoder_is_accepted(tmp_path):
+    """0, 1, -1, -2 are accepted, and the features are then that block's output (through the final norm),
+    the blocks run by hand here: -1 is the last block (the default features), -2 the first."""
+    from tests.test_eval_trust import mismatched_folder
+
+    root = mismatched_folder(tmp_path, val_classes=(0, 1, 2), n=2)
+    enc = tiny_encoder()
+    assert len(enc.blocks) == 2
+    feats = {}
+    for block in (0, 1, -1, -2, None):
+        ctx = EvalContext(enc, EvalOptions(block=block, dataset=str(root), mean=(0.5,), std=(0.25,), progress=False))
+        images = ctx.data("train")[0]
+        with torch.no_grad():
+            h = enc.with_cls(enc.patch_tokens((images.float() / 255 - 0.5) / 0.25))
+            for blk in enc.blocks[: 2 if block is None else block % 2 + 1]:
+                h = blk(h)
+            ref = enc.norm(h)
+        torch.testing.assert_close(ctx.features("train", "cls"), ref[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ctx.features("train", "mean"), ref[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+        feats[block] = ctx.features("train", "cls")
+    assert torch.equal(feats[-1], feats[1]) and torch.equal(feats[-1], feats[None]) and torch.equal(feats[-2], feats[0])
+    assert not torch.allclose(feats[0], feats[1], atol=1e-2)
 
 
 @pytest.mark.parametrize("flag,kw", [("--mean", dict(mean=(0.1, 0.2), std=(0.3,))),

@@ -262,20 +262,38 @@ def test_in_memory_modules_are_evaluated_through_adapters():
         def forward(self, x):
             return self.lin(x.flatten(1))
 
+    def scaled(images):  # Fashion-MNIST's default mean / std for a 1-channel encoder without a config
+        return (images.float() / 255 - 0.2860) / 0.3530
+
     opts = EvalOptions(limit_train=80, limit_test=40, progress=False)
-    for module, pool in ((vit, "cls"), (Pooled(), "cls")):
+    pooled = Pooled()
+    for module, pool in ((vit, "cls"), (pooled, "cls")):
         from mimkit.eval.adapters import wrap_encoder
 
         enc = wrap_encoder(module, img_size=28, in_chans=1)
         ctx = EvalContext(enc, replace_pool(opts, pool))
         res = run_knn(ctx, k=5, ks=(5,), loo_norm=True)
-        assert 0 <= res["metrics"][f"knn5_{pool}"] <= 100 and ctx.features("train", pool).shape[0] == 80
-    from mimkit.eval import evaluate
+        # by hand: the module's own output (timm: the cls token after its final norm) and DINO's vote
+        (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
+        with torch.no_grad():
+            ftr, fte = (vit.forward_features(scaled(v))[:, 0] if module is vit else module(scaled(v))
+                        for v in (xtr, xte))
+        torch.testing.assert_close(ctx.features("train", pool), ftr, rtol=1e-4, atol=1e-4)
+        votes = reference_knn(ftr, ytr.numpy(), fte, 5, 0.07, 10)
+        assert res["metrics"][f"knn5_{pool}"] == pytest.approx(100 * np.mean(votes.argmax(1) == yte.numpy()))
+    from dataclasses import replace
 
-    out = evaluate(Pooled(), ["knn", "linear"], replace_pool(opts, "cls"),
+    from mimkit.eval import evaluate
+    from mimkit.eval.linear import LINEAR_PRESETS, train_linear_probe
+
+    out = evaluate(pooled, ["knn", "linear"], replace_pool(opts, "cls"),
                    {"knn": {"k": 5, "ks": (5,), "loo_norm": True}}, img_size=28, in_chans=1)
     assert out["setup"]["encoder"] == "ModuleEncoder" and out["setup"]["n_train"] == 80
-    assert 0 <= out["linear"]["metrics"]["linear_cls"] <= 100 and "model" not in out["linear"]["pools"]["cls"]
+    assert "model" not in out["linear"]["pools"]["cls"]
+    assert out["knn"]["metrics"]["knn5_cls"] == res["metrics"]["knn5_cls"]  # the same module, data and vote
+    # the linear probe: the default ("small") recipe trained on the module's features, 10 classes
+    probe = train_linear_probe(ftr, ytr, fte, yte, replace(LINEAR_PRESETS["small"], seed=opts.seed), num_classes=10)
+    assert out["linear"]["metrics"]["linear_cls"] == pytest.approx(probe["top1"])
 
 
 def replace_pool(opts, pool):

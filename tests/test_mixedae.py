@@ -124,21 +124,69 @@ def test_method_with_k_equal_to_all_keys_equals_attention_off():
     assert "recognition_acc" not in a.metrics  # K >= T: no TopK block runs
 
 
+def spy_attention(m: MixedAE) -> list:
+    """Record ``(block, topk, attn or None)`` for every attention call of ``m``'s encoder (the call itself
+    is unchanged; ``attn`` only when the caller asked for the probabilities)."""
+    calls = []
+    for i, blk in enumerate(m.encoder.blocks):
+        def forward(x, attn_mask=None, return_attn=False, topk=None, _i=i, _orig=blk.attn.forward):
+            out = _orig(x, attn_mask, return_attn=return_attn, topk=topk)
+            calls.append((_i, topk, out[1].detach() if return_attn else None))
+            return out
+        blk.attn.forward = forward
+    return calls
+
+
+def recognition_by_hand(attn: torch.Tensor, valid: torch.Tensor, g: int, n: int) -> float:
+    """One block's homologous-recognition accuracy, query by query: among the patch keys a valid patch
+    query kept (probability > 0, padding and cls keys not counted), the share from its own image."""
+    member = [j // n for j in range(g * n)]
+    a, ok = attn[:, :, 1:, 1:].tolist(), valid.tolist()
+    shares = []
+    for s in range(len(a)):
+        for head in a[s]:
+            for i, row in enumerate(head):
+                if not ok[s][i]:
+                    continue
+                kept = [j for j, p in enumerate(row) if p > 0 and ok[s][j]]
+                shares.append(sum(member[j] == member[i] for j in kept) / len(kept))
+    return sum(shares) / len(shares)
+
+
 def test_topk_runs_in_training_only():
+    """TopK is the only difference between training and evaluation: in training every encoder block keeps
+    exactly K keys per query and logs the share of them from the query's own image; in eval the same
+    weights run plain attention (== the model without homologous attention), and forcing TopK in eval
+    gives the training loss back."""
     m = model()
     x = images(8)
     plan = m.make_plan(x, generator=torch.Generator().manual_seed(2))
+    g, n = 4, plan.n_keep
+    valid = plan.keep_valid.reshape(2, g * n)
+    assert n == 13 and int(valid.sum()) == 2 * 49  # parts of 13, 12, 12, 12: padding is exercised
+    calls = spy_attention(m)
     m.train()
     train = m(x, plan=plan)
-    assert 0.0 <= float(train.metrics["recognition_acc"]) <= 1.0
+    assert [(i, k) for i, k, _ in calls] == [(0, 13), (1, 13)] and m.topk_k == 13
+    for _, _, attn in calls:
+        assert attn.shape == (2, 2, 1 + g * n, 1 + g * n)
+        assert torch.equal((attn > 0).sum(-1), torch.full((2, 2, 1 + g * n), 13))  # exactly K keys per query
+        assert float(attn[:, :, :, 1:][~valid[:, None, None, :].expand(-1, 2, 1 + g * n, -1)].abs().max()) == 0.0
+    expect = sum(recognition_by_hand(a, valid, g, n) for _, _, a in calls) / 2
+    assert float(train.metrics["recognition_acc"]) == pytest.approx(expect, abs=1e-6)
+    calls.clear()
     m.eval()
     ev = m(x, plan=plan)
+    assert [(i, k) for i, k, _ in calls] == [(0, None), (1, None)]  # plain attention in eval
     assert "recognition_acc" not in ev.metrics
     plain = model(homologous_attention=False)
     plain.load_state_dict(m.state_dict())
-    plain.eval()
-    torch.testing.assert_close(ev.loss, plain(x, plan=plan).loss)  # eval: plain SDPA, same weights
-    assert not torch.allclose(train.loss, ev.loss)
+    for mode in (False, True):  # without TopK, training and eval compute the same loss
+        plain.train(mode)
+        torch.testing.assert_close(ev.loss, plain(x, plan=plan).loss)
+    forced = m(x, plan=plan, homologous=True)  # eval with TopK on: the training step's loss
+    torch.testing.assert_close(forced.loss, train.loss, rtol=1e-6, atol=1e-7)
+    assert abs(float(train.loss.detach()) - float(ev.loss.detach())) > 1e-4  # and TopK does change the output
 
 
 def test_default_k_and_blocks():
@@ -328,10 +376,33 @@ def test_naive_mixing_logs_contrastive_without_training_it():
 
 
 def test_projector_option():
+    """``projector=mlp``: HomoCon is taken on Linear -> LN -> GELU -> Linear (no bias, width D) of the
+    encoder's patch features, written out here by hand; the reconstruction does not see the projector."""
     m = model(projector="mlp")
-    out = m(images(8))
+    x = images(8)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(0))
+    out = m(x, plan=plan)
+    lin1, ln, _, lin2 = m.projector.layers
+    assert (lin1.weight.shape, lin2.weight.shape) == ((32, 32), (32, 32)) and lin1.bias is None and lin2.bias is None
+    with torch.no_grad():
+        z, valid, member, _ = m.encode(m.encoder.patch_tokens(x), plan, homologous=True)
+        h = F.layer_norm(z[:, 1:] @ lin1.weight.T, (32,), ln.weight, ln.bias, 1e-6)
+        feats = F.gelu(h) @ lin2.weight.T
+        con = homologous_contrastive(feats, member, valid, 0.25)
+        raw = homologous_contrastive(z[:, 1:], member, valid, 0.25)
+    torch.testing.assert_close(out.metrics["loss_contrastive"], con, rtol=1e-5, atol=1e-6)
+    assert abs(float(con) - float(raw)) > 1e-3  # the projector does change the loss
+    plain = model(projector="none")  # same weights, no projector: the same pixel loss
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("projector.")})
+    torch.testing.assert_close(plain(x, plan=plan).metrics["loss_pixel"], out.metrics["loss_pixel"])
+    torch.testing.assert_close(out.loss, out.metrics["loss_pixel"] + 0.1 * con, rtol=1e-5, atol=1e-6)
     out.loss.backward()
-    assert m.projector.layers[0].weight.grad is not None
+    assert all(float(p.grad.abs().sum()) > 0 for p in m.projector.parameters())
+    # with the contrastive term off the projector is left out of the graph (and DDP is told so)
+    off = model(projector="mlp", contrastive_weight=0.0)
+    assert off.capabilities.find_unused_parameters and not m.capabilities.find_unused_parameters
+    off(x, plan=plan).loss.backward()
+    assert all(p.grad is None for p in off.projector.parameters())
 
 
 def test_loss_falls_and_recognition_rises_on_a_fixed_batch():

@@ -217,8 +217,26 @@ def test_block_masking_gradients_and_plan():
     assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
     assert model.decoder.mask_token.grad is not None
     assert all(p.grad is None for p in model.target.branch.parameters())
-    assert 0.0 <= float(out.loss.detach()) <= 2.0
     assert out.metrics["ema_momentum"] > model.options.momentum
+    # the loss, rebuilt from this step's plan: the teacher's standardised targets at the retained ids, the
+    # student's decoder queried at those ids, and 1 - cos per token averaged by hand in float64
+    plan = out.plan
+    with torch.no_grad():
+        teacher = model.encode_teacher(x, plan.ids_masked())
+        assert torch.equal(teacher.ids, plan.ids_target)
+        enc = model.encoder
+        pred = model.decoder(enc.forward_tokens(gather_tokens(enc.patch_tokens(x), plan.ids_keep)), plan.ids_keep,
+                             teacher.ids)
+    torch.testing.assert_close(out.pred.detach(), pred, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.target, teacher.target, rtol=0, atol=1e-6)
+    p, t = pred.double(), teacher.target.double()
+    assert torch.allclose(t.mean(-1), torch.zeros(4, 4, dtype=t.dtype), atol=1e-5)  # per-token standardised
+    assert torch.allclose(t.pow(2).mean(-1), torch.ones(4, 4, dtype=t.dtype), atol=1e-3)
+    cos = [float((p[b, k] @ t[b, k]) / (p[b, k].norm() * t[b, k].norm())) for b in range(4) for k in range(4)]
+    assert float(out.loss.detach()) == pytest.approx(1 - sum(cos) / len(cos), abs=1e-6)
+    # and it is 0 exactly when the prediction is (a positive multiple of) the target
+    model.decoder.forward = lambda *a, **k: 3.0 * model.encode_teacher(x, plan.ids_masked()).target
+    assert float(model(x, plan=plan).loss) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_pictures(tmp_path):

@@ -54,14 +54,42 @@ def test_resumed_run_continues_with_identical_losses(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def _knn_by_hand(enc, cfg, n_train: int, n_test: int) -> dict:
+    """kNN top-1 (%) of ``enc`` as the trainer should measure it: the first ``n_train`` / ``n_test`` images of
+    the run's data, scaled by the data's mean/std, DINO's vote (k = 20, T = 0.07) over the 10 classes, for the
+    cls token and the mean of the patch tokens."""
+    from mimkit.train.data import build_train_data
+    from mimkit.train.distributed import DistInfo
+    from tests.test_eval_trust import reference_knn
+
+    data = build_train_data(cfg, DistInfo())
+    m, s = data.mean[0], data.std[0]
+    with torch.no_grad():
+        tr = enc.forward_features((data.train_images[:n_train].float() / 255 - m) / s)
+        te = enc.forward_features((data.test_images[:n_test].float() / 255 - m) / s)
+    labels, test_labels = data.train_labels[:n_train].numpy(), data.test_labels[:n_test].numpy()
+    out = {}
+    for pool, a, b in (("cls", tr[:, 0], te[:, 0]), ("mean", tr[:, 1:].mean(1), te[:, 1:].mean(1))):
+        out[pool] = 100 * float((reference_knn(a, labels, b, 20, 0.07, 10).argmax(1) == test_labels).mean())
+    return out
+
+
 def test_periodic_knn_during_pretraining(tmp_path):
-    result = pretrain(tiny_cfg(tmp_path, "train.epochs=2", "eval.knn_every_epochs=1", "eval.knn_train_limit=256",
-                               "eval.knn_test_limit=128"))
+    cfg = tiny_cfg(tmp_path, "train.epochs=2", "eval.knn_every_epochs=1", "eval.knn_train_limit=256",
+                   "eval.knn_test_limit=128", "train.ckpt_every_steps=8", "train.keep_checkpoints=-1")
+    result = pretrain(cfg)
     hist = result["knn_history"]
     assert [h["epoch"] for h in hist] == [1.0]
-    assert 0.0 <= hist[0]["top1_cls"] <= 100.0 and hist[0]["n_train"] == 256
+    assert (hist[0]["n_train"], hist[0]["n_test"], hist[0]["k"]) == (256, 128, 20)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any("knn_top1_cls" in rec for rec in logged)
+    assert [rec["knn_top1_cls"] for rec in logged if "knn_top1_cls" in rec] == [hist[0]["top1_cls"]]
+    # the values by hand from the encoder saved at that step (epoch 1 = step 8)
+    from mimkit.interop import load_encoder
+
+    by_hand = _knn_by_hand(load_encoder(tmp_path / "checkpoint-00000008.pt"), cfg, 256, 128)
+    assert hist[0]["top1_cls"] == pytest.approx(by_hand["cls"])
+    assert hist[0]["top1_mean"] == pytest.approx(by_hand["mean"])
+    assert hist[0]["top1_cls"] > 30.0  # far above the 10 % of chance: labels and images line up
 
 
 def test_gradient_accumulation_matches_lr_scaling(tmp_path):
@@ -151,7 +179,7 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kNN top-1" in proc.stdout and (run / "reconstruction.png").stat().st_size > 1000
     knn = json.loads((run / "knn.json").read_text())
-    assert 10.0 < knn["top1_cls"] <= 100.0 and knn["n_train"] == 512
+    assert (knn["n_train"], knn["n_test"]) == (512, 256)
     png = tmp_path / "v.png"
     proc = subprocess.run([*base, "visualize", str(run / "checkpoint.pt"), "--out", str(png), "--n", "3"],
                           capture_output=True, text=True, env=_env(), timeout=300)
@@ -175,6 +203,10 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
     ck_enc = load_encoder(run / "checkpoint.pt")
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(enc.forward_features(x), ck_enc.forward_features(x))
+    # the end-of-run kNN, by hand from the final encoder
+    by_hand = _knn_by_hand(ck_enc, tiny_cfg(run, "train.epochs=1"), 512, 256)
+    assert knn["top1_cls"] == pytest.approx(by_hand["cls"]) and knn["top1_mean"] == pytest.approx(by_hand["mean"])
+    assert knn["top1_cls"] > 30.0  # far above the 10 % of chance: labels and images line up
     ev = tmp_path / "eval"
     proc = subprocess.run([*base, "eval", "knn", str(run / "checkpoint.pt"), "--limit-train", "512", "--limit-test",
                            "256", "--out", str(ev)], capture_output=True, text=True, env=_env(), timeout=300)
