@@ -44,9 +44,15 @@ def _env(**extra):
     return env
 
 
+def _default_signals() -> None:
+    # a command started in the background of a non-interactive shell (as a CI runner may start the
+    # suite) inherits SIGINT ignored; the child gets the disposition a terminal's command has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "mimkit.cli", *args], env=_env(), cwd=ROOT,
-                            start_new_session=True, **kw)
+                            start_new_session=True, preexec_fn=_default_signals, **kw)
 
 
 def _kill_group(proc):
