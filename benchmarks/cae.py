@@ -127,8 +127,9 @@ def run_arm(arm: str, seed: int, args) -> dict:
     if args.train_limit:
         overrides.append(f"data.limit={args.train_limit}")
     if path == CAE_V2:
-        overrides += (["method.teacher_path=null", "method.teacher_random_init=true"] if args.smoke
-                      else [f"method.teacher_path={args.teacher}"])
+        from mimkit.methods import CAEv2
+
+        overrides += (list(CAEv2.offline_overrides) if args.smoke else [f"method.teacher_path={args.teacher}"])
     if args.smoke:
         overrides += ["train.max_steps=2", "model.encoder.depth=1", "data.limit=512"]
     overrides += args.override

@@ -204,7 +204,7 @@ def checksum_cost() -> dict:
     opt = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                      for i, p in enumerate(model.parameters())}, "param_groups": []}
     state = {"model": model.state_dict(), "optimizer": opt, "step": 1}
-    from mimkit.safe_load import has_valid_checksum
+    from mimkit.weights.safe import has_valid_checksum
 
     size = ck.estimate_bytes(state)
     with tempfile.TemporaryDirectory(dir=ROOT) as d:

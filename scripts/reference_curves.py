@@ -25,9 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# what the presets need offline: CAE v2's teacher file is not shipped, so its reference uses a
-# randomly initialised teacher of the preset's shape (as tests/golden_curves.py does)
-EXTRA = {"cae_v2_fashion_mnist": ["method.teacher_path=null", "method.teacher_random_init=true"]}
+
+
+def offline_overrides(preset: str) -> list[str]:
+    """What the preset needs offline, as its method declares it (CAE v2's teacher file is not shipped:
+    a randomly initialised teacher of the preset's shape; :meth:`mimkit.methods.Method.preset_overrides`)."""
+    from mimkit.config import read_yaml
+    from mimkit.methods import METHODS
+
+    name = read_yaml(ROOT / "configs" / f"{preset}.yaml").get("method", {}).get("name", "mae")
+    return METHODS[name].preset_overrides()
 
 
 def overrides_for(preset: str, seed: int, limit: int, batch: int, log_every: int, runs: Path) -> list[str]:
@@ -36,7 +43,7 @@ def overrides_for(preset: str, seed: int, limit: int, batch: int, log_every: int
         "eval.knn_every_epochs=1", "eval.knn_train_limit=500", "eval.knn_test_limit=250",
         "eval.picture_at_end=false", "train.tensorboard=false", "train.progress_bar=false",
         "train.ckpt_every_steps=100000", "train.num_threads=1", f"train.out_dir={runs / preset / f'seed{seed}'}",
-        *EXTRA.get(preset, []),
+        *offline_overrides(preset),
     ]
 
 

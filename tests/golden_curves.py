@@ -1,9 +1,19 @@
-"""Golden loss curves: the first steps of every preset on a fixed tiny batch.
+"""Golden loss curves: the first steps of every preset on a fixed tiny batch, with a hand-written loop.
 
 Each preset in ``configs/`` is trained for ``STEPS`` optimizer steps on one fixed batch of seeded
 random images (fp32, CPU, fixed lr, fixed seed); the losses are stored in ``tests/golden/<preset>.json``
-and compared by ``tests/test_golden.py``. A change that moves these numbers must say why in the commit
-that makes it, and rewrite the files with::
+and compared by ``tests/test_golden.py``.
+
+What pins what: this hand loop (plain AdamW, constant lr, no accumulation, no autocast, ``after_step``
+after every step) pins each *method's* numerics (forward, masks, targets, loss, EMA update) for
+*every* preset, independently of the trainer. It does not exercise ``mimkit.train``: the lr schedule,
+gradient accumulation, precision / autocast, the trainer's ``after_step`` timing and its data loader
+are pinned by the Trainer curves of ``tests/golden_trainer.py`` (``tests/golden/trainer/``), which
+run the real ``Trainer`` for MAE, Latent MIM and PCAE and are the reference for ``train/``. A change
+to a method moves these curves (and those Trainer curves of the same method); a change to the trainer
+alone must move only the Trainer curves.
+
+A change that moves these numbers must say why in the commit that makes it, and rewrite the files with::
 
     python tests/golden_curves.py --write            # all presets
     python tests/golden_curves.py --write mae_fashion_mnist
@@ -33,20 +43,11 @@ SMALL_VIT = [
     "model.decoder.embed_dim=32", "model.decoder.depth=1", "model.decoder.num_heads=2",
 ]
 
-# extra overrides per preset (kept small: only what makes the run cheap)
+# golden-only overrides (what the method's own offline/smoke preset does not say)
 EXTRA = {
-    "latent_mim_vit_base_imagenet": ["method.projector.hidden_dim=64"],
     # depth 3 (not SMALL_VIT's 2): all three drop stages (after blocks [0, 1, 2]) with the published token
     # counts 147 -> 73 -> 36 -> 18 on the 14x14 grid (at depth 2 the stages would be capped to two)
     "pcae_vit_base_imagenet": ["model.encoder.depth=3"],
-    # CAE / CAE v2: the presets' codebook / teacher files do not exist offline: pixel target, random teacher
-    "cae_vit_base_imagenet": ["method.target=pixel"],
-    "cae_v2_fashion_mnist": ["method.teacher_path=null", "method.teacher_random_init=true"],
-    "cae_v2_vit_base_imagenet": [
-        "method.teacher_path=null", "method.teacher_random_init=true", "method.teacher_vit.img_size=28",
-        "method.teacher_vit.patch_size=4", "method.teacher_vit.in_chans=3", "method.teacher_vit.embed_dim=16",
-        "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2",
-    ],
 }
 
 
@@ -55,8 +56,15 @@ def presets() -> list[str]:
 
 
 def overrides_for(name: str) -> list[str]:
-    base = SMALL_VIT if name.endswith("_vit_base_imagenet") else []
-    return [*base, *EXTRA.get(name, [])]
+    """SMALL_VIT for the ViT-B recipes, then the method's own offline overrides (CAE's codebook and CAE
+    v2's teacher files do not exist offline; :meth:`mimkit.methods.Method.preset_overrides`), with its
+    smoke overrides for the ViT-B recipes, then :data:`EXTRA`."""
+    from mimkit.config import read_yaml
+    from mimkit.methods import METHODS
+
+    imagenet = name.endswith("_vit_base_imagenet")
+    method = read_yaml(ROOT / "configs" / f"{name}.yaml").get("method", {}).get("name", "mae")
+    return [*(SMALL_VIT if imagenet else []), *METHODS[method].preset_overrides(smoke=imagenet), *EXTRA.get(name, [])]
 
 
 def run_preset(name: str, steps: int = STEPS, batch: int = BATCH, seed: int = 0) -> list[float]:

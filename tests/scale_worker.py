@@ -22,8 +22,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", argv)
     trainer = Trainer(cfg)
     try:
-        if os.environ.get("MIMKIT_TEST_ASYNC_DCP") == "1" and trainer._sharded:
-            trainer._ckpt_group = trainer.new_group(backend="gloo")  # what a GPU run sets up: async DCP writes
+        if os.environ.get("MIMKIT_TEST_ASYNC_DCP") == "1" and trainer.sharded:
+            trainer.checkpointer.async_group = trainer.new_group(backend="gloo")  # what a GPU run sets up: async DCP writes
         trainer.train()
         if cfg.train.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

@@ -62,14 +62,14 @@ def main() -> None:
         dist.init_process_group("gloo")
     trainer = Trainer(cfg)
     trainer.new_group(backend="gloo")  # a group of the trainer's own, as async DCP writes make on GPUs
-    seen["groups_made"] = len(trainer._groups)
+    seen["groups_made"] = len(trainer.groups.made)
     trainer.train()
     seen["works_after_train"] = allreduce_ok()
     seen["second_train"] = refused(trainer.train)
     trainer.close()
     trainer.close()
     seen["initialized_after_close"] = dist.is_initialized()
-    seen["trainer_groups_after_close"] = len(trainer._groups)
+    seen["trainer_groups_after_close"] = len(trainer.groups.made)
     seen["train_model_after_close"] = trainer.train_model is not None
     seen["train_after_close"] = refused(trainer.train)
     seen["save_after_close"] = refused(trainer.save)

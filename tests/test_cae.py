@@ -15,6 +15,7 @@ from mimkit.methods import CAE, CAEOptions, CAEv2, CAEv2Options, Progress
 from mimkit.nn import ViTConfig, ViTEncoder
 from mimkit.nn.cae import LatentRegressor, RegressorBlock
 from mimkit.nn.patch import norm_pix, patchify
+from mimkit.weights import read_codebook
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=24, depth=1, num_heads=2)
@@ -134,7 +135,7 @@ def test_align_weight_scales_the_alignment_term():
 # -- token order ------------------------------------------------------------------------------------
 def _reorder_masked(plan: MaskPlan) -> MaskPlan:
     """The same visible set, masked ids in reversed order."""
-    n = plan.n_keep
+    n = plan.num_keep
     perm = plan.perm
     perm = torch.cat([perm[:, :n], perm[:, n:].flip(1)], 1)
     return MaskPlan.from_permutation(perm, n)
@@ -162,7 +163,7 @@ def test_cae_v2_prediction_and_teacher_token_order():
     x = images()
     plan = plan_for(m, x)
     out = m(x, plan=plan)
-    n, ids_m = plan.n_keep, plan.ids_masked()
+    n, ids_m = plan.num_keep, plan.ids_masked()
     full = F.normalize(m.teacher(x, grid=m.encoder.grid_size), dim=-1)  # (B, 1+L, Dt)
     b = torch.arange(x.shape[0])[:, None]
     torch.testing.assert_close(out.target[:, 0], full[:, 0])
@@ -182,7 +183,7 @@ def test_cae_v2_loss_is_cosine_distance_on_selected_groups(groups):
     plan = plan_for(m, x)
     out = m(x, plan=plan)
     cos = (out.pred * out.target).sum(-1)
-    n = plan.n_keep
+    n = plan.num_keep
     parts = {"cls": cos[:, :1], "visible": cos[:, 1 : 1 + n], "masked": cos[:, 1 + n :]}
     expected = (1 - torch.cat([parts[g] for g in groups], 1)).mean()
     torch.testing.assert_close(out.loss, expected)
@@ -321,10 +322,10 @@ def test_kmeans_recovers_separated_clusters_and_round_trips(tmp_path):
     x = (images(8) * 60 + 128).clamp(0, 255).to(torch.uint8)
     book, info = fit_codebook(x, 4, k=16, iters=5, mean=(0.5,), std=(0.25,))
     path = book.save(tmp_path / "cb.pt", info)
-    again = Codebook.load(path)
+    again = read_codebook(path)
     assert torch.equal(again.centroids, book.centroids) and again.patch_size == 4
     with pytest.raises(FileNotFoundError, match="mimkit.codebook fit"):
-        Codebook.load(tmp_path / "missing.pt")
+        read_codebook(tmp_path / "missing.pt")
 
 
 def test_cae_codebook_target_file_and_checkpoint(tmp_path):
@@ -377,9 +378,9 @@ def test_cae_v2_run_then_checkpoint_builds_without_teacher_file(tmp_path):
     tiny = ["model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
             "model.decoder.embed_dim=32", "model.decoder.num_heads=2", "data.batch_size=32", "data.limit=64",
             "train.max_steps=2", "train.progress_bar=false", "train.tensorboard=false", "eval.knn_at_end=false",
-            "eval.picture_at_end=false", f"train.out_dir={tmp_path}", "method.teacher_path=null",
-            "method.teacher_random_init=true", "method.teacher_vit.embed_dim=24", "method.teacher_vit.depth=1",
-            "method.teacher_vit.num_heads=2", "method.teacher_vit.patch_size=7"]
+            "eval.picture_at_end=false", f"train.out_dir={tmp_path}", *CAEv2.offline_overrides,
+            "method.teacher_vit.embed_dim=24", "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2",
+            "method.teacher_vit.patch_size=7"]
     pretrain(load_config(ROOT / "configs/cae_v2_fashion_mnist.yaml", tiny))
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     conf = state["config"]

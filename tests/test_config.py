@@ -10,7 +10,7 @@ def test_presets_load_and_say_what_they_change():
     assert base.optim.base_lr == 1.5e-4 and base.optim.betas == (0.9, 0.95) and base.method.masking.ratio == 0.75
     fm = load_config("configs/mae_fashion_mnist.yaml")
     assert fm.model.encoder.patch_size == 4 and fm.model.encoder.in_chans == 1 and fm.data.dataset == "fashion_mnist"
-    assert fm.method.norm_pix_loss is True  # inherited
+    assert fm.method.norm_target is True  # inherited
 
 
 def test_overrides_types_and_nested_method_options():

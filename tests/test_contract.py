@@ -37,29 +37,16 @@ def _preset(name: str) -> Path:
     return path
 
 
-def _setup_cae_v2(tmp_path: Path) -> list[str]:
-    """CAE v2 needs a frozen teacher file: a (random) mimkit encoder export of the tiny shape."""
-    from mimkit.interop import export_encoder
-    from mimkit.nn import ViTConfig, ViTEncoder
-
-    torch.manual_seed(1)
-    enc = ViTEncoder(ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2))
-    path = export_encoder(enc, tmp_path / "teacher.safetensors")
-    return [f"method.teacher_path={path}"]
-
-
-# methods that need files or options beyond their preset to train offline on tiny data
-SETUP = {"cae_v2": _setup_cae_v2}
+def _offline(name: str) -> list[str]:
+    """What method ``name`` declares it needs to train offline at tiny shapes (no tokenizer or teacher file)."""
+    return METHODS[name].preset_overrides(smoke=True)
 
 
 def _cases():
-    import tempfile
-
     cases = []
-    setup_dir = Path(tempfile.mkdtemp(prefix="mimkit-contract-"))
     for name in METHODS:
         try:
-            cfg = load_config(_preset(name), [*TINY, *SETUP.get(name, lambda p: [])(setup_dir)])
+            cfg = load_config(_preset(name), [*TINY, *_offline(name)])
             kinds = build_method(cfg).capabilities.masking_kinds
         except Exception:  # a method that does not build is reported by test_method_builds_and_declares_its_contract
             kinds = ("preset",)
@@ -72,7 +59,7 @@ def test_method_builds_and_declares_its_contract(name, tmp_path):
     cls = METHODS[name]
     assert issubclass(cls, Method) and dataclasses.is_dataclass(cls.options_class)
     assert cls.options_class().name == name
-    cfg = load_config(_preset(name), [*TINY, *SETUP.get(name, lambda p: [])(tmp_path)])
+    cfg = load_config(_preset(name), [*TINY, *_offline(name)])
     model = build_method(cfg)
     caps = model.capabilities
     assert isinstance(caps, Capabilities) and caps.pictures and set(caps.pictures) <= set(PICTURES)
@@ -84,7 +71,7 @@ def test_method_builds_and_declares_its_contract(name, tmp_path):
 @needs_fmnist
 @pytest.mark.parametrize("name,kind", _cases())
 def test_every_method_and_masking_kind_trains_draws_and_evaluates(name, kind, tmp_path):
-    over = [*TINY, f"train.out_dir={tmp_path / 'run'}", *SETUP.get(name, lambda p: [])(tmp_path)]
+    over = [*TINY, f"train.out_dir={tmp_path / 'run'}", *_offline(name)]
     cfg = load_config(_preset(name), over)
     if kind != "preset" and hasattr(cfg.method, "masking"):
         over.append(f"method.masking.kind={kind}")

@@ -29,7 +29,7 @@ from mimkit.methods.base import DecoderConfig, ModelConfig, Progress
 from mimkit.methods.emae import EMAE, EMAEOptions
 from mimkit.methods.mae import MAE, MAEOptions
 from mimkit.nn.vit import ViTConfig
-from mimkit.viz.masks import save_emae_parts, save_salience_masks, sbam_picture, views_picture
+from mimkit.viz.masks import salience_picture, save_salience_masks, save_views, views_picture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -103,7 +103,7 @@ def test_complementary_pair_counts():
     assert m[:, 1].sum(1).tolist() == [n0] * b  # view 1 masks exactly what view 0 sees
     assert torch.equal(m[:, 0] + m[:, 1], torch.ones(b, length))
     # view 0 is padded to view 1's length
-    assert plan.n_keep == length - n0
+    assert plan.num_keep == length - n0
     assert plan.keep_valid[0::2].sum(1).tolist() == [n0] * b
 
 
@@ -452,9 +452,9 @@ def test_pictures(tmp_path):
     emae = EMAE(tiny_model())
     p1 = views_picture(emae, images, tmp_path / "parts.png")
     sbam = MAE(tiny_model(), MAEOptions(masking=MaskingOptions(kind="sbam", sbam=SalienceOptions(amr_mode="sample"))))
-    p2 = sbam_picture(sbam, images, tmp_path / "sbam.png")
+    p2 = salience_picture(sbam, images, tmp_path / "sbam.png")
     plan = RandomViewsMasking(3)(3, 16)
-    p3 = save_emae_parts(images, plan, tmp_path / "random_views.png", 4)
+    p3 = save_views(images, plan, tmp_path / "random_views.png", 4)
     p4 = save_salience_masks(images, torch.rand(3, 16), plan.mask[::3], tmp_path / "s.png", 4)
     for p in (p1, p2, p3, p4):
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"

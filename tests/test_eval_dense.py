@@ -58,7 +58,7 @@ def test_miou_by_hand():
 def test_ade_layout_folder_and_reduce_zero_label(tmp_path):
     from PIL import Image
 
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
     from mimkit.eval.segmentation import load_segmentation_folder
 
     for sub in ("training", "validation"):
@@ -84,7 +84,7 @@ def test_linear_segmentation_probe_learns_from_informative_tokens():
     from mimkit.eval.segmentation import SegProbeConfig, segmentation_linear_probe
 
     class Oracle(torch.nn.Module):  # tokens = class one-hot of each 4x4 patch's majority pixel, plus noise
-        num_prefix_tokens, has_class_token, embed_dim = 1, True, 8
+        num_prefix_tokens, has_class_token, embed_dim, pool_norm = 1, True, 8, None
 
         def __init__(self):
             super().__init__()
@@ -102,7 +102,7 @@ def test_linear_segmentation_probe_learns_from_informative_tokens():
     res = segmentation_linear_probe(Oracle(), images[:40], masks[:40], images[40:], masks[40:], 3,
                                     SegProbeConfig(epochs=30, batch_size=8, lr=5e-2), mean=(0.3,), std=(0.3,))
     assert res["miou"] > 80 and res["grid"] == [4, 4]
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
 
     with pytest.raises(DataError, match="outside 0..1"):
         segmentation_linear_probe(Oracle(), images[:8], masks[:8], images[:8], masks[:8], 2, SegProbeConfig(epochs=1))
@@ -129,7 +129,7 @@ def test_cli_segmentation_on_generated_canvases(tmp_path):
 
 
 def test_token_pictures_and_attention_equal_the_blocks_own(tmp_path):
-    from mimkit.viz.tokens import cls_attention, pca_rgb, save_token_pictures
+    from mimkit.eval.pictures import cls_attention, pca_rgb, save_token_pictures
 
     torch.manual_seed(0)
     enc = ViTEncoder(ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)).eval()

@@ -62,7 +62,7 @@ def _two_class_folder(root: Path, n: int = 8, size=(30, 52)) -> Path:
 
 
 def test_token_grid_and_input_check():
-    from mimkit.eval.adapters import ModuleEncoder, check_input_size, encoder_img_hw, encoder_img_size, token_grid
+    from mimkit.nn.adapters import ModuleEncoder, check_input_size, encoder_img_hw, encoder_img_size, token_grid
 
     enc = ViTEncoder(ViTConfig(img_size=HW, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2))
     assert encoder_img_hw(enc) == HW and encoder_img_size(enc) == HW
@@ -112,12 +112,12 @@ def test_folder_and_tensor_resize_rules(tmp_path):
 
 @needs_fmnist
 def test_every_protocol_on_a_rectangular_checkpoint(rect_ckpt, tmp_path, monkeypatch):
+    from mimkit.eval import pictures as viz
     from mimkit.eval.attentive import AttentiveProbeConfig
     from mimkit.eval.data import load_checkpoint_encoder
     from mimkit.eval.finetune import finetune_preset
     from mimkit.eval.linear import LINEAR_PRESETS
     from mimkit.eval.segmentation import SegProbeConfig
-    from mimkit.viz import tokens as viz
 
     ck = load_checkpoint_encoder(rect_ckpt)
     enc = ck.encoder

@@ -87,7 +87,7 @@ def test_split_labels_follow_the_training_class_map(tmp_path):
 
 
 def test_split_with_a_class_the_bank_lacks_is_an_error(tmp_path):
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
     from mimkit.eval.data import load_split
 
     root = mismatched_folder(tmp_path, train_classes=(0, 2), val_classes=(0, 1, 2))
@@ -112,7 +112,7 @@ def test_cli_knn_on_mismatched_folders_is_right(tmp_path, capsys):
     _save_png(extra / "c9" / "0.png", class_image(0, 0))
     args = _parser().parse_args(["eval", "knn", str(ckpt), "--dataset", str(root), "--test-dataset", str(extra),
                                  "--device", "cpu"])
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
 
     with pytest.raises(DataError, match="'c9'"):
         args.func(args)
@@ -268,7 +268,7 @@ def test_in_memory_modules_are_evaluated_through_adapters():
     opts = EvalOptions(limit_train=80, limit_test=40, progress=False)
     pooled = Pooled()
     for module, pool in ((vit, "cls"), (pooled, "cls")):
-        from mimkit.eval.adapters import wrap_encoder
+        from mimkit.nn.adapters import wrap_encoder
 
         enc = wrap_encoder(module, img_size=28, in_chans=1)
         ctx = EvalContext(enc, replace_pool(opts, pool))
@@ -303,7 +303,8 @@ def replace_pool(opts, pool):
 
 
 def test_verified_loader_refuses_a_tampered_checkpoint(tmp_path):
-    from mimkit.interop import InteropError, load_encoder
+    from mimkit.errors import FileRefusedError
+    from mimkit.interop import load_encoder
     from mimkit.train.checkpoint import atomic_save
 
     enc = tiny_encoder()
@@ -318,7 +319,7 @@ def test_verified_loader_refuses_a_tampered_checkpoint(tmp_path):
     plain = buf.getvalue()
     assert len(plain) == len(good) - 96  # same layout; the checksum record is the only addition
     (tmp_path / "bad.pt").write_bytes(plain[:-2] + good[-98:])  # the new bytes under the old checksum
-    with pytest.raises(InteropError, match="does not match the checksum"):
+    with pytest.raises(FileRefusedError, match="does not match the checksum"):  # a refusal, named as one
         load_encoder(tmp_path / "bad.pt")
 
 

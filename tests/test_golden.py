@@ -1,5 +1,7 @@
 """Golden loss curves (tests/golden_curves.py): every preset's first steps on a fixed batch are
-unchanged. A refactor that moves them must explain it and rewrite tests/golden/ in the same commit."""
+unchanged. A refactor that moves them must explain it and rewrite tests/golden/ in the same commit.
+These pin the methods' numerics (hand loop); the trainer's schedule, accumulation, precision and
+after_step timing are pinned by tests/test_golden_trainer.py."""
 
 import json
 

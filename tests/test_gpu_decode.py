@@ -9,8 +9,8 @@ from PIL import Image
 from mimkit.config import ConfigError, load_config, validate
 from mimkit.data import FolderLoader, build_dataset, build_loader
 from mimkit.data.augment import rrc_params
-from mimkit.data.errors import DataError
 from mimkit.data.gpu import JpegBatchLoader, codecs, crop_boxes, gpu_decode_available, resolve_decode
+from mimkit.errors import DataError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

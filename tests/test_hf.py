@@ -17,7 +17,7 @@ from mimkit.nn.vit import ViTConfig  # noqa: E402
 
 def tiny_mae(norm_pix=True, in_chans=3, img=12, ratio=0.75, seed=0) -> MAE:
     torch.manual_seed(seed)
-    opts = MAEOptions(norm_pix_loss=norm_pix)
+    opts = MAEOptions(norm_target=norm_pix)
     opts.masking.ratio = ratio
     # 3 heads of width 8 and 2 decoder heads of width 8: a head split mix-up would change the outputs
     enc = ViTConfig(img_size=img, patch_size=4, in_chans=in_chans, embed_dim=24, depth=2, num_heads=3)

@@ -27,7 +27,7 @@ from golden_curves import ROOT  # noqa: E402
 def mae(img=16, chans=3, seed=0, width=24, dec=16) -> MAE:
     torch.manual_seed(seed)
     enc = ViTConfig(img_size=img, patch_size=4, in_chans=chans, embed_dim=width, depth=2, num_heads=3)
-    return MAE(ModelConfig(enc, DecoderConfig(dec, 1, 2, 2.0)), MAEOptions(norm_pix_loss=True)).eval()
+    return MAE(ModelConfig(enc, DecoderConfig(dec, 1, 2, 2.0)), MAEOptions(norm_target=True)).eval()
 
 
 def perturbed(model):

@@ -13,7 +13,7 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.losses import average_patch_similarity, patch_disc, similarity_regularizer
-from mimkit.masking import MaskingOptions, num_keep
+from mimkit.masking import MaskingOptions, resolve_num_keep
 from mimkit.methods import METHODS, ModelConfig, Progress
 from mimkit.methods.base import DecoderConfig
 from mimkit.methods.latent_mim import LatentMIM, LatentMIMOptions, ProjectorOptions
@@ -356,8 +356,8 @@ def test_each_arm_forward_backward(arm):
     out = m(torch.randn(3, 1, 28, 28), Progress(1, 10))
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    n_vis = out.plan.n_keep
-    assert n_vis == num_keep(49, arm.get("mask_ratio", 0.9), arm.get("num_keep", 5))
+    n_vis = out.plan.num_keep
+    assert n_vis == resolve_num_keep(49, arm.get("mask_ratio", 0.9), arm.get("num_keep", 5))
     assert out.pred.shape == out.target.shape == (3, 49 - n_vis, 32)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder.parameters() if p.requires_grad)
     assert all(p.grad is not None for p in m.decoder.parameters() if p.requires_grad)
@@ -388,10 +388,10 @@ def test_naive_gradient_flows_through_target_branch():
 
 
 def test_visible_count_and_registration():
-    assert num_keep(196, 0.9) == 19  # MAE's floor rule; the presets set the official num_vis
-    assert num_keep(196, 0.9, 20) == 20 and num_keep(49, 0.9) == 4 and num_keep(49, 0.9, 5) == 5
+    assert resolve_num_keep(196, 0.9) == 19  # MAE's floor rule; the presets set the official num_vis
+    assert resolve_num_keep(196, 0.9, 20) == 20 and resolve_num_keep(49, 0.9) == 4 and resolve_num_keep(49, 0.9, 5) == 5
     with pytest.raises(ValueError):
-        num_keep(49, 0.9, 50)
+        resolve_num_keep(49, 0.9, 50)
     with pytest.raises(ValueError, match="at least one target"):
         tiny_method(num_keep=49)
     assert METHODS["latent_mim"] is LatentMIM and LatentMIM.options_class is LatentMIMOptions
@@ -412,7 +412,7 @@ def test_sbam_masking_on_latent_mim_masks_the_most_salient_gapped_tokens():
     x = torch.randn(3, 1, 28, 28)
     g = torch.Generator().manual_seed(0)
     out = m(x, Progress(9, 10), generator=g)
-    assert out.plan.n_keep == num_keep(49, 0.75)
+    assert out.plan.num_keep == resolve_num_keep(49, 0.75)
     g = torch.Generator().manual_seed(0)
     pix = gapped_patchify(m.prepare_images(x), 4, 1, g)
     sal = token_salience(m.encoder.pixel_tokens(pix, torch.arange(49).expand(3, 49)))

@@ -64,7 +64,7 @@ def test_mae_loss_equals_hand_written_reference():
     out = model(images, noise=noise)
     ref = reference_mae_loss(out.pred, images, out.plan.mask, 4)
     assert abs(out.loss.item() - ref) < 1e-5
-    model_raw = MAE(tiny_model_config(img_size=8, in_chans=3, patch_size=4), MAEOptions(norm_pix_loss=False))
+    model_raw = MAE(tiny_model_config(img_size=8, in_chans=3, patch_size=4), MAEOptions(norm_target=False))
     out = model_raw(images, noise=noise)
     assert abs(out.loss.item() - reference_mae_loss(out.pred, images, out.plan.mask, 4, norm_pix=False)) < 1e-5
 

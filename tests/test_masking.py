@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from mimkit.masking import BlockMasking, MaskPlan, RandomMasking, num_keep, plan_from_mask
+from mimkit.masking import BlockMasking, MaskPlan, RandomMasking, plan_from_mask, resolve_num_keep
 
 
 def test_random_masking_counts_disjoint_and_seeded():
     gen = RandomMasking(0.75)
     g = torch.Generator().manual_seed(3)
     plan = gen(4, 49, generator=g)
-    assert plan.n_keep == num_keep(49, 0.75) == 12  # floor, as in MAE
+    assert plan.num_keep == resolve_num_keep(49, 0.75) == 12  # floor, as in MAE
     assert torch.all(plan.mask.sum(1) == 37)
     for b in range(4):
         keep = set(plan.ids_keep[b].tolist())
@@ -53,7 +53,7 @@ def test_views_expand_per_image_tensors():
 def test_block_masking_exact_count_and_blocks(ratio):
     gen = BlockMasking(ratio)
     m = gen.boolean_mask(16, (14, 14), generator=torch.Generator().manual_seed(0))
-    target = 196 - num_keep(196, ratio)  # masked count = L - the one keep-count rule
+    target = 196 - resolve_num_keep(196, ratio)  # masked count = L - the one keep-count rule
     assert torch.all(m.sum(1) == target)
     # block-wise: masked patches have far more masked 4-neighbours than random masking would give
     g = m.view(16, 14, 14).float()
@@ -98,7 +98,7 @@ def test_block_masking_has_the_official_block_statistics(count):
     more of both: 6.1 components and 4.3 isolated patches at 98/196)."""
     from mimkit.masking import BlockOptions
 
-    gen = BlockMasking(count=196 - count, options=BlockOptions(min_patches=16, min_aspect=0.3))
+    gen = BlockMasking(num_keep=196 - count, options=BlockOptions(min_patches=16, min_aspect=0.3))
     m = gen.boolean_mask(2000, (14, 14), generator=torch.Generator().manual_seed(count))
     assert torch.all(m.sum(1) == count)
     comps, isolated = _block_stats(m)
@@ -148,5 +148,5 @@ def test_generators_take_explicit_keywords_only():
     with pytest.raises(TypeError):
         RandomMasking(0.5)(2, 16, nosie=torch.rand(2, 16))  # a misspelt keyword is an error
     with pytest.raises(ValueError, match="num_keep"):
-        RandomMasking(0.5, count=17)(2, 16)
-    assert RandomMasking(0.9, count=5)(2, 49).n_keep == 5
+        RandomMasking(0.5, num_keep=17)(2, 16)
+    assert RandomMasking(0.9, num_keep=5)(2, 49).num_keep == 5

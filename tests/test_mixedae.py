@@ -45,7 +45,7 @@ def test_mixing_partitions_each_group_and_unmixing_restores_tokens(g):
     tokens = m.encoder.patch_tokens(x)
     own = gather_tokens(tokens, plan.ids_keep)  # (B, n, D)
     mixed, valid, member = mix(own, g, plan.keep_valid)
-    n = plan.n_keep
+    n = plan.num_keep
     assert mixed.shape == (b // g, g * n, tokens.shape[-1])
     # unmixing restores every image's own tokens exactly (bitwise)
     assert torch.equal(unmix(mixed, g), own)
@@ -116,7 +116,7 @@ def test_topk_with_all_keys_equals_plain_attention_and_smaller_k_keeps_k():
 def test_method_with_k_equal_to_all_keys_equals_attention_off():
     x = images(8)
     plan = model().make_plan(x, generator=torch.Generator().manual_seed(2))
-    on = model(topk=1 + 4 * plan.n_keep)  # every key of the padded mixed sequence
+    on = model(topk=1 + 4 * plan.num_keep)  # every key of the padded mixed sequence
     off = model(homologous_attention=False)
     off.load_state_dict(on.state_dict())
     a, b = on(x, plan=plan), off(x, plan=plan)
@@ -161,7 +161,7 @@ def test_topk_runs_in_training_only():
     m = model()
     x = images(8)
     plan = m.make_plan(x, generator=torch.Generator().manual_seed(2))
-    g, n = 4, plan.n_keep
+    g, n = 4, plan.num_keep
     valid = plan.keep_valid.reshape(2, g * n)
     assert n == 13 and int(valid.sum()) == 2 * 49  # parts of 13, 12, 12, 12: padding is exercised
     calls = spy_attention(m)

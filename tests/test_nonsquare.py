@@ -11,6 +11,7 @@ import torch
 
 from mimkit.config import ConfigError, load_config, validate
 from mimkit.masking import BlockMasking, build_mask_generator
+from mimkit.methods import METHODS
 from mimkit.nn.pos_embed import sincos_2d
 from mimkit.nn.vit import ViTConfig, ViTEncoder, grid_of
 from mimkit.train.loop import build_method
@@ -24,12 +25,6 @@ HW = [20, 36]
 TINY = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
         "model.decoder.embed_dim=32", "model.decoder.depth=1", "model.decoder.num_heads=2",
         f"model.encoder.img_size=[{HW[0]},{HW[1]}]", "model.encoder.patch_size=4"]
-PRESETS = {
-    "mae": [], "emae": [], "sbam": [], "mixedae": [], "pcae": [], "cae": [],
-    "latent_mim": ["method.projector.hidden_dim=32", "method.masking.num_keep=null", "method.masking.ratio=0.75"],
-    "cae_v2": ["method.teacher_path=null", "method.teacher_random_init=true", "method.teacher_vit.embed_dim=16",
-               "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2"],
-}
 
 
 def test_encoder_grid_and_positions_follow_a_rectangle():
@@ -104,12 +99,13 @@ def test_block_masking_places_rectangles_on_an_h_ne_w_grid():
         gen(2, 45, "cpu", grid=(9, 4))
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_and_draws_on_a_rectangle(name, tmp_path):
     from mimkit.methods import Progress
     from mimkit.viz import draw_picture
 
-    cfg = load_config(ROOT / "configs" / f"{name}_fashion_mnist.yaml", [*TINY, *PRESETS[name]])
+    over = [*TINY, *METHODS[name].preset_overrides(smoke=True)]  # the method's own offline / tiny stand-ins
+    cfg = load_config(ROOT / "configs" / f"{name}_fashion_mnist.yaml", over)
     validate(cfg, check_environment=False)
     torch.manual_seed(0)
     model = build_method(cfg)

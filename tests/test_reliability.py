@@ -29,9 +29,10 @@ from conftest import fashion_mnist_available
 from PIL import Image
 
 import mimkit.train.checkpoint as ck
+import mimkit.weights.checkpoint as wck
 from mimkit.config import ConfigError, load_config, validate
-from mimkit.data.errors import DataError
 from mimkit.data.folder import _open_image
+from mimkit.errors import DataError
 from mimkit.train import NonFiniteLossError, Trainer, pretrain
 from mimkit.train.checkpoint import CheckpointError, DiskFullError, RunLockedError, atomic_save, load_checkpoint
 from mimkit.train.loop import EXIT_INTERRUPTED, TrainingInterrupted, config_changes
@@ -225,7 +226,14 @@ def _stand_in_full_disk(monkeypatch, free=1000):
                            "data/0: file write failed")
 
     monkeypatch.setattr(ck.torch, "save", full_save)
-    monkeypatch.setattr(ck, "free_bytes", lambda d: free)
+    _set_free(monkeypatch, free)
+
+
+def _set_free(monkeypatch, free: int) -> None:
+    """A stand-in free-space figure for the writer (mimkit.weights.checkpoint) and the run directory's
+    checks (mimkit.train.checkpoint) alike."""
+    for mod in (ck, wck):
+        monkeypatch.setattr(mod, "free_bytes", lambda d: free)
 
 
 def test_write_failures_remove_the_temp_file_and_keep_the_old_checkpoint(tmp_path, monkeypatch, small_fs):
@@ -237,7 +245,7 @@ def test_write_failures_remove_the_temp_file_and_keep_the_old_checkpoint(tmp_pat
         before = ck.free_bytes(small_fs)
         with monkeypatch.context() as m, pytest.raises(DiskFullError, match="disk full while writing checkpoint.*"
                                                                             "partial file was removed"):
-            m.setattr(ck, "check_space", lambda *a: None)  # the space vanished after the check
+            m.setattr(wck, "check_space", lambda *a: None)  # the space vanished after the check
             atomic_save(big, path)
         assert ck.free_bytes(small_fs) == before  # the partial file does not keep the disk full
         assert sorted(p.name for p in small_fs.iterdir()) == ["checkpoint.pt", "filler"]
@@ -247,12 +255,12 @@ def test_write_failures_remove_the_temp_file_and_keep_the_old_checkpoint(tmp_pat
     atomic_save({"step": 1}, path)
     with monkeypatch.context() as m:  # the stand-in: what torch.save raises on a full disk
         _stand_in_full_disk(m, free=10**9)
-        m.setattr(ck, "check_space", lambda *a: None)
-        m.setattr(ck, "free_bytes", lambda d: 1000)
+        m.setattr(wck, "check_space", lambda *a: None)
+        _set_free(m, 1000)
         with pytest.raises(DiskFullError, match="disk full"):
             atomic_save(big, path)
     with monkeypatch.context() as m:  # the space check refuses before touching anything
-        m.setattr(ck, "free_bytes", lambda d: 1000)
+        _set_free(m, 1000)
         with pytest.raises(DiskFullError, match="not enough space.*nothing was changed"):
             atomic_save(big, path)
 
@@ -270,7 +278,7 @@ def test_write_failures_remove_the_temp_file_and_keep_the_old_checkpoint(tmp_pat
 @needs_fmnist
 def test_full_disk_runs_fail_in_one_line_and_leave_nothing_behind(tmp_path, monkeypatch, small_fs, capsys):
     if small_fs is None:  # stand-in: a disk with 1000 bytes free
-        monkeypatch.setattr(ck, "free_bytes", lambda d: 1000)
+        _set_free(monkeypatch, 1000)
         base = tmp_path
     else:
         base = small_fs
@@ -291,7 +299,7 @@ def test_full_disk_runs_fail_in_one_line_and_leave_nothing_behind(tmp_path, monk
     if small_fs is not None:
         _fill(base, leave=200_000)
     else:
-        monkeypatch.setattr(ck, "free_bytes", lambda d: 200_000)
+        _set_free(monkeypatch, 200_000)
     with pytest.raises(DiskFullError, match="not enough space.*previous checkpoint is intact"):
         pretrain(tiny_cfg(base / "run", "train.max_steps=4"))
     assert (base / "run/checkpoint.pt").read_bytes() == before
@@ -575,7 +583,7 @@ def test_a_pending_asynchronous_sharded_save_is_completed_before_a_nonfinite_sto
     out = tmp_path / "run"
     t = Trainer(tiny_cfg(out, "train.max_nonfinite=0", "train.strategy=fsdp", "train.ckpt_every_steps=2",
                          "train.log_every_steps=100"))
-    t._ckpt_group = object()  # makes periodic saves asynchronous
+    t.checkpointer.async_group = object()  # makes periodic saves asynchronous
     _poison(t, {3})
     with pytest.raises(NonFiniteLossError, match=r"last good checkpoint is .*step-00000002 \(step 2\)"):
         t.train()

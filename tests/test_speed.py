@@ -279,7 +279,7 @@ def test_bench_refuses_unknown_methods_in_one_line(capsys):
 def test_bench_without_fashion_mnist_notes_the_row_instead_of_failing(monkeypatch):
     import mimkit.data.fashion_mnist as fm
     from mimkit.bench import Plan, fmnist_row
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
 
     def missing(root=None):
         raise DataError("Fashion-MNIST not found")

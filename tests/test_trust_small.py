@@ -430,7 +430,7 @@ def test_eval_on_a_one_class_folder_is_refused(tmp_path, capsys, protocol, layou
 
 def test_eval_refuses_when_limit_train_keeps_one_class_and_the_api_refuses_too(tmp_path, capsys):
     from mimkit.cli import main
-    from mimkit.data.errors import DataError
+    from mimkit.errors import DataError
     from mimkit.eval.protocols import EvalOptions, evaluate
 
     data = _class_folder(tmp_path / "two", ["a", "b"], n=10)

@@ -5,12 +5,14 @@ Rows (each a dict in the JSON file and a line of the markdown table):
 * ``ceiling``: a square matmul in the run's precision (8192^3 bf16 on a GPU) -- the achievable
   TFLOP/s that MFU is measured against, on the same device in the same process.
 * ``model``: one training step of a method (forward, backward, fused AdamW step) on images already on
-  the device, at ViT-B/16 224 px (each method's ``configs/<method>_vit_base_imagenet.yaml``), bf16 on
-  a GPU, ``torch.compile`` on. FLOPs per image are counted with torch's ``FlopCounterMode`` on the
+  the device, at ViT-B/16 224 px (each method's ``configs/<method>_vit_base_imagenet.yaml`` with the
+  method's ``offline_overrides``: no tokenizer or teacher file is needed), bf16 on a GPU,
+  ``torch.compile`` on. FLOPs per image are counted with torch's ``FlopCounterMode`` on the
   actual step (:func:`mimkit.flops.count_flops`, forward + backward); TFLOP/s = FLOPs x img/s; MFU =
   TFLOP/s / ceiling. Peak memory: ``torch.cuda.max_memory_allocated`` (GPU) or the process's peak RSS.
-* ``peer``: Hugging Face ``transformers`` ``ViTMAEForPreTraining`` at MAE's shapes, batch and
-  precision, same optimizer, compiled the same way (skipped with a note when not installed).
+* ``peer``: Hugging Face ``transformers`` ``ViTMAEForPreTraining`` at the reference method's (MAE's)
+  shapes, batch and precision, same optimizer, compiled the same way (skipped with a note when not
+  installed).
 * ``e2e``: the real trainer (:class:`mimkit.train.Trainer`, as ``mimkit pretrain`` runs it) reading a
   JPEG folder that the bench writes first (mixed sizes), through each input path available: PIL
   worker processes, GPU decoding (``data.decode=gpu``), pre-resized uint8 shards (``mimkit data
@@ -19,7 +21,9 @@ Rows (each a dict in the JSON file and a line of the markdown table):
 
 Rows run in priority order; with ``--budget-s`` the bench stops starting rows once the budget is
 spent and lists the rows it skipped. ``--smoke`` runs the same rows at tiny shapes on any device in
-seconds (a test of the bench, not a measurement).
+seconds (a test of the bench, not a measurement): ``SMOKE_MODEL`` and each method's ``smoke_overrides``.
+The methods are those registered in :data:`mimkit.methods.METHODS`; the bench names only its
+``REFERENCE`` method (the one the peer implements and the end-to-end rows train).
 
     mimkit bench --smoke                           # CPU, tiny shapes, < 1 min
     mimkit bench --out runs/bench --budget-s 420   # the GPU suite (benchmarks/gpu_suite.sh)
@@ -41,26 +45,27 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("mae", "emae", "sbam", "mixedae", "latent_mim", "cae", "cae_v2", "pcae")
+from mimkit.errors import ConfigError, DataError
+
+REFERENCE = "mae"
+"""The method the others are measured against: the Hugging Face peer implements it, the end-to-end rows
+train it, and the FLOP-predicted img/s ratios divide by its img/s."""
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-# tiny shapes of --smoke (ViT 32/2 on 32x32 RGB, patch 4: 64 patches, so Latent MIM's 20 visible fit)
+# tiny shapes of --smoke (ViT 32/2 on 32x32 RGB, patch 4: 64 patches, so a preset's 20 visible fit)
 SMOKE_MODEL = [
     "model.encoder.img_size=32", "model.encoder.patch_size=4", "model.encoder.in_chans=3",
     "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
     "model.decoder.embed_dim=32", "model.decoder.depth=1", "model.decoder.num_heads=2",
 ]
-# what the presets need to run without files that do not exist on a bench machine (the same stand-ins
-# as the golden curves): pixel targets for CAE's tokenizer, a random-init teacher for CAE v2
-METHOD_EXTRA = {
-    "cae": ["method.target=pixel"],
-    "cae_v2": ["method.teacher_path=null", "method.teacher_random_init=true"],
-}
-SMOKE_EXTRA = {
-    "latent_mim": ["method.projector.hidden_dim=64"],
-    "cae_v2": ["method.teacher_vit.img_size=32", "method.teacher_vit.patch_size=8", "method.teacher_vit.in_chans=3",
-               "method.teacher_vit.embed_dim=16", "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2"],
-}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods (:data:`mimkit.methods.METHODS`), imported when needed: the command line
+    builds this parser for every command."""
+    from mimkit.methods import METHODS
+
+    return tuple(METHODS)
 
 
 @dataclass
@@ -131,9 +136,12 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, iters: int 
 
 
 def method_config(name: str, smoke: bool, extra: list[str] | None = None):
+    """Method ``name``'s ViT-B preset as the bench runs it: offline (the method's ``offline_overrides``),
+    at ``SMOKE_MODEL`` shapes with its ``smoke_overrides`` when ``smoke``, then ``extra``."""
     from mimkit.config import load_config
+    from mimkit.methods import METHODS
 
-    over = [*METHOD_EXTRA.get(name, []), *((SMOKE_MODEL + SMOKE_EXTRA.get(name, [])) if smoke else []), *(extra or [])]
+    over = [*(SMOKE_MODEL if smoke else []), *METHODS[name].preset_overrides(smoke), *(extra or [])]
     return load_config(CONFIGS / f"{name}_vit_base_imagenet.yaml", over)
 
 
@@ -221,14 +229,14 @@ def hf_peer_row(plan: Plan, ceiling: float | None) -> dict | None:
     from mimkit.train.optim import param_groups
     from mimkit.train.step import build_adamw
 
-    cfg = method_config("mae", plan.smoke)
+    cfg = method_config(REFERENCE, plan.smoke)
     e, d = cfg.model.encoder, cfg.model.decoder
     hf_cfg = ViTMAEConfig(
         hidden_size=e.embed_dim, num_hidden_layers=e.depth, num_attention_heads=e.num_heads,
         intermediate_size=int(e.embed_dim * e.mlp_ratio), image_size=e.img_size, patch_size=e.patch_size,
         num_channels=e.in_chans, decoder_hidden_size=d.embed_dim, decoder_num_hidden_layers=d.depth,
         decoder_num_attention_heads=d.num_heads, decoder_intermediate_size=int(d.embed_dim * d.mlp_ratio),
-        mask_ratio=cfg.method.masking.ratio, norm_pix_loss=cfg.method.norm_pix_loss, layer_norm_eps=1e-6,
+        mask_ratio=cfg.method.masking.ratio, norm_pix_loss=cfg.method.norm_target, layer_norm_eps=1e-6,
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
@@ -328,27 +336,12 @@ def trainer_row(plan: Plan, name: str, preset: str | Path, overrides: list[str],
                           wall=time.perf_counter() - t, batch=batch)
 
 
-def _shards_available() -> bool:
-    """True when this mimkit has ``mimkit data prepare`` (tar shards, pre-resized uint8)."""
-    import contextlib
-    import io
-
-    from mimkit.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["data", "prepare", "SRC", "OUT", "--resize", "8"])
-    except SystemExit:
-        return False
-    return True
-
-
-def e2e_rows(plan: Plan, ceiling: float | None, mae_flop: float | None) -> list:
-    """The input paths for an image folder, as thunks in priority order."""
+def e2e_rows(plan: Plan, ceiling: float | None, ref_flop: float | None) -> list:
+    """The input paths for an image folder (the ``REFERENCE`` method's training), as thunks in priority order."""
     from mimkit.data.gpu import gpu_decode_available
 
     folder = plan.jpeg_dir or Path(tempfile.gettempdir()) / f"mimkit-bench-jpegs-{plan.jpegs}{'-smoke' if plan.smoke else ''}"
-    mae = CONFIGS / "mae_vit_base_imagenet.yaml"
+    ref = CONFIGS / f"{REFERENCE}_vit_base_imagenet.yaml"
     model = SMOKE_MODEL if plan.smoke else []
     base = [*model, f"data.dataset={folder}", "data.in_memory=false", *(["train.num_threads=1"] if plan.smoke else [])]
     rows = []
@@ -358,44 +351,38 @@ def e2e_rows(plan: Plan, ceiling: float | None, mae_flop: float | None) -> list:
 
     def pil():
         jpegs()
-        return trainer_row(plan, "mae, JPEG folder, PIL workers", mae, [*base, f"data.num_workers={plan.workers}"],
-                           ceiling, mae_flop, plan.batch)
+        return trainer_row(plan, f"{REFERENCE}, JPEG folder, PIL workers", ref,
+                           [*base, f"data.num_workers={plan.workers}"], ceiling, ref_flop, plan.batch)
 
-    rows.append(("e2e mae jpeg pil", pil))
+    rows.append((f"e2e {REFERENCE} jpeg pil", pil))
     if gpu_decode_available(plan.device):
         def gpu():
             jpegs()
-            return trainer_row(plan, "mae, JPEG folder, GPU decode (nvjpeg)", mae,
+            return trainer_row(plan, f"{REFERENCE}, JPEG folder, GPU decode (nvjpeg)", ref,
                                [*base, "data.decode=gpu", f"data.num_workers={min(plan.workers, 8)}"], ceiling,
-                               mae_flop, plan.batch)
+                               ref_flop, plan.batch)
 
-        rows.insert(0, ("e2e mae jpeg gpu-decode", gpu))
+        rows.insert(0, (f"e2e {REFERENCE} jpeg gpu-decode", gpu))
     else:
         plan.notes.append(f"GPU JPEG decoding not measured: not available on {plan.device}")
-    if _shards_available():
-        def shards():
-            jpegs()
-            out = folder.with_name(folder.name + "-shards")
-            if not (out / "index.json").is_file():
-                from mimkit.cli import main
 
-                side = 32 if plan.smoke else 256
-                rc = main(["data", "prepare", str(folder), str(out), "--resize", str(side), "--quiet",
-                           "--workers", str(max(1, plan.workers))])
-                if rc:
-                    raise RuntimeError(f"mimkit data prepare exited with {rc}")
-            return trainer_row(plan, "mae, uint8 shards (mimkit data prepare), augmented on the device", mae,
-                               [*model, f"data.dataset={out}", "data.in_memory=false", *(base[-1:] if plan.smoke else []),
-                                f"data.num_workers={min(plan.workers, 8)}"], ceiling, mae_flop, plan.batch)
+    def shards():  # tar shards (mimkit data prepare)
+        jpegs()
+        out = folder.with_name(folder.name + "-shards")
+        if not (out / "index.json").is_file():
+            from mimkit.data.shards import prepare_shards
 
-        rows.insert(0, ("e2e mae shards", shards))
-    else:
-        plan.notes.append("shards not measured: this mimkit has no `mimkit data prepare`")
+            prepare_shards(folder, out, resize=32 if plan.smoke else 256, workers=max(1, plan.workers),
+                           progress=False)
+        return trainer_row(plan, f"{REFERENCE}, uint8 shards (mimkit data prepare), augmented on the device", ref,
+                           [*model, f"data.dataset={out}", "data.in_memory=false", *(base[-1:] if plan.smoke else []),
+                            f"data.num_workers={min(plan.workers, 8)}"], ceiling, ref_flop, plan.batch)
+
+    rows.insert(0, (f"e2e {REFERENCE} shards", shards))
     return rows
 
 
 def fmnist_row(plan: Plan, ceiling: float | None) -> dict | None:
-    from mimkit.data.errors import DataError
     from mimkit.data.fashion_mnist import find_fashion_mnist
     from mimkit.flops import count_flops
     from mimkit.methods import Progress
@@ -407,7 +394,7 @@ def fmnist_row(plan: Plan, ceiling: float | None) -> dict | None:
         plan.notes.append("Fashion-MNIST row skipped: the data set is not installed (apt install dataset-fashion-mnist, "
                           "set $MIMKIT_DATA, or run mimkit.data.download_fashion_mnist())")
         return None
-    preset = CONFIGS / "mae_fashion_mnist.yaml"
+    preset = CONFIGS / f"{REFERENCE}_fashion_mnist.yaml"
     from mimkit.config import load_config
 
     cfg = load_config(preset, [])
@@ -415,8 +402,8 @@ def fmnist_row(plan: Plan, ceiling: float | None) -> dict | None:
     x = torch.randn(8, 1, 28, 28)
     flop = count_flops(lambda: model(x, Progress(0, 10, 0.0, 1.0)).loss.backward(), grad=True) / 8
     over = ["data.limit=512", "train.num_threads=1"] if plan.smoke else []
-    return trainer_row(plan, "mae, Fashion-MNIST workload (ViT 192/6, in memory, on the device)", preset, over,
-                       ceiling, flop, plan.fmnist_batch)
+    return trainer_row(plan, f"{REFERENCE}, Fashion-MNIST workload (ViT 192/6, in memory, on the device)", preset,
+                       over, ceiling, flop, plan.fmnist_batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,13 +455,13 @@ def run(plan: Plan) -> dict:
         return {"kind": "ceiling", "name": f"matmul {n}^3 {str(dtype).replace('torch.', '')} (ceiling)",
                 "tflops": ceiling / 1e12}
 
-    mae_flop: dict = {}
+    ref_flop: dict = {}
 
     def model(name, compiled):
         def go():
             r = model_row(plan, name, ceiling, compiled)
-            if name == "mae":
-                mae_flop["v"] = r["gflop_per_img"] * 1e9
+            if name == REFERENCE:
+                ref_flop["v"] = r["gflop_per_img"] * 1e9
             return r
 
         return go
@@ -483,23 +470,23 @@ def run(plan: Plan) -> dict:
     # Every method runs eager (seconds each); compiled rows of the other methods come last (a compile of
     # a ViT-B step takes about a minute), so the FLOP-ratio check has eager numbers for all of them.
     tasks.append(("ceiling", ceiling_row))
-    if "mae" in plan.methods:
-        tasks.append(("model mae", model("mae", plan.compile)))
+    if REFERENCE in plan.methods:
+        tasks.append((f"model {REFERENCE}", model(REFERENCE, plan.compile)))
     if plan.peer:
         tasks.append(("peer hf", lambda: hf_peer_row(plan, ceiling)))
-    tasks.append(("e2e paths", None))  # expanded below, once the MAE FLOPs are known
+    tasks.append(("e2e paths", None))  # expanded below, once the reference method's FLOPs are known
     tasks.append(("e2e fashion-mnist", lambda: fmnist_row(plan, ceiling)))
     if plan.compile:
         tasks += [(f"model {m} eager", model(m, False)) for m in plan.methods]
     tasks += [(f"model {m}{' compiled' if plan.compile else ''}", model(m, plan.compile))
-              for m in plan.methods if m != "mae"]
+              for m in plan.methods if m != REFERENCE]
 
     bar = tqdm(total=len(tasks), desc="mimkit bench", unit="row", mininterval=1.0 if sys.stderr.isatty() else 10.0)
     i = 0
     while i < len(tasks):
         label, fn = tasks[i]
         if fn is None:
-            extra = e2e_rows(plan, ceiling, mae_flop.get("v"))
+            extra = e2e_rows(plan, ceiling, ref_flop.get("v"))
             tasks[i:i + 1] = extra
             bar.total = len(tasks)
             continue
@@ -535,15 +522,16 @@ def run(plan: Plan) -> dict:
     peer = next((r for r in plan.rows if r["kind"] == "peer" and r.get("img_per_s")), None)
     ratios = {}
     for mode in ("compiled", "eager"):
-        mae = next((r for r in models if r["method"] == "mae" and r["mode"] == mode), None)
-        if mae is None:
+        ref = next((r for r in models if r["method"] == REFERENCE and r["mode"] == mode), None)
+        if ref is None:
             continue
         if peer is not None and mode == ("compiled" if plan.compile else "eager"):
-            ratios["mae / Hugging Face peer (model only, same precision and compile)"] = mae["img_per_s"] / peer["img_per_s"]
+            ratios[f"{REFERENCE} / Hugging Face peer (model only, same precision and compile)"] = \
+                ref["img_per_s"] / peer["img_per_s"]
         for r in models:
-            if r["mode"] == mode and r is not mae and r.get("gflop_per_img"):
-                # 1.0: as fast as its FLOPs predict from MAE's img/s; above 1: slower than that (target <= 1.2)
-                expect = mae["img_per_s"] * mae["gflop_per_img"] / r["gflop_per_img"]
+            if r["mode"] == mode and r is not ref and r.get("gflop_per_img"):
+                # 1.0: as fast as its FLOPs predict from the reference's img/s; above 1: slower (target <= 1.2)
+                expect = ref["img_per_s"] * ref["gflop_per_img"] / r["gflop_per_img"]
                 ratios[f"{r['method']} ({mode}): FLOP-predicted img/s / measured"] = expect / r["img_per_s"]
     result["ratios"] = ratios
     return result
@@ -561,7 +549,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="per-step batch (default 256; smoke 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the registered methods (default: all)")
     p.add_argument("--jpegs", type=int, default=None, help="JPEG files for the end-to-end rows (default 20000; smoke 64)")
     p.add_argument("--jpeg-dir", default=None, help="where the JPEG files are written (default: the temp dir)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: CPU count, max 16)")
@@ -573,17 +561,17 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mimkit.config import ConfigError
     from mimkit.train.distributed import pick_device
 
     try:
         device = pick_device(args.device)
     except RuntimeError as e:
         raise ConfigError(f"--device {args.device}: {e}".replace("train.device=cpu", "--device cpu")) from e
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in METHODS]
+    known = method_names()
+    methods = known if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise ConfigError(f"--methods: unknown {', '.join(bad)}; choose from {','.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown {', '.join(bad)}; choose from {','.join(known)}")
     smoke = args.smoke
     if smoke and device.type == "cpu":
         torch.set_num_threads(1)  # tiny shapes: a second thread only waits (and starves on a shared machine)
@@ -608,7 +596,8 @@ def main(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-if __name__ == "__main__":
-    from mimkit.cli import main as cli_main
-
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))
+if __name__ == "__main__":  # python -m mimkit.bench [options]: as `mimkit bench`
+    _parser = argparse.ArgumentParser(prog="python -m mimkit.bench")
+    add_parser(_parser.add_subparsers(dest="command", required=True))
+    _args = _parser.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(main(_args))

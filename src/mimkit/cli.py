@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mimkit.errors import MimkitError
+
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mimkit.config import load_config
@@ -38,21 +40,24 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _load_method(path: str):
-    """A method model from a mimkit checkpoint, or an MAE from an official MAE checkpoint (read weights
-    only, a mimkit checksum verified first: :mod:`mimkit.safe_load`)."""
+    """A method model from a mimkit checkpoint (a file, a run directory or a sharded directory), an
+    MAE from an official MAE pretraining checkpoint or a CAE from an official CAE one; read by :func:`mimkit.weights.read_weights`
+    (weights only, a mimkit checksum verified first)."""
     from mimkit.config import config_from_dict
-    from mimkit.interop import mae_from_official
-    from mimkit.train.checkpoint import consolidate_dcp, is_dcp_checkpoint, load_checkpoint
+    from mimkit.interop import cae_from_official, mae_from_official
     from mimkit.train.loop import build_method
+    from mimkit.weights import read_weights
 
-    state = consolidate_dcp(path) if is_dcp_checkpoint(path) else load_checkpoint(path, require_checksum=False)
-    if isinstance(state, dict) and "config" in state and "model" in state:
-        cfg = config_from_dict(state["config"])
+    w = read_weights(path)
+    if w.format in ("mimkit-checkpoint", "mimkit-dcp"):
+        cfg = config_from_dict(w.config)
         model = build_method(cfg)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(w.state)
         model.eval()
         return model, tuple(cfg.data.mean or ()), tuple(cfg.data.std or ())
-    return mae_from_official(path), None, None
+    if w.format == "official-cae":
+        return cae_from_official(w.path).eval(), None, None
+    return mae_from_official(w.path), None, None
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -89,7 +94,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from mimkit.interop import export_encoder, load_encoder
-    from mimkit.train.checkpoint import atomic_save, consolidate_dcp, is_dcp_checkpoint
 
     if getattr(args, "format", "timm") == "hf":
         from mimkit.hf import export_hf
@@ -99,15 +103,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {path} (transformers ViTMAEForPreTraining; load with ViTMAEForPreTraining.from_pretrained)")
         return 0
 
-    if is_dcp_checkpoint(args.checkpoint):  # a sharded (train.strategy=fsdp) checkpoint directory
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as td:
-            flat = Path(td) / "consolidated.pt"
-            atomic_save(consolidate_dcp(args.checkpoint), flat)  # checksummed, as load_encoder verifies
-            enc = load_encoder(flat)
-    else:
-        enc = load_encoder(args.checkpoint)
+    enc = load_encoder(args.checkpoint)  # any format mimkit.weights reads, a sharded directory included
     path = export_encoder(enc, args.out)
     print(f"wrote {path} (timm VisionTransformer keys; load with mimkit.interop.timm_model_for + load_state_dict)")
     return 0
@@ -231,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        from mimkit.config import ConfigError
-        from mimkit.data.errors import DataError
-        from mimkit.interop import InteropError
-        from mimkit.train.checkpoint import CheckpointError
-        from mimkit.train.loop import NonFiniteLossError, TrainingInterrupted
+        from mimkit.train.loop import TrainingInterrupted
 
         try:
             command = args.command
@@ -243,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterrupted as e:
             _say(f"mimkit: {_one_line(e)}")
             return EXIT_INTERRUPTED
-        except (ConfigError, DataError, CheckpointError, InteropError, NonFiniteLossError) as e:
+        except MimkitError as e:  # every mimkit error type (mimkit.errors) is a one-line message
             _say(f"mimkit: error: {_one_line(e)}")
             return EXIT_ERROR
         except OSError as e:  # the file system: a full disk, a missing or unwritable path

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from mimkit.config import ConfigError
+from mimkit.errors import ConfigError
 
 KNN_METRICS = ("top1_cls", "top1_mean")
 # settings that do not change the loss curve and are not compared

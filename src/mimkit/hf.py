@@ -4,9 +4,10 @@
   decoder) as a ``ViTMAEForPreTraining`` directory (``config.json`` + ``model.safetensors``, by
   ``save_pretrained``) that ``ViTMAEForPreTraining.from_pretrained(dir)`` loads; the config carries the
   method's ``mask_ratio`` and ``norm_pix_loss``.
-* :func:`read_hf_pretraining` reads such a directory (or its safetensors file) back into mimkit keys,
-  for ``model.init`` (:mod:`mimkit.init_from`); :func:`mae_from_hf` builds the :class:`~mimkit.methods.MAE`.
-  Reading needs only ``safetensors`` (``transformers`` is needed for export).
+* :func:`from_hf_state_dict` maps such a directory's weights (read by :func:`mimkit.weights.read_weights`,
+  format ``hf``) to mimkit keys, for ``model.init`` (:mod:`mimkit.init_from`); :func:`mae_from_hf`
+  builds the :class:`~mimkit.methods.MAE`. Reading needs only ``safetensors`` (``transformers`` is
+  needed for export).
 
 Both ``transformers`` key layouts are read: 4.x (``vit.encoder.layer.N.attention.attention.query`` ...,
 the layout of the checkpoints on the Hub such as ``facebook/vit-mae-base``) and 5.x
@@ -19,13 +20,13 @@ two give the same loss (``tests/test_hf.py``). Hugging Face's ``patchify`` takes
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from mimkit.config import ConfigError
+from mimkit.errors import ConfigError
+from mimkit.weights import read_weights
 
 # per-block names: mimkit (timm) <- Hugging Face, both layouts; q/k/v are fused into qkv
 _BLOCK_V5 = {"attention.o_proj": "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2",
@@ -150,7 +151,7 @@ def hf_config_for(model):
         decoder_hidden_size=dec.decoder_dim, decoder_num_hidden_layers=len(dec.blocks),
         decoder_num_attention_heads=blk.attn.num_heads if blk is not None else 1,
         decoder_intermediate_size=blk.mlp.fc1.out_features if blk is not None else 4 * dec.decoder_dim,
-        mask_ratio=ratio, norm_pix_loss=bool(getattr(opts, "norm_pix_loss", True)),
+        mask_ratio=ratio, norm_pix_loss=bool(getattr(opts, "norm_target", True)),
     )
 
 
@@ -181,45 +182,6 @@ def export_hf(model, out_dir: str | Path) -> Path:
 # import
 
 
-def _read_dir(p: Path) -> tuple[dict, dict]:
-    cfg_path = p / "config.json" if p.is_dir() else p.parent / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
-    if not files:
-        raise ConfigError(f"{p}: no model.safetensors or pytorch_model.bin in it; give a directory written by "
-                          "ViTMAEForPreTraining.save_pretrained")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd.update(load_file(str(f)))
-        else:
-            from mimkit.safe_load import safe_load  # weights only; a mimkit checksum verified when present
-
-            sd.update(safe_load(f, "cpu", what="weight file"))
-    return sd, cfg
-
-
-def read_hf_pretraining(path: str | Path):
-    """A ``ViTMAEForPreTraining`` directory (or its safetensors file) -> :class:`mimkit.init_from.InitSource`."""
-    from mimkit.init_from import InitSource
-
-    p = Path(path)
-    sd, cfg = _read_dir(p)
-    out = from_hf_state_dict(sd)
-    if "encoder.patch_embed.proj.weight" not in out:
-        raise ConfigError(f"model.init={path}: no ViTMAE patch embedding in it; give a ViTMAEForPreTraining or "
-                          "ViTMAEModel directory")
-    kind = "Hugging Face ViTMAE" + (" (encoder + decoder)" if "decoder.embed.weight" in out else " (encoder)")
-    src = InitSource(str(p), kind, out)
-    if cfg.get("image_size") and cfg.get("patch_size"):
-        size = cfg["image_size"]
-        src.img_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        src.patch_size, src.in_chans = int(cfg["patch_size"]), int(cfg.get("num_channels", 3))
-    return src
-
-
 def mae_from_hf(path: str | Path):
     """Build a :class:`~mimkit.methods.MAE` from a ``ViTMAEForPreTraining`` directory (shapes from its
     ``config.json``, ``norm_pix_loss`` and ``mask_ratio`` too)."""
@@ -227,8 +189,11 @@ def mae_from_hf(path: str | Path):
     from mimkit.methods.mae import MAE, MAEOptions
     from mimkit.nn.vit import ViTConfig
 
-    p = Path(path)
-    sd, cfg = _read_dir(p)
+    w = read_weights(path)
+    p, sd, cfg = Path(w.path), w.state, w.meta
+    if w.format != "hf":
+        raise ConfigError(f"{p} is {w.description}, not a Hugging Face ViTMAE directory; give a directory written "
+                          "by ViTMAEForPreTraining.save_pretrained")
     if not cfg:
         raise ConfigError(f"{p}: no config.json beside the weights; give the save_pretrained directory")
     hidden = cfg["hidden_size"]
@@ -239,7 +204,7 @@ def mae_from_hf(path: str | Path):
     dd = cfg["decoder_hidden_size"]
     dec = DecoderConfig(dd, cfg["decoder_num_hidden_layers"], cfg["decoder_num_attention_heads"],
                         cfg["decoder_intermediate_size"] / dd)
-    opts = MAEOptions(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)))
+    opts = MAEOptions(norm_target=bool(cfg.get("norm_pix_loss", False)))
     opts.masking.ratio = float(cfg.get("mask_ratio", 0.75))
     model = MAE(ModelConfig(enc, dec), opts)
     if abs(enc.norm_eps - 1e-6) > 1e-12:

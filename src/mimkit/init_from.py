@@ -6,6 +6,10 @@ Sources (recognised from the file, nothing to declare):
   keys (e.g. ``mae_visualize_vit_large.pth``) encoder *and* decoder, mapped by
   :func:`mimkit.interop.from_official_state_dict`; the encoder-only ``mae_pretrain_vit_*.pth`` files
   have timm's keys and load as the encoder;
+* an official CAE / CAE v2 checkpoint (Atten4Vis/CAE): encoder, regressor, decoder (CAE) or head (CAE v2),
+  mask token and position tables, mapped by :func:`mimkit.weights.official.from_official_cae_state_dict`
+  (the alignment encoder is not used: mimkit's alignment target shares the encoder); an encoder-only
+  fine-tuning file loads as the encoder;
 * a timm ``VisionTransformer`` state dict (``.pth`` / ``.bin`` / ``.safetensors``; classifier ``head.*``
   and ``fc_norm.*`` are not used): the encoder;
 * a mimkit checkpoint (``checkpoint.pt``, or a sharded ``train.strategy=fsdp`` checkpoint directory: the
@@ -17,7 +21,8 @@ Sources (recognised from the file, nothing to declare):
 Adaptation to the model being trained (rules of timm's checkpoint loading, ``timm.layers``):
 
 * **position embeddings** on another grid: a table that is the 2-D sin-cos table of its grid (MAE's
-  fixed positions, mimkit's) is regenerated for the new grid (exactly what the model would build);
+  fixed positions, mimkit's) is regenerated for the new grid (exactly what the model would build); one in
+  official CAE's row-first layout (:mod:`mimkit.nn.pos_embed`) is regenerated row first, keeping its layout;
   any other (learned) table is resized bicubically with timm's ``resample_abs_pos_embed``
   (antialiased, the class-token row kept), as ``timm.create_model(..., img_size=...)`` does;
 * **patch embedding** with another channel count: timm's ``adapt_input_conv`` with the source's
@@ -27,8 +32,10 @@ Adaptation to the model being trained (rules of timm's checkpoint loading, ``tim
   ``resample_patch_embed`` (FlexiViT's pseudo-inverse resize);
 * the **pixel head** ``decoder.pred`` predicts ``p*p*C`` values: when ``p`` or ``C`` differ from the
   source it starts fresh (reported);
-* an EMA teacher that the file does not hold (Latent MIM's / PCAE's ``target.branch``) is set to a
-  copy of the loaded encoder (and projector), as each method builds it equal to the student.
+* a target branch that starts as a copy of online modules (an EMA teacher; the method lists them in
+  ``Method.target_copies()``) and that the file does not hold is set to a copy of the loaded encoder
+  (and projector), as each method builds it equal to the student. Nothing else is copied: a frozen
+  teacher keeps its own weights.
 
 Any other shape difference is an error naming the key and the setting to change (or
 ``model.init_parts=encoder`` when only the decoder differs). What was loaded, adapted, newly
@@ -44,7 +51,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimkit.config import ConfigError
+from mimkit.errors import CheckpointError, ConfigError, FileRefusedError, InteropError
+from mimkit.hf import from_hf_state_dict
+from mimkit.weights import Weights, read_weights
+from mimkit.weights.official import from_official_cae_state_dict, from_official_state_dict, official_cae_layout
 
 INIT_PARTS = ("all", "encoder")
 _CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
@@ -114,13 +124,6 @@ def _hw(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int | float) else (int(v[0]), int(v[1]))
 
 
-def _strip_wrappers(sd: dict) -> dict:
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def _encoder_only(sd: dict, path: str, kind: str, cfg: dict | None = None) -> InitSource:
     unused = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES)]
     state = {f"encoder.{k}": v for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
@@ -130,87 +133,65 @@ def _encoder_only(sd: dict, path: str, kind: str, cfg: dict | None = None) -> In
     return src
 
 
+_FIX = ("model.init takes an official MAE pretraining checkpoint, a timm ViT state dict or safetensors file, a "
+        "mimkit checkpoint or export, or a Hugging Face ViTMAE directory")
+
+
+def _from_hf(w: Weights) -> InitSource:
+    """A ``ViTMAEForPreTraining`` directory (or its safetensors file), keys mapped by :mod:`mimkit.hf`."""
+    out = from_hf_state_dict(w.state)
+    if "encoder.patch_embed.proj.weight" not in out:
+        raise ConfigError(f"model.init={w.path}: no ViTMAE patch embedding in it; give a ViTMAEForPreTraining or "
+                          "ViTMAEModel directory")
+    kind = "Hugging Face ViTMAE" + (" (encoder + decoder)" if "decoder.embed.weight" in out else " (encoder)")
+    src = InitSource(w.path, kind, out)
+    cfg = w.meta
+    if cfg.get("image_size") and cfg.get("patch_size"):
+        src.img_size = _hw(cfg["image_size"])
+        src.patch_size, src.in_chans = int(cfg["patch_size"]), int(cfg.get("num_channels", 3))
+    return src
+
+
 def read_init_source(path: str | Path) -> InitSource:
-    """Read ``path`` (see the module docstring for what it may be) into method-keyed weights."""
-    from mimkit.interop import InteropError, from_official_state_dict, read_verified
-
-    p = Path(path).expanduser()
-    fix = ("model.init takes an official MAE pretraining checkpoint, a timm ViT state dict or safetensors file, a "
-           "mimkit checkpoint or export, or a Hugging Face ViTMAE directory")
-    if not p.exists():
-        raise ConfigError(f"model.init={path}: file not found; give the path of the weights to start from ({fix})")
-    dcp = False
-    if p.is_dir():
-        try:
-            from mimkit.train.checkpoint import is_dcp_checkpoint
-
-            dcp = is_dcp_checkpoint(p)
-        except ImportError:  # a mimkit without sharded checkpoints
-            dcp = False
-    if not dcp and (p.is_dir() or (p.suffix == ".safetensors" and _is_hf_file(p))):
-        from mimkit.hf import read_hf_pretraining
-
-        return read_hf_pretraining(p)
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), "pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise ConfigError(f"model.init={path}: not a readable safetensors file ({type(e).__name__}); copy or "
-                              "export it again") from e
-        sd = _strip_wrappers(sd)
-        if "mimkit_vit_config" in meta:
-            return _encoder_only(sd, str(p), "mimkit export (encoder)", json.loads(meta["mimkit_vit_config"]))
-        return _check(_encoder_only(sd, str(p), "timm ViT safetensors (encoder)"), fix)
+    """Read ``path`` (see the module docstring for what it may be) into method-keyed weights, through
+    :func:`mimkit.weights.read_weights` (which recognises the format)."""
     try:
-        if dcp:  # a sharded (train.strategy=fsdp) checkpoint directory, consolidated on this process
-            from mimkit.train.checkpoint import consolidate_dcp
-
-            obj = consolidate_dcp(p)
-        else:
-            obj = read_verified(p)
-    except InteropError as e:
-        from mimkit.safe_load import FileRefusedError
-
-        if isinstance(e.__cause__, FileRefusedError):  # not loaded for safety: the message names the opt-in
-            raise ConfigError(f"model.init={path}: {e}") from e
-        raise ConfigError(f"model.init={path}: {e}; {fix}") from e
-    if not isinstance(obj, dict):
-        raise ConfigError(f"model.init={path} holds a {type(obj).__name__}, not weights; {fix}")
-    if isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict) and "model" in obj["config"]:
-        enc = obj["config"]["model"].get("encoder") or {}
-        src = InitSource(str(p), f"mimkit checkpoint ({obj['config'].get('method', {}).get('name', '?')}, "
-                                 f"step {obj.get('step', '?')})", _strip_wrappers(obj["model"]))
+        w = read_weights(path)
+    except FileRefusedError as e:  # not loaded for safety: the message names the file and the opt-in
+        raise FileRefusedError(f"model.init={path}: {e}") from e
+    except (InteropError, CheckpointError) as e:
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"model.init={path}: file not found; give the path of the weights to start from "
+                              f"({_FIX})") from e
+        raise ConfigError(f"model.init={path}: {e}; {_FIX}") from e
+    p = w.path
+    if w.format == "hf":
+        return _from_hf(w)
+    if w.format == "mimkit-export":
+        return _encoder_only(w.state, p, "mimkit export (encoder)", json.loads(w.meta["mimkit_vit_config"]))
+    if w.format in ("mimkit-checkpoint", "mimkit-dcp"):
+        cfg = w.config or {}
+        enc = cfg.get("model", {}).get("encoder") or {}
+        step = w.step if w.step is not None else "?"
+        src = InitSource(p, f"mimkit checkpoint ({cfg.get('method', {}).get('name', '?')}, step {step})", w.state)
         if enc:
             src.img_size, src.patch_size, src.in_chans = _hw(enc["img_size"]), enc["patch_size"], enc["in_chans"]
-        return _check(src, fix)
-    sd = obj
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(sd.get(key), dict) and all(isinstance(v, torch.Tensor) for v in sd[key].values()):
-            sd = sd[key]
-            break
-    sd = _strip_wrappers(sd)
-    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConfigError(f"model.init={path}: no state dict found (keys {list(obj)[:6]}); {fix}")
-    if "decoder_embed.weight" in sd:
-        return _check(InitSource(str(p), "official MAE pretraining checkpoint (encoder + decoder)",
-                                 from_official_state_dict(sd)), fix)
-    if any(k.startswith("encoder.") for k in sd):
-        return _check(InitSource(str(p), "mimkit method state dict", sd), fix)
-    return _check(_encoder_only(sd, str(p), "ViT state dict with timm / official MAE keys (encoder)"), fix)
-
-
-def _is_hf_file(p: Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), "pt") as f:
-            return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings")) for k in f.keys())
-    except Exception:  # noqa: BLE001 - reported by the regular reader
-        return False
+        return _check(src, _FIX)
+    if w.format == "official-mae":
+        return _check(InitSource(p, "official MAE pretraining checkpoint (encoder + decoder)",
+                                 from_official_state_dict(w.state)), _FIX)
+    if w.format == "official-cae":  # encoder, regressor, decoder / CAE v2 head (alignment encoder unused)
+        state, unused = from_official_cae_state_dict(w.state)
+        kind = {"cae": "official CAE pretraining checkpoint", "cae_v2": "official CAE v2 pretraining checkpoint",
+                "encoder": "official CAE encoder"}[official_cae_layout(w.state)]
+        return _check(InitSource(p, kind, state, unused=unused), _FIX)
+    if w.format == "mimkit-state":
+        return _check(InitSource(p, "mimkit method state dict", w.state), _FIX)
+    if w.format == "timm":
+        kind = ("timm ViT safetensors (encoder)" if Path(p).suffix == ".safetensors"
+                else "ViT state dict with timm / official MAE keys (encoder)")
+        return _check(_encoder_only(w.state, p, kind), _FIX)
+    raise ConfigError(f"model.init={path} is {w.description}, not weights to start pretraining from; {_FIX}")
 
 
 def _check(src: InitSource, fix: str) -> InitSource:
@@ -225,13 +206,15 @@ def _check(src: InitSource, fix: str) -> InitSource:
 # adapting
 
 
-def _is_sincos(table: torch.Tensor, grid: tuple[int, int]) -> bool:
+def _is_sincos(table: torch.Tensor, grid: tuple[int, int], row_first: bool = False) -> bool:
+    """Whether ``table`` is the 2-D sin-cos table of ``grid`` (with a cls row), in MAE's column-first
+    layout or, with ``row_first``, official CAE's (:mod:`mimkit.nn.pos_embed`)."""
     from mimkit.nn.pos_embed import sincos_2d
 
     d = table.shape[-1]
     if d % 4:
         return False
-    ref = sincos_2d(d, *grid, cls_token=True)
+    ref = sincos_2d(d, *grid, cls_token=True, row_first=row_first)
     return table.shape[-2] == ref.shape[0] and torch.allclose(table.reshape(ref.shape).float(), ref, atol=1e-4)
 
 
@@ -248,12 +231,13 @@ def _source_grid(src: InitSource, length: int, key: str) -> tuple[int, int]:
 
 
 def _adapt_pos(src: InitSource, key: str, w: torch.Tensor, target: torch.Tensor,
-               grid: tuple[int, int]) -> tuple[torch.Tensor | None, str]:
-    """(new table or None = keep the model's own sin-cos, description)."""
+               grid: tuple[int, int], encoder_prefixes: tuple[str, ...] = ("encoder.",)) -> tuple[torch.Tensor | None, str]:
+    """(new table or None = keep the model's own sin-cos, description). Keys under ``encoder_prefixes``
+    (the encoder and its copies) have the encoder's width, the others the decoder's."""
     from timm.layers import resample_abs_pos_embed
 
     if w.shape[-1] != target.shape[-1]:
-        part = "encoder" if key.startswith(("encoder.", "target.")) else "decoder"
+        part = "encoder" if key.startswith(encoder_prefixes) else "decoder"
         raise ConfigError(f"model.init={src.path}: {key} is {w.shape[-1]} wide, the model's {target.shape[-1]}; "
                           f"set model.{part}.embed_dim to the file's width")
     old = _source_grid(src, w.shape[1] - 1, key)
@@ -261,6 +245,12 @@ def _adapt_pos(src: InitSource, key: str, w: torch.Tensor, target: torch.Tensor,
         return w, "same grid"
     if _is_sincos(w[0], old):
         return None, f"2-D sin-cos regenerated for the {grid[0]}x{grid[1]} grid (file: {old[0]}x{old[1]})"
+    if _is_sincos(w[0], old, row_first=True):  # official CAE's layout: regenerated in it, not in the model's
+        from mimkit.nn.pos_embed import sincos_2d
+
+        new = sincos_2d(w.shape[-1], *grid, cls_token=True, row_first=True)[None].to(w.dtype)
+        return new, (f"2-D sin-cos, row first (official CAE layout), regenerated for the {grid[0]}x{grid[1]} grid "
+                     f"(file: {old[0]}x{old[1]})")
     new = resample_abs_pos_embed(w.float(), new_size=list(grid), old_size=list(old), num_prefix_tokens=1,
                                  interpolation="bicubic", antialias=True)
     return new.to(w.dtype), f"resized bicubically {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} (timm resample_abs_pos_embed)"
@@ -298,7 +288,8 @@ def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitRe
     own = model.state_dict()
     enc = model.encoder
     grid = tuple(enc.grid_size)
-    teacher = getattr(getattr(model, "target", None), "branch", None)
+    copies = model.target_copies()
+    encoder_prefixes = ("encoder.", *(c.prefix + "." for c in copies))
     new_state: dict[str, torch.Tensor] = {}
     pixel_layout_changed = (src.patch_size not in (None, enc.patch_size)) or (src.in_chans not in (None, enc.in_chans))
     w_src = src.state["encoder.patch_embed.proj.weight"]
@@ -331,7 +322,7 @@ def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitRe
         w = src.state[key]
         used.add(key)
         if key.endswith("pos_embed") and w.ndim == 3:
-            new, how = _adapt_pos(src, key, w, target, grid)
+            new, how = _adapt_pos(src, key, w, target, grid, encoder_prefixes)
             if new is None:
                 report.adapted[key] = how
                 continue
@@ -372,12 +363,14 @@ def apply_init(model: nn.Module, path: str | Path, parts: str = "all") -> InitRe
         raise ConfigError(f"model.init={src.path}: the file lacks encoder tensors {missing_enc[:4]}; set "
                           "model.encoder.depth (and layer_scale) to the file's encoder")
     model.load_state_dict(new_state, strict=False)
-    # an EMA teacher that the file does not hold starts equal to the loaded student, as when built
-    if teacher is not None and not any(k.startswith("target.branch.") for k in new_state):
-        online = model.target.online
-        teacher.load_state_dict(online.state_dict())
-        report.copied["target.branch"] = "the loaded online modules (EMA teacher = student at the start)"
-    copied = {k for k in own if k.startswith("target.branch.")} if report.copied else set()
+    # a copy (EMA teacher) that the file does not hold starts equal to the loaded student, as when built
+    copied: set[str] = set()
+    for c in copies:
+        if any(k.startswith(c.prefix + ".") for k in new_state):
+            continue
+        c.sync()
+        report.copied[c.prefix] = "the loaded online modules (EMA teacher = student at the start)"
+        copied |= {k for k in own if k.startswith(c.prefix + ".")}
     report.new = [k for k in own if k not in new_state and k not in report.adapted and k not in copied]
     report.unused += [k for k in src.state if k not in used] + src.unused
     return report

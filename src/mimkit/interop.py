@@ -2,46 +2,48 @@
 
 * :func:`export_encoder` writes the encoder with timm ``VisionTransformer`` keys to safetensors, with
   the encoder shape in the file's metadata; :func:`timm_model_for` builds the matching timm model.
-* :func:`load_encoder` reads a mimkit checkpoint, an exported safetensors file, a timm ViT state dict
-  or an official MAE ``.pth`` and returns a :class:`~mimkit.nn.ViTEncoder`; timm ViTs of the other
-  families (register tokens as in DINOv2-reg, no class token with ``fc_norm``, distilled DeiT, CLIP's
-  pre-norm), recognised from their keys or named with ``timm_model``, come back as a
-  :class:`mimkit.eval.adapters.TimmEncoder` around the timm model itself.
-* ``.pt``/``.pth`` files are read through the trainer's verified loader
-  (:func:`mimkit.train.checkpoint.load_checkpoint`, :mod:`mimkit.safe_load`): weights only (no file
-  runs code when it is read), a mimkit checksum is verified before the file is deserialised, and a
-  mimkit training checkpoint without one is refused; foreign weight files (official MAE, timm) need
-  none.
 * :func:`mae_from_official` loads a full official MAE pretraining checkpoint (encoder *and* decoder)
   into :class:`~mimkit.methods.MAE`; :func:`to_official_state_dict` is the inverse mapping.
+* :func:`cae_from_official` loads an official CAE / CAE v2 pretraining checkpoint (Atten4Vis/CAE: encoder,
+  regressor, decoder or CAE v2 head, mask token, both row-first position tables) into
+  :class:`~mimkit.methods.CAE` / :class:`~mimkit.methods.CAEv2` (key map: :mod:`mimkit.weights.official`).
+* Reading is :mod:`mimkit.weights` (one reader for every format, weights only, checksums verified);
+  :func:`load_encoder`, :func:`load_timm_encoder`, :func:`infer_vit_config`, :func:`read_verified`
+  and the official key maps are re-exported here for the public API.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from mimkit.errors import InteropError
 from mimkit.methods.base import DecoderConfig, ModelConfig
 from mimkit.nn.vit import ViTConfig, ViTEncoder
-
-# official MAE decoder names -> mimkit MAEDecoder names
-_OFFICIAL_DECODER = {
-    "decoder_embed.": "decoder.embed.",
-    "mask_token": "decoder.mask_token",
-    "decoder_pos_embed": "decoder.pos_embed",
-    "decoder_blocks.": "decoder.blocks.",
-    "decoder_norm.": "decoder.norm.",
-    "decoder_pred.": "decoder.pred.",
-}
-# heads of the published ViT sizes (not recoverable from weight shapes)
-_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
-
-
-class InteropError(ValueError):
-    """A weight file could not be understood; the message names the file and the fix."""
+from mimkit.weights.encoders import (  # noqa: F401 - the public API of mimkit.interop
+    infer_vit_config,
+    load_encoder,
+    load_timm_encoder,
+    needs_timm,
+    timm_kwargs_from_state_dict,
+)
+from mimkit.weights.official import (  # noqa: F401 - the public API of mimkit.interop
+    OFFICIAL_CAE_DECODER_HEADS,
+    from_official_cae_state_dict,
+    from_official_state_dict,
+    is_official_cae,
+    official_cae_encoder,
+    official_cae_heads,
+    official_cae_layout,
+    to_official_state_dict,
+)
+from mimkit.weights.read import (
+    read_verified,  # noqa: F401
+    read_weights,
+)
 
 
 def _encoder_of(model) -> ViTEncoder:
@@ -74,242 +76,134 @@ def timm_model_for(cfg: ViTConfig, **kwargs):
     )
 
 
-def infer_vit_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
-    """Encoder shape from timm/MAE-keyed weights. Heads are not in the shapes: taken from
-    ``num_heads`` or the published size with that width."""
-    try:
-        w = sd["patch_embed.proj.weight"]
-        pos = sd["pos_embed"]
-    except KeyError as e:
-        raise InteropError(f"not a ViT state dict: missing {e}") from e
-    d, c, p, _ = w.shape
-    n = pos.shape[1] - 1 if "cls_token" in sd else pos.shape[1]
-    side = int(round(n**0.5))
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    heads = num_heads or _HEADS_BY_WIDTH.get(d)
-    if heads is None:
-        raise InteropError(f"cannot tell the number of heads of a {d}-wide ViT; pass num_heads")
-    mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] / d
-    ls = "blocks.0.ls1.gamma" in sd
-    return ViTConfig(img_size=side * p, patch_size=p, in_chans=c, embed_dim=d, depth=depth, num_heads=heads,
-                     mlp_ratio=mlp, layer_scale=float(sd["blocks.0.ls1.gamma"][0]) if ls else None)
 
 
-def read_verified(path: str | Path) -> object:
-    """A weight file through the trainer's verified, weights-only loader (a checksum is verified when
-    the file has one; see :mod:`mimkit.safe_load`); errors as :class:`InteropError` (a refusal keeps
-    its message, which names the opt-in)."""
-    from mimkit.safe_load import FileRefusedError
-    from mimkit.train.checkpoint import CheckpointError, load_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise InteropError(f"weight file not found: {path}")
-    try:
-        return load_checkpoint(path, map_location="cpu", verify=True, require_checksum=False)
-    except FileRefusedError as e:
-        raise InteropError(str(e)) from e
-    except CheckpointError as e:
-        cause = e.__cause__ or e
-        raise InteropError(f"{path} is not a readable PyTorch file ({type(cause).__name__}: "
-                           f"{str(cause).splitlines()[0] if str(cause) else ''})") from e
 
 
-def _read_any(path: Path, raw: object | None = None) -> tuple[dict, dict]:
-    """(state dict or checkpoint dict, safetensors metadata)."""
-    if not path.is_file():
-        raise InteropError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise InteropError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    obj = raw if raw is not None else read_verified(path)
-    if not isinstance(obj, dict):
-        raise InteropError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    return obj, {}
 
 
-def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-_TIMM_ONLY_KEYS = ("reg_token", "dist_token", "fc_norm.weight", "norm_pre.weight")
 
 
-def needs_timm(sd: dict) -> bool:
-    """Whether a timm-keyed state dict is a ViT family :class:`ViTEncoder` cannot hold (register or
-    distillation tokens, no class token, ``fc_norm`` pooling, a pre-norm, positions without the class
-    token)."""
-    if any(k in sd for k in _TIMM_ONLY_KEYS) or "cls_token" not in sd:
-        return True
-    pos, w = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
-    if pos is not None and pos.ndim == 3 and w is not None:
-        n = pos.shape[1]
-        return round(n**0.5) ** 2 == n and round((n - 1) ** 0.5) ** 2 != n - 1  # no_embed_class
-    return False
 
 
-def timm_kwargs_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
-    """timm ``VisionTransformer`` arguments that rebuild the model these weights came from."""
-    try:
-        w, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
-    except KeyError as e:
-        raise InteropError(f"not a ViT state dict: missing {e}") from e
-    d, c, p, _ = w.shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    heads = num_heads or _HEADS_BY_WIDTH.get(d)
-    if heads is None:
-        raise InteropError(f"cannot tell the number of heads of a {d}-wide ViT; pass num_heads (--num-heads)")
-    class_token = "cls_token" in sd
-    reg = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
-    prefix = int(class_token) + reg + int("dist_token" in sd)
-    n = pos.shape[1]
-    if prefix and round((n - prefix) ** 0.5) ** 2 == n - prefix:
-        grid, no_embed_class = round((n - prefix) ** 0.5), False
-    elif round(n**0.5) ** 2 == n:
-        grid, no_embed_class = round(n**0.5), prefix > 0
-    else:
-        raise InteropError(f"pos_embed of length {n} fits no square grid with {prefix} prefix token(s)")
-    kw = dict(img_size=grid * p, patch_size=p, in_chans=c, embed_dim=d, depth=depth, num_heads=heads,
-              mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, qkv_bias="blocks.0.attn.qkv.bias" in sd,
-              class_token=class_token, reg_tokens=reg, no_embed_class=no_embed_class,
-              pre_norm="norm_pre.weight" in sd)
-    if "blocks.0.ls1.gamma" in sd:
-        kw["init_values"] = float(sd["blocks.0.ls1.gamma"][0])
-    if "fc_norm.weight" in sd:
-        kw.update(global_pool="avg", fc_norm=True)
-    elif not class_token:
-        kw.update(global_pool="avg", fc_norm=False)
-    return kw
 
 
-def load_timm_encoder(sd: dict, timm_model: str | None = None, num_heads: int | None = None, path: str = "weights"):
-    """A :class:`mimkit.eval.adapters.TimmEncoder` around a timm model (``timm_model`` by name, shapes
-    from the weights; or a ``VisionTransformer`` rebuilt from the keys) holding ``sd`` exactly."""
-    import timm
-
-    from mimkit.eval.adapters import TimmEncoder
-
-    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
-    kw = timm_kwargs_from_state_dict(sd, num_heads)
-    if "dist_token" in sd and timm_model is None:
-        timm_model = "deit_base_distilled_patch16_224"
-    try:
-        if timm_model is None:
-            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kw)
-        else:
-            # the name fixes the architecture (block type, activation, distillation); the weights its shape
-            model = timm.create_model(timm_model, pretrained=False, num_classes=0, **kw)
-    except RuntimeError as e:  # timm's "Unknown model"
-        raise InteropError(f"{path}: timm cannot build {timm_model!r} ({e}); pass a name from timm.list_models()") from e
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # a tensor of another shape (e.g. a distillation token the named model lacks)
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise InteropError(f"{path}: these weights are not a {timm_model or 'plain timm ViT'} ({first}); pass the "
-                           "timm model they came from with --timm-model NAME") from None
-    if missing or unexpected:
-        hint = "pass the timm model it came from with --timm-model NAME" if timm_model is None else \
-            f"these weights are not a {timm_model}"
-        raise InteropError(f"{path}: weights do not fit the timm ViT {timm_model or kw}; missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}; {hint}")
-    return TimmEncoder(model.eval()).eval()
 
 
-def load_encoder(path: str | Path, num_heads: int | None = None, strict: bool = True, timm_model: str | None = None,
-                 _raw: object | None = None):
-    """A :class:`ViTEncoder` from any supported weight file (see module doc); a
-    :class:`~mimkit.eval.adapters.TimmEncoder` for timm ViT families beyond the plain one, or when
-    ``timm_model`` names the timm architecture.
-
-    Returns the encoder in eval mode; also sets ``encoder.source_config`` to the checkpoint's config
-    dict when the file is a mimkit checkpoint (for normalization statistics), else ``None``.
-    """
-    path = Path(path)
-    obj, meta = _read_any(path, _raw)
-    config = None
-    if "model" in obj and isinstance(obj["model"], dict):
-        config = obj.get("config")
-        sd = obj["model"]
-    else:
-        sd = obj
-    if any(k.startswith("encoder.") for k in sd):
-        sd = _strip(sd, "encoder.")
-    elif any(k.startswith("module.") for k in sd):
-        sd = _strip(sd, "module.")
-    if timm_model is not None or (config is None and "mimkit_vit_config" not in meta and needs_timm(sd)):
-        enc = load_timm_encoder({k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")},
-                                timm_model, num_heads, str(path))
-        enc.source_config = config
-        return enc
-    sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token" or k.startswith("head")
-                                                 or k.startswith("fc_norm"))}
-    if config is not None and isinstance(config, dict) and "model" in config:
-        cfg = ViTConfig(**{**config["model"]["encoder"], "drop_path_rate": 0.0})
-    elif "mimkit_vit_config" in meta:
-        cfg = ViTConfig(**json.loads(meta["mimkit_vit_config"]))
-    else:
-        cfg = infer_vit_config(sd, num_heads)
-    enc = ViTEncoder(cfg)
-    missing, unexpected = enc.load_state_dict(sd, strict=False)
-    if strict and (missing or unexpected):
-        raise InteropError(f"{path}: weights do not fit the inferred encoder {cfg}; missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    enc.source_config = config
-    return enc.eval()
 
 
-def from_official_state_dict(sd: dict) -> dict:
-    """Official MAE keys (``blocks.*``, ``decoder_blocks.*``, ``mask_token``...) -> mimkit MAE keys."""
-    out = {}
-    for k, v in sd.items():
-        for old, new in _OFFICIAL_DECODER.items():
-            if k.startswith(old):
-                out[new + k[len(old):]] = v
-                break
-        else:
-            out["encoder." + k] = v
-    return out
 
 
-def to_official_state_dict(model) -> dict:
-    """mimkit :class:`MAE` state dict -> official ``models_mae.MaskedAutoencoderViT`` keys."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("encoder."):
-            out[k[len("encoder."):]] = v
-            continue
-        for old, new in _OFFICIAL_DECODER.items():
-            if k.startswith(new):
-                out[old + k[len(new):]] = v
-                break
-        else:
-            raise InteropError(f"no official name for {k}")
-    return out
 
 
 def mae_from_official(path: str | Path, num_heads: int | None = None, decoder_num_heads: int = 16,
-                      norm_pix_loss: bool = True):
+                      norm_target: bool = True):
     """Load an official MAE pretraining checkpoint (``{'model': state_dict}``, encoder + decoder).
 
-    The released checkpoints use 16 decoder heads and were trained with ``norm_pix_loss``."""
+    The released checkpoints use 16 decoder heads and were trained with ``norm_pix_loss`` (mimkit's ``norm_target``)."""
     from mimkit.methods.mae import MAE, MAEOptions
 
-    obj, _ = _read_any(Path(path))
-    sd = obj.get("model", obj)
-    if "decoder_embed.weight" not in sd:
-        raise InteropError(f"{path} has no decoder weights; it is not an MAE *pretraining* checkpoint "
-                           "(use load_encoder for encoder-only files)")
+    w = read_weights(path)
+    sd = w.state
+    if w.format != "official-mae":
+        raise InteropError(f"{path} is {w.description}, not an official MAE *pretraining* checkpoint with decoder "
+                           "weights (use load_encoder for encoder-only files)")
     enc_cfg = infer_vit_config({k: v for k, v in sd.items() if not k.startswith("decoder")}, num_heads)
     dd = sd["decoder_embed.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks."))
     mlp = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / dd
     model = MAE(ModelConfig(enc_cfg, DecoderConfig(dd, depth, decoder_num_heads, mlp)),
-                MAEOptions(norm_pix_loss=norm_pix_loss))
+                MAEOptions(norm_target=norm_target))
     model.load_state_dict(from_official_state_dict(sd))
     return model
+
+
+def _depth(sd: dict, prefix: str) -> int:
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
+    return 1 + max(ids) if ids else 0
+
+
+def cae_from_official(path: str | Path, num_heads: int | None = None,
+                      decoder_num_heads: int = OFFICIAL_CAE_DECODER_HEADS, options=None):
+    """A mimkit :class:`~mimkit.methods.CAE` or :class:`~mimkit.methods.CAEv2` holding an official CAE /
+    CAE v2 pretraining checkpoint (Atten4Vis/CAE ``{"model": ...}``), whose forward on a mask equals the
+    official model's on the same boolean mask (mimkit's block masks list ids in raster order, as the official
+    boolean indexing does).
+
+    Shapes come from the weights: encoder, regressor width / depth / MLP ratio, decoder depth, head width,
+    whether there is a projection and layer scale. Heads are not in the shapes: ``num_heads`` defaults to
+    the official register functions' (12 for tiny / small / base, 16 for large), ``decoder_num_heads`` to the
+    official 12 (regressor and decoder). The position tables (``encoder.pos_embed``, ``rd_pos_embed``) are
+    loaded as stored, in the official row-first layout (:mod:`mimkit.nn.pos_embed`). The alignment encoder
+    is not loaded: mimkit's stop-gradient alignment target runs the encoder's own weights.
+
+    ``options`` (:class:`~mimkit.methods.CAEOptions` / :class:`~mimkit.methods.CAEv2Options`) gives what the
+    weights do not say; its ``regressor_depth``, ``layer_scale`` and vocabulary size are set from the file.
+    A CAE whose decoder predicts token ids (the released files: DALL-E's 8192) needs
+    ``CAEOptions(target="tokenizer", tokenizer=...)`` (or ``target="codebook"``); a pixel head (``p*p*C``
+    outputs) defaults to ``target="pixel"``. A CAE v2 file holds no teacher: give
+    ``CAEv2Options(teacher_path=...)`` (the CLIP checkpoint it was trained against, as wide as the head)."""
+    from mimkit.methods.cae import CAE, CAEOptions
+    from mimkit.methods.cae_v2 import CAEv2, CAEv2Options
+
+    w = read_weights(path)
+    sd = w.state
+    layout = official_cae_layout(sd) if w.format == "official-cae" else None
+    if layout not in ("cae", "cae_v2"):
+        what = "an official CAE encoder alone" if layout else w.description
+        raise InteropError(f"{path} is {what}, not an official CAE / CAE v2 pretraining checkpoint with regressor "
+                           "weights (use load_encoder for the encoder)")
+    state, _ = from_official_cae_state_dict(sd)
+    enc_sd = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    enc_cfg = infer_vit_config(enc_sd, num_heads or official_cae_heads(int(enc_sd["pos_embed"].shape[-1])))
+    d = int(sd["mask_token"].shape[-1])
+    q = sd["regresser.regressor_blocks.0.cross_attn.q.weight"]
+    if q.shape[0] != d or d % decoder_num_heads:
+        raise InteropError(f"{path}: the regressor is {d} wide with {q.shape[0]} attention channels; mimkit's needs "
+                           f"them equal and divisible by decoder_num_heads={decoder_num_heads}")
+    reg_depth, dec_depth = _depth(sd, "regresser.regressor_blocks."), _depth(sd, "decoder.decoder_blocks.")
+    mlp = sd["regresser.regressor_blocks.0.mlp_cross.fc1.weight"].shape[0] / d
+    out = int(sd["decoder.head.weight"].shape[0])
+    # regressor and decoder share one layer-scale setting; officially a 0 init keeps the regressor's gammas at 1
+    reg_gammas = [v for k, v in sd.items() if k.startswith("regresser.") and ".gamma_" in k]
+    layer_scale = 0.1 if any(".gamma_" in k for k in sd if k.startswith("decoder.decoder_blocks.")) or \
+        any(not bool(torch.all(g == 1)) for g in reg_gammas) else None
+    if layer_scale is None:
+        state = {k: v for k, v in state.items() if not (k.startswith("regressor.") and ".ls" in k)}
+    model_cfg = ModelConfig(enc_cfg, DecoderConfig(d, dec_depth, decoder_num_heads, mlp))
+    if layout == "cae":
+        patch_dim = enc_cfg.patch_size**2 * enc_cfg.in_chans
+        o = options if options is not None else CAEOptions(target="pixel" if out == patch_dim else "tokenizer")
+        if not isinstance(o, CAEOptions):
+            raise InteropError(f"{path} is an official CAE checkpoint: pass options=CAEOptions(...), not "
+                               f"{type(o).__name__}")
+        if (o.target == "pixel" and out != patch_dim) or (o.target == "tokenizer" and not o.tokenizer):
+            raise InteropError(f"{path}: the decoder predicts {out} token ids (a {patch_dim}-value pixel head would "
+                               "be a pixel target); pass options=CAEOptions(target='tokenizer', "
+                               "tokenizer='package.module:attr') naming the tokenizer it was trained against "
+                               "(DALL-E's dVAE for the released files)")
+        size = {"tokenizer": {"tokenizer_vocab": out}, "codebook": {"codebook_size": out}}.get(o.target, {})
+        model = CAE(model_cfg, replace(o, regressor_depth=reg_depth, layer_scale=layer_scale, **size))
+    else:
+        o = options if options is not None else CAEv2Options()
+        if not isinstance(o, CAEv2Options):
+            raise InteropError(f"{path} is an official CAE v2 checkpoint: pass options=CAEv2Options(...), not "
+                               f"{type(o).__name__}")
+        if o.teacher_path is None and not o.teacher_random_init:
+            raise InteropError(f"{path}: an official CAE v2 checkpoint holds no teacher; pass "
+                               "options=CAEv2Options(teacher_path=...) with the CLIP checkpoint it was trained "
+                               f"against ({out}-wide features)")
+        model = CAEv2(model_cfg, replace(o, regressor_depth=reg_depth, layer_scale=layer_scale))
+        if model.head is None or model.head.head.out_features != out:
+            have = "no teacher" if model.head is None else f"a {model.head.head.out_features}-wide teacher"
+            raise InteropError(f"{path}: the CAE v2 head predicts {out}-wide teacher features; method.teacher_path "
+                               f"gives {have}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("teacher.", "codebook.")) and k != "_extra_state"]
+    if missing or unexpected:
+        raise InteropError(f"{path}: the weights do not fit the mimkit {layout} built from them; missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+

@@ -1,7 +1,7 @@
 """Mask generators. Every generator returns one :class:`MaskPlan`.
 
 All masking reduces to "a score per token -> argsort -> permutation -> slices":
-the first ``n_keep`` ids of a sequence's permutation are visible, the rest are masked. Views (EMAE)
+the first ``num_keep`` ids of a sequence's permutation are visible, the rest are masked. Views (EMAE)
 are flattened into the batch axis: sequence ``s = b * num_views + v`` belongs to image ``b``.
 
 The generator protocol (:class:`MaskGenerator`) is one call with explicit keywords, so a misspelt
@@ -11,7 +11,7 @@ keyword is a ``TypeError``::
 
 Each generator has a small options dataclass beside it (:class:`BlockOptions`, :class:`SalienceOptions`);
 :class:`MaskingOptions` (``method.masking.*`` in configs) selects the kind and holds them. The visible
-count follows one rule everywhere, :func:`num_keep`: MAE's ``int(L * (1 - ratio))`` (floor), or an
+count follows one rule everywhere, :func:`resolve_num_keep`: MAE's ``int(L * (1 - ratio))`` (floor), or an
 explicit ``num_keep`` that wins over the ratio.
 """
 
@@ -28,7 +28,7 @@ class MaskPlan:
     """Which tokens each encoder sequence sees and which are prediction targets.
 
     Shapes: ``S`` sequences (``S = B * num_views``; sequence ``s = b * num_views + v``), ``L`` tokens
-    per image, ``n = n_keep`` visible slots, ``m`` target slots.
+    per image, ``n = num_keep`` visible slots, ``m`` target slots.
 
     * ``ids_keep (S, n)`` long: visible token ids in permutation order (not sorted).
     * ``ids_restore (S, L)`` long: ``argsort(perm)``; gathering ``[kept tokens, mask tokens]`` with it
@@ -68,7 +68,7 @@ class MaskPlan:
         return self.num_seqs // self.num_views
 
     @property
-    def n_keep(self) -> int:
+    def num_keep(self) -> int:
         return self.ids_keep.shape[1]
 
     @property
@@ -81,8 +81,8 @@ class MaskPlan:
         return torch.argsort(self.ids_restore, dim=1)
 
     def ids_masked(self) -> torch.Tensor:
-        """``(S, L - n_keep)`` ids after the kept block, in permutation order."""
-        return self.perm[:, self.n_keep :]
+        """``(S, L - num_keep)`` ids after the kept block, in permutation order."""
+        return self.perm[:, self.num_keep :]
 
     def target_ids(self) -> torch.Tensor:
         """``(S, m)`` the positions to predict: ``ids_target`` when set, else :meth:`ids_masked`."""
@@ -121,7 +121,7 @@ class MaskPlan:
         if not torch.equal(torch.sort(self.ids_restore, dim=1).values, ar):
             raise ValueError("ids_restore rows are not permutations of 0..L-1")
         if not torch.equal(self.perm[:, :n], self.ids_keep):
-            raise ValueError("ids_keep is not the first n_keep entries of the permutation")
+            raise ValueError("ids_keep is not the first num_keep entries of the permutation")
         valid = torch.ones_like(self.ids_keep, dtype=torch.bool) if self.keep_valid is None else self.keep_valid
         if valid.shape != self.ids_keep.shape:
             raise ValueError(f"keep_valid {tuple(valid.shape)} does not match ids_keep {tuple(self.ids_keep.shape)}")
@@ -149,48 +149,48 @@ class MaskPlan:
     def from_permutation(
         cls,
         perm: torch.Tensor,
-        n_keep: int,
+        num_keep: int,
         num_views: int = 1,
         keep_lengths: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
     ) -> MaskPlan:
         """Build a plan from ``perm (S, L)`` (visible first).
 
-        ``keep_lengths (S,)``: per-sequence visible counts ``<= n_keep``; positions of the kept
+        ``keep_lengths (S,)``: per-sequence visible counts ``<= num_keep``; positions of the kept
         block past a sequence's length become padding and those tokens count as masked.
         """
         s, length = perm.shape
-        if not 0 < n_keep <= length:
-            raise ValueError(f"n_keep must be in [1, {length}], got {n_keep}")
+        if not 0 < num_keep <= length:
+            raise ValueError(f"num_keep must be in [1, {length}], got {num_keep}")
         ids_restore = torch.argsort(perm, dim=1)
-        ids_keep = perm[:, :n_keep]
+        ids_keep = perm[:, :num_keep]
         rank = torch.arange(length, device=perm.device).expand(s, length)
         if keep_lengths is None:
             keep_valid = None
-            masked_in_order = rank >= n_keep
+            masked_in_order = rank >= num_keep
         else:
             keep_lengths = keep_lengths.to(perm.device)
             masked_in_order = rank >= keep_lengths[:, None]
-            keep_valid = ~masked_in_order[:, :n_keep]
+            keep_valid = ~masked_in_order[:, :num_keep]
             if bool(keep_valid.all()):
                 keep_valid = None
         mask = torch.gather(masked_in_order.float(), 1, ids_restore)
         return cls(ids_keep, ids_restore, mask, num_views, keep_valid, scores)
 
 
-def num_keep(num_tokens: int, mask_ratio: float, count: int | None = None) -> int:
-    """The one keep-count rule: ``count`` when given (``1 <= count <= L``), else MAE's
+def resolve_num_keep(num_tokens: int, ratio: float, num_keep: int | None = None) -> int:
+    """The one keep-count rule: ``num_keep`` when given (``1 <= num_keep <= L``), else MAE's
     ``int(L * (1 - ratio))`` (floor), at least 1.
 
     At ``L = 49``, ratio 0.9 this keeps 4 tokens; Latent MIM's presets set ``num_keep`` (5 of 49,
     20 of 196, the official ``num_vis``) explicitly."""
-    if count is not None:
-        if not 1 <= count <= num_tokens:
-            raise ValueError(f"num_keep must be in [1, {num_tokens}], got {count}")
-        return int(count)
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return max(1, int(num_tokens * (1 - mask_ratio)))
+    if num_keep is not None:
+        if not 1 <= num_keep <= num_tokens:
+            raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}")
+        return int(num_keep)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    return max(1, int(num_tokens * (1 - ratio)))
 
 
 def _uniform(shape, device, generator) -> torch.Tensor:
@@ -236,15 +236,15 @@ class MaskGenerator:
 
 
 class RandomMasking(MaskGenerator):
-    """MAE's random masking: argsort of uniform noise, keep the first :func:`num_keep` ids.
+    """MAE's random masking: argsort of uniform noise, keep the first :func:`resolve_num_keep` ids.
 
     Pass ``noise (B, L)`` to reproduce a given masking exactly (as the official ``random_masking``
     would with the same noise).
     """
 
-    def __init__(self, mask_ratio: float = 0.75, count: int | None = None):
-        self.mask_ratio = mask_ratio
-        self.count = count
+    def __init__(self, ratio: float = 0.75, num_keep: int | None = None):
+        self.ratio = ratio
+        self.num_keep = num_keep
 
     def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
                  progress=None, grid=None) -> MaskPlan:
@@ -252,7 +252,7 @@ class RandomMasking(MaskGenerator):
             noise = _uniform((batch_size, num_tokens), device, generator)
         _check_noise(noise, (batch_size, num_tokens))
         perm = torch.argsort(noise, dim=1)
-        return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio, self.count), scores=noise)
+        return MaskPlan.from_permutation(perm, resolve_num_keep(num_tokens, self.ratio, self.num_keep), scores=noise)
 
 
 def plan_from_mask(mask: torch.Tensor) -> MaskPlan:
@@ -269,8 +269,8 @@ def plan_from_mask(mask: torch.Tensor) -> MaskPlan:
     # stable sort of (masked flag, position): visible tokens first in raster order
     key = m.long() * length + torch.arange(length, device=m.device)
     perm = torch.argsort(key, dim=1)
-    n_keep = length - int(counts[0]) if counts.numel() else length
-    return MaskPlan.from_permutation(perm, n_keep)
+    num_keep = length - int(counts[0]) if counts.numel() else length
+    return MaskPlan.from_permutation(perm, num_keep)
 
 
 @dataclass
@@ -286,7 +286,7 @@ class BlockOptions:
 
 
 class BlockMasking(MaskGenerator):
-    """BEiT/CAE block-wise masking with an exact masked count ``L - num_keep(L, ratio, count)``.
+    """BEiT/CAE block-wise masking with an exact masked count ``L - resolve_num_keep(L, ratio, num_keep)``.
 
     The algorithm of CAE's ``MaskingGenerator`` (Atten4Vis/CAE ``furnace/masking_generator.py``, itself
     BEiT's with an exact count): with ``remaining`` patches still to mask and ``cap = min(remaining,
@@ -305,11 +305,11 @@ class BlockMasking(MaskGenerator):
     raster order (:func:`plan_from_mask`).
     """
 
-    def __init__(self, mask_ratio: float = 0.5, options: BlockOptions | None = None, count: int | None = None,
+    def __init__(self, ratio: float = 0.5, options: BlockOptions | None = None, num_keep: int | None = None,
                  max_rounds: int = 4096, check_every: int = 8):
-        self.mask_ratio = mask_ratio
+        self.ratio = ratio
         self.options = options or BlockOptions()
-        self.count = count
+        self.num_keep = num_keep
         o = self.options
         if o.min_patches < 1 or not 0 < o.min_aspect <= 1:
             raise ValueError(f"block masking needs min_patches >= 1 and 0 < min_aspect <= 1, got {o}")
@@ -318,7 +318,7 @@ class BlockMasking(MaskGenerator):
         self.check_every = check_every  # rounds between two reads of "all complete?" (a host sync each)
 
     def num_masked(self, num_tokens: int) -> int:
-        return num_tokens - num_keep(num_tokens, self.mask_ratio, self.count)
+        return num_tokens - resolve_num_keep(num_tokens, self.ratio, self.num_keep)
 
     def boolean_mask(
         self,
@@ -386,7 +386,7 @@ def _rotated_views(perm: torch.Tensor, starts: list[int], sizes: list[int], scor
     """View ``v`` sees ``perm[:, starts[v] : starts[v] + sizes[v]]``.
 
     ``perm (B, L)`` is rolled by ``-starts[v]`` for every view, so MAE's unchanged gather of the first
-    ``n_keep`` ids and its decoder un-shuffle serve each view. Unequal ``sizes`` are padded to the
+    ``num_keep`` ids and its decoder un-shuffle serve each view. Unequal ``sizes`` are padded to the
     largest one through ``keep_lengths`` (key-padding mask in the encoder, mask tokens in the decoder).
     Returns a plan with ``S = B * V`` sequences.
     """
@@ -395,11 +395,11 @@ def _rotated_views(perm: torch.Tensor, starts: list[int], sizes: list[int], scor
     offs = torch.arange(length, device=perm.device)
     idx = (torch.tensor(starts, device=perm.device)[:, None] + offs[None, :]) % length  # (V, L)
     views = perm[:, idx].reshape(b * v, length)  # (B, V, L) -> (B*V, L)
-    n_keep = max(sizes)
+    num_keep = max(sizes)
     lengths = None
-    if min(sizes) != n_keep:
+    if min(sizes) != num_keep:
         lengths = torch.tensor(sizes, device=perm.device).repeat(b)
-    return MaskPlan.from_permutation(views, n_keep, num_views=v, keep_lengths=lengths, scores=scores)
+    return MaskPlan.from_permutation(views, num_keep, num_views=v, keep_lengths=lengths, scores=scores)
 
 
 def partition_sizes(num_tokens: int, num_parts: int) -> list[int]:
@@ -459,13 +459,13 @@ class PartitionMasking(MaskGenerator):
 
 class RandomViewsMasking(MaskGenerator):
     """EMAE's "pure random" ablation arm ([PROPOSAL] reading of the deck): ``K``
-    independent MAE masks per image at ``mask_ratio``, same compute as the partition but no coverage
+    independent MAE masks per image at ``ratio``, same compute as the partition but no coverage
     guarantee. ``noise (B, K, L)`` or ``(B*K, L)``. Returns ``B * K`` sequences."""
 
-    def __init__(self, num_views: int = 4, mask_ratio: float = 0.75, count: int | None = None):
+    def __init__(self, num_views: int = 4, ratio: float = 0.75, num_keep: int | None = None):
         self.num_views = num_views
-        self.mask_ratio = mask_ratio
-        self.count = count
+        self.ratio = ratio
+        self.num_keep = num_keep
 
     def noise_shape(self, batch_size: int, num_tokens: int) -> tuple[int, ...]:
         return (batch_size * self.num_views, num_tokens)
@@ -481,20 +481,20 @@ class RandomViewsMasking(MaskGenerator):
         _check_noise(noise, (s, num_tokens))
         perm = torch.argsort(noise, dim=1)
         return MaskPlan.from_permutation(
-            perm, num_keep(num_tokens, self.mask_ratio, self.count), num_views=self.num_views, scores=noise
+            perm, resolve_num_keep(num_tokens, self.ratio, self.num_keep), num_views=self.num_views, scores=noise
         )
 
 
 class ComplementaryMasking(MaskGenerator):
     """EMAE's "complementary" ablation arm ([PROPOSAL] reading): two views per image,
-    view 0 is an MAE mask at ``mask_ratio`` (25 % visible at 0.75) and view 1 sees exactly the tokens
+    view 0 is an MAE mask at ``ratio`` (25 % visible at 0.75) and view 1 sees exactly the tokens
     view 0 masks (75 % visible). View 0 is padded to view 1's length. ``noise (B, L)``."""
 
     num_views = 2
 
-    def __init__(self, mask_ratio: float = 0.75, count: int | None = None):
-        self.mask_ratio = mask_ratio
-        self.count = count
+    def __init__(self, ratio: float = 0.75, num_keep: int | None = None):
+        self.ratio = ratio
+        self.num_keep = num_keep
 
     def __call__(self, batch_size, num_tokens, device="cpu", *, generator=None, noise=None, tokens=None,
                  progress=None, grid=None) -> MaskPlan:
@@ -502,7 +502,7 @@ class ComplementaryMasking(MaskGenerator):
         if noise is None:
             noise = _uniform((batch_size, num_tokens), device, generator)
         perm = torch.argsort(noise, dim=1)
-        n0 = num_keep(num_tokens, self.mask_ratio, self.count)
+        n0 = resolve_num_keep(num_tokens, self.ratio, self.num_keep)
         if n0 >= num_tokens:
             raise ValueError("complementary masking needs at least one masked token in view 0")
         return _rotated_views(perm, [0, n0], [n0, num_tokens - n0], scores=noise)
@@ -583,7 +583,7 @@ class SalienceMasking(MaskGenerator):
     noise is ``U[0, 0.5)``); ``argsort(score)`` ascending, keep the first ``n`` (low-salience tokens
     stay visible, the high-salience ones become targets).
 
-    ``amr_mode`` (:class:`SalienceOptions`): ``off`` (``n =`` :func:`num_keep`), ``batch`` (official
+    ``amr_mode`` (:class:`SalienceOptions`): ``off`` (``n =`` :func:`resolve_num_keep`), ``batch`` (official
     [CODE]: one ratio per batch), ``sample`` ([PROPOSAL]: one ratio per image, shorter sequences padded;
     the plan's ``keep_valid`` becomes the encoder's key-padding mask and padded slots count as masked
     in the loss).
@@ -599,12 +599,12 @@ class SalienceMasking(MaskGenerator):
 
     needs_tokens = True
 
-    def __init__(self, mask_ratio: float = 0.75, options: SalienceOptions | None = None, count: int | None = None):
+    def __init__(self, ratio: float = 0.75, options: SalienceOptions | None = None, num_keep: int | None = None):
         self.options = o = options or SalienceOptions()
         if o.amr_mode not in AMR_MODES:
             raise ValueError(f"amr_mode must be off, batch or sample, got {o.amr_mode!r}")
-        self.mask_ratio = mask_ratio
-        self.count = count
+        self.ratio = ratio
+        self.num_keep = num_keep
         self.degenerate_count = 0
 
     @property
@@ -620,7 +620,7 @@ class SalienceMasking(MaskGenerator):
         o = self.options
         _check_noise(noise, (batch_size, num_tokens))
         if not self.active(progress):
-            return RandomMasking(self.mask_ratio, self.count)(
+            return RandomMasking(self.ratio, self.num_keep)(
                 batch_size, num_tokens, device, generator=generator, noise=noise)
         if tokens is None:
             raise ValueError("salience-based masking needs tokens=(B, L, D) (the layer-0 embeddings)")
@@ -637,8 +637,8 @@ class SalienceMasking(MaskGenerator):
         scores = salience + o.noise * noise.float()
         perm = torch.argsort(scores, dim=1)
         if o.amr_mode == "off":
-            return MaskPlan.from_permutation(perm, num_keep(num_tokens, self.mask_ratio, self.count), scores=salience)
-        counts = adaptive_keep_counts(salience, self.mask_ratio, o.delta_ratio, o.threshold,
+            return MaskPlan.from_permutation(perm, resolve_num_keep(num_tokens, self.ratio, self.num_keep), scores=salience)
+        counts = adaptive_keep_counts(salience, self.ratio, o.delta_ratio, o.threshold,
                                       per_sample=o.amr_mode == "sample")
         n_max = int(counts.max())
         lengths = counts if o.amr_mode == "sample" else None
@@ -662,7 +662,7 @@ class MaskingOptions:
     (salience-based masking with the adaptive ratio; ``ratio`` is the base ratio r; ``sbam.*``).
 
     ``ratio``: the mask ratio; ``num_keep``: the visible count, wins over ``ratio`` (one rule:
-    :func:`num_keep`). ``num_views``: K for ``partition`` / ``random_views``; ``partition_strict``:
+    :func:`resolve_num_keep`). ``num_views``: K for ``partition`` / ``random_views``; ``partition_strict``:
     refuse K not dividing L.
     """
 

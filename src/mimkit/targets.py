@@ -21,7 +21,7 @@ Each provider is a small module (or callable) that methods compose:
   progress *after* the step. This equals updating before the next step's target forward (Latent MIM's
   code) and after every iteration (PCAE's code).
 * :class:`FrozenTeacher` — a frozen encoder from a local file (mimkit checkpoint or export, timm ViT
-  state dict, official MAE checkpoint, CLIP image tower: :class:`ClipImageTower`) or an in-memory
+  state dict, official MAE checkpoint, CLIP image tower: :class:`~mimkit.nn.clip.ClipImageTower`) or an in-memory
   module, whose patch grid is resampled to the student's when they differ (CAE v2).
 * :class:`TokenDropper` — the per-block token-selection callback for a teacher that drops tokens
   between blocks (PCAE): keeps the tokens least similar to the mean token (or random ones) and carries
@@ -38,28 +38,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.nn.clip import ClipImageTower, teacher_encoder_from_spec  # noqa: F401 - re-exported
 from mimkit.nn.patch import norm_pix, patchify
+from mimkit.weights import load_encoder, read_weights
 
 
-def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix_loss: bool = True) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, L, p*p*C)``, per-patch normalized when ``norm_pix_loss`` (MAE).
+def pixel_targets(images: torch.Tensor, patch_size: int, norm_target: bool = True) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, L, p*p*C)``, per-patch normalized when ``norm_target`` (MAE's ``norm_pix_loss``).
 
     Computed from the already mean/std-normalized input, in fp32."""
     target = patchify(images.float(), patch_size)
-    return norm_pix(target) if norm_pix_loss else target
+    return norm_pix(target) if norm_target else target
 
 
 class PixelTarget(nn.Module):
-    """``images (B, C, H, W)`` -> ``(B, L, p*p*C)`` pixels, per-patch normalized when ``norm_pix`` (MAE's
+    """``images (B, C, H, W)`` -> ``(B, L, p*p*C)`` pixels, per-patch normalized when ``norm_target`` (MAE's
     ``norm_pix_loss``, on in every published MAE run)."""
 
-    def __init__(self, patch_size: int, norm_pix: bool = True):
+    def __init__(self, patch_size: int, norm_target: bool = True):
         super().__init__()
         self.patch_size = patch_size
-        self.norm_pix = norm_pix
+        self.norm_target = norm_target
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return pixel_targets(images, self.patch_size, self.norm_pix)
+        return pixel_targets(images, self.patch_size, self.norm_target)
 
 
 def cosine_momentum(base: float, fraction: float, final: float = 1.0) -> float:
@@ -192,14 +194,13 @@ class FrozenTeacher(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, norm: bool = True, num_heads: int | None = None) -> FrozenTeacher:
-        """Load a teacher from a mimkit checkpoint/export, a timm ViT state dict, an official MAE file or
-        a CLIP image tower (:class:`ClipImageTower`)."""
-        from mimkit.interop import load_encoder
-
-        clip = read_clip_visual(path)
-        if clip is not None:
-            return cls(ClipImageTower.from_state_dict(clip), norm=norm)
-        return cls(load_encoder(path, num_heads=num_heads), norm=norm)
+        """Load a teacher from any encoder file :func:`mimkit.weights.read_weights` reads (a mimkit
+        checkpoint or export, a timm ViT state dict, an official MAE file) or a CLIP checkpoint (its
+        image tower, :class:`~mimkit.nn.clip.ClipImageTower`)."""
+        w = read_weights(path)
+        if w.format == "clip":
+            return cls(ClipImageTower.from_state_dict(w.state), norm=norm)
+        return cls(load_encoder(w, num_heads=num_heads), norm=norm)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -222,122 +223,24 @@ def one_prefix_token(feats: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
 
     Encoders with register or distillation tokens (``P > 1``) keep their class token and drop the
     others; encoders without a class token (``has_class_token=False``, timm's ``class_token=False``
-    models) get the mean of their patch tokens in its place. Plain ViTs (``P = 1``) pass unchanged."""
-    p = int(getattr(encoder, "num_prefix_tokens", 1))
+    models) get the mean of their patch tokens in its place. Plain ViTs (``P = 1``) pass unchanged.
+    ``encoder``: any teacher encoder (a :class:`~mimkit.nn.ViTEncoder`, a wrapper of
+    :mod:`mimkit.nn.adapters`, the CLIP tower), each with ``num_prefix_tokens`` and ``has_class_token``."""
+    p = encoder.num_prefix_tokens
     if p == 1:
         return feats
     patches = feats[:, p:]
-    if getattr(encoder, "has_class_token", p > 0):
+    if encoder.has_class_token:
         return torch.cat([feats[:, :1], patches], dim=1)
     return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
 
-def read_clip_visual(path: str | Path) -> dict | None:
-    """The image tower of a CLIP checkpoint as OpenAI-keyed ``visual.*`` tensors, or ``None`` when the
-    file is not CLIP. Reads OpenAI's TorchScript ``ViT-B-16.pt``, state dicts (also under
-    ``state_dict``, with ``module.`` prefixes: open_clip) and image-tower-only dicts (``conv1.weight`` ...).
-
-    Pickled files are read weights only, a mimkit checksum verified first (:mod:`mimkit.safe_load`;
-    a refusal is raised as :class:`~mimkit.safe_load.FileRefusedError`). A TorchScript archive is read
-    with ``torch.jit.load``: no Python unpickling (its unpickler builds only TorchScript types), but the
-    archive's TorchScript code is compiled and may run in torch's interpreter."""
-    from mimkit.safe_load import CheckpointError, FileRefusedError, safe_load
-
-    path = Path(path)
-    if not path.is_file():
-        return None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path))
-    elif _is_torchscript(path):
-        try:
-            obj = torch.jit.load(str(path), map_location="cpu")
-        except Exception:  # noqa: BLE001 - not ours to read; the ViT loader reports it
-            return None
-    else:
-        try:
-            obj = safe_load(path, "cpu", what="teacher file")
-        except FileRefusedError:
-            raise
-        except CheckpointError:  # unreadable: the ViT loader reports it
-            return None
-    if isinstance(obj, torch.jit.ScriptModule):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        return None
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        return None
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-    if "conv1.weight" in sd and "transformer.resblocks.0.ln_1.weight" in sd:
-        sd = {"visual." + k: v for k, v in sd.items()}
-    if "visual.conv1.weight" not in sd or "visual.transformer.resblocks.0.ln_1.weight" not in sd:
-        return None
-    return {k: v for k, v in sd.items() if k.startswith("visual.")}
 
 
-def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive (``torch.jit.save``): a zip with ``code/`` or ``constants.pkl``."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
-class ClipImageTower(nn.Module):
-    """CLIP's image tower as a teacher (CAE v2's target): timm's CLIP ViT
-    (``pre_norm``, QuickGELU as OpenAI's weights) whose ``forward_features`` applies ``ln_post`` to
-    *every* token and then the visual projection: ``(B, 3, S, S) -> (B, 1+L, out_dim)``
-    (``norm=False``: the last block's tokens, no ``ln_post``, no projection)."""
-
-    def __init__(self, img_size: int, patch_size: int, width: int, depth: int, out_dim: int, quick_gelu: bool = True):
-        super().__init__()
-        import timm
-
-        name = "vit_base_patch16_clip_quickgelu_224" if quick_gelu else "vit_base_patch16_clip_224"
-        self.spec = {"kind": "clip", "img_size": img_size, "patch_size": patch_size, "width": width, "depth": depth,
-                     "out_dim": out_dim, "quick_gelu": quick_gelu}
-        self.model = timm.create_model(name, pretrained=False, img_size=img_size, patch_size=patch_size,
-                                       embed_dim=width, depth=depth, num_heads=max(1, width // 64),
-                                       num_classes=out_dim, global_pool="token")
-        self.grid_size = (img_size // patch_size,) * 2
-        self.patch_size, self.in_chans, self.out_dim = patch_size, 3, out_dim
-        self.embed_dim, self.num_heads = width, max(1, width // 64)
-
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> ClipImageTower:
-        """OpenAI-keyed ``visual.*`` tensors (:func:`read_clip_visual`) -> a tower holding them."""
-        from timm.models.vision_transformer import _convert_openai_clip
-
-        w = sd["visual.conv1.weight"]
-        width, patch = w.shape[0], w.shape[-1]
-        side = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
-        depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
-        tower = cls(side * patch, patch, width, depth, sd["visual.proj"].shape[1])
-        tower.model.load_state_dict(_convert_openai_clip(sd, tower.model))
-        return tower
-
-    def teacher_spec(self) -> dict:
-        return dict(self.spec)
-
-    def forward_features(self, images: torch.Tensor, norm: bool = True) -> torch.Tensor:
-        m = self.model
-        if not norm:
-            x = m.norm_pre(m._pos_embed(m.patch_embed(images)))
-            return m.blocks(x)
-        return m.head(m.forward_features(images))  # ln_post on all tokens, then the projection
 
 
-def teacher_encoder_from_spec(spec: dict) -> nn.Module:
-    """Rebuild a teacher encoder (random weights) from its ``teacher_spec()`` (checkpoints)."""
-    if spec.get("kind") == "clip":
-        s = {k: v for k, v in spec.items() if k != "kind"}
-        return ClipImageTower(**s)
-    raise ValueError(f"unknown teacher kind {spec.get('kind')!r}")
 
 
 def resample_tokens(tokens: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:

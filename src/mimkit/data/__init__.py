@@ -8,12 +8,15 @@
   :func:`build_loader`.
 * :mod:`.shards`: webdataset tar shards: :func:`prepare_shards` (``mimkit data prepare``) and the
   streaming :class:`ShardLoader` (shuffle buffer, exact resumable position).
+* :mod:`.spec`: :class:`LoaderSpec` (the settings every loader takes) and the :class:`Loader` protocol
+  the loaders follow; :mod:`.common`: what the loaders share (seeds, rank-sharded order, workers).
 
 Every failure to find or read data raises :class:`DataError` with the path and a fix.
 """
 
+from mimkit.errors import DataError
+
 from .augment import flip_only, normalize, random_resized_crop_flip, rrc_params
-from .errors import DataError
 from .fashion_mnist import (
     BASE_URL,
     FASHION_MNIST_CLASSES,
@@ -37,6 +40,8 @@ from .loaders import (
     DatasetInfo,
     FolderLoader,
     InMemoryLoader,
+    Loader,
+    LoaderSpec,
     build_dataset,
     build_loader,
     folder_transform,
@@ -61,6 +66,8 @@ __all__ = [
     "FolderLoader",
     "ImageFolder",
     "InMemoryLoader",
+    "Loader",
+    "LoaderSpec",
     "build_dataset",
     "build_loader",
     "default_cache_dir",

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import DataError
+from mimkit.errors import DataError
 
 __all__ = [
     "BASE_URL",

@@ -7,7 +7,7 @@ Layouts understood by :class:`ImageFolder`::
 
 Images are decoded with PIL and converted to ``mode`` (``"RGB"`` or ``"L"``; 16-bit and float images
 are scaled to 8 bits, not clipped: :func:`convert_image`). Unreadable files raise
-:class:`~mimkit.data.errors.DataError` naming the file, or are skipped with ``skip_corrupt=True``.
+:class:`~mimkit.errors.DataError` naming the file, or are skipped with ``skip_corrupt=True``.
 
 Scanning (:func:`scan_images`, shared by :class:`ImageFolder` and ``mimkit data prepare``): hidden
 names (``.x``) are skipped, and symbolic links are not followed unless ``follow_links=True``; then
@@ -17,6 +17,10 @@ read once (no loops, no duplicates). What was left out is reported in one warnin
 Pixel limit (:data:`MAX_PIXELS`, a decompression-bomb guard): an image whose header claims more
 pixels is refused before it is decoded, by the folder reader, ``data prepare`` and the shard reader
 alike (:func:`open_image_checked`); raise it with ``MIMKIT_MAX_PIXELS=N`` or ``max_pixels=N``.
+
+Why this file is long: reading untrusted folders safely is one job (scan with the link policy,
+the pixel limit from the header, 16-bit and palette conversion, corrupt-file handling, in-memory
+decoding with progress); :mod:`mimkit.data.shards` and the GPU decoder reuse its pieces.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from mimkit.errors import DataError
 
 __all__ = [
     "IMG_EXTENSIONS",

@@ -11,8 +11,9 @@ cannot take (PNG, CMYK JPEGs) are decoded by ``torchvision.io.decode_image`` on 
 over. Where no GPU decoder exists (no CUDA, or a build without nvJPEG)
 :func:`resolve_decode` says so in one line; ``data.decode=auto`` then keeps the PIL worker path.
 
-The loader has :class:`~mimkit.data.FolderLoader`'s interface (``iter_from``, ``set_epoch``,
-``skipped``, ``close``) and its sample order (:func:`~mimkit.data.loaders.shard_indices`), so resuming
+The loader follows the :class:`~mimkit.data.spec.Loader` protocol as :class:`~mimkit.data.FolderLoader`
+does (``iter_from``, ``set_epoch``, ``skipped``, ``close``) with its sample order
+(:func:`~mimkit.data.common.shard_indices`), so resuming
 mid-epoch replays the same batches. ``device="cpu"`` runs the same pipeline with the CPU decoder
 (used by the tests).
 """
@@ -25,14 +26,16 @@ import io
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from mimkit.errors import ConfigError, DataError
+
+from .common import check_shard, mix_seed, num_batches, shard_indices, shutdown_workers, worker_signals
 from .folder import ImageFolder, open_image_checked
-from .loaders import _check_common, _mix, _num_batches, _worker_signals, shard_indices
+from .spec import LoaderSpec
 
 __all__ = ["DECODE_CHOICES", "JpegBatchLoader", "crop_boxes", "gpu_decode_available", "resolve_decode"]
 
@@ -117,7 +120,6 @@ def resolve_decode(decode: str, device: torch.device | str) -> str:
     Raises:
         ConfigError: ``decode="gpu"`` where no GPU decoder works, or an unknown choice.
     """
-    from mimkit.config import ConfigError
 
     if decode not in DECODE_CHOICES:
         raise ConfigError(f"data.decode={decode!r} is not one of {', '.join(DECODE_CHOICES)}; e.g. data.decode=cpu")
@@ -217,6 +219,9 @@ class JpegBatchLoader:
 
     Args:
         folder: an :class:`~mimkit.data.ImageFolder` or a path.
+        batch_size, spec, settings: a :class:`~mimkit.data.spec.LoaderSpec` (``spec``, and keyword
+            arguments named like its fields, which replace the spec's; without a spec ``device``
+            defaults to ``"cuda"``); of its fields:
         batch_size: per-rank batch size.
         out_size: output side ``S`` or ``(S_h, S_w)``.
         mean, std: normalization statistics for images in ``[0, 1]``.
@@ -224,42 +229,38 @@ class JpegBatchLoader:
             crop, flip) or ``"none"`` (resize + center crop).
         scale, ratio, flip_p: crop and flip parameters.
         num_workers: processes that read file bytes (0 = the main process).
-        prefetch_factor: batches of file bytes each worker reads ahead.
+        prefetch_factor: batches of file bytes each worker reads ahead (default 4).
         prefetch: decoded batches a background thread makes ahead (0: decode in the caller's thread).
         device: where images are decoded and batches produced.
         shuffle, drop_last, seed, rank, world_size: as :class:`~mimkit.data.FolderLoader`.
         skip_corrupt: replace an undecodable file by the batch's previous good image (recorded in
             :attr:`skipped`) instead of raising :class:`DataError`.
+        (``pin_memory`` does not apply.) Besides: ``prefetch``, ``labeled``, ``mode``.
 
     Yields ``images (B, C, S_h, S_w) float32`` normalized and ``labels (B,) int64`` on ``device``.
     """
 
+    streaming = True
+
     def __init__(
         self,
         folder: ImageFolder | str | os.PathLike[str],
-        batch_size: int,
+        batch_size: int | None = None,
         *,
-        out_size: int | Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        num_workers: int = 4,
-        device: torch.device | str = "cuda",
-        prefetch_factor: int = 4,
+        spec: LoaderSpec | None = None,
         prefetch: int = 2,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         labeled: bool | Literal["auto"] = "auto",
         mode: Literal["RGB", "L"] = "RGB",
-        skip_corrupt: bool = False,
+        **settings: Any,
     ) -> None:
-        _check_common(batch_size, rank, world_size)
+        sp = self.spec = LoaderSpec.resolve("JpegBatchLoader", batch_size, spec, settings, defaults={"device": "cuda"},
+                                            needs=("mean", "std", "out_size"))
+        batch_size, out_size, mean, std, augment = sp.batch_size, sp.out_size, sp.mean, sp.std, sp.augment
+        scale, ratio, flip_p, num_workers, device = sp.scale, sp.ratio, sp.flip_p, sp.num_workers, sp.device
+        prefetch_factor = sp.prefetch_factor or 4
+        shuffle, drop_last, seed, rank, world_size = sp.shuffle, sp.drop_last, sp.seed, sp.rank, sp.world_size
+        skip_corrupt = sp.skip_corrupt
+        check_shard(batch_size, rank, world_size)
         if augment not in ("rrc_flip", "flip", "none"):
             raise ValueError(f"augment must be 'rrc_flip', 'flip' or 'none', got {augment!r}")
         if not isinstance(folder, ImageFolder):
@@ -283,7 +284,7 @@ class JpegBatchLoader:
         workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(
             _BytesDataset(folder), batch_sampler=_BatchSampler(self), num_workers=num_workers, collate_fn=_collate,
-            worker_init_fn=_worker_signals if num_workers > 0 else None,
+            worker_init_fn=worker_signals if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # worker base seeds; never the global RNG
             **workers)
         if len(self) == 0:
@@ -297,7 +298,7 @@ class JpegBatchLoader:
         return n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
 
     def __len__(self) -> int:
-        return _num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def indices(self, epoch: int) -> torch.Tensor:
         return shard_indices(len(self.folder), epoch=epoch, seed=self.seed, shuffle=self.shuffle,
@@ -307,10 +308,8 @@ class JpegBatchLoader:
         self.epoch = int(epoch)
 
     def close(self) -> None:
-        it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.loader._iterator = None
+        """End the worker processes now."""
+        shutdown_workers(self.loader)
 
     # -- decoding ---------------------------------------------------------------------------------
     def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor | None:
@@ -378,7 +377,7 @@ class JpegBatchLoader:
         return (out.div_(255) - self.mean) / self.std
 
     def generator(self, epoch: int, batch_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix("gpu-augment", self.seed, epoch, batch_index, self.rank))
+        return torch.Generator().manual_seed(mix_seed("gpu-augment", self.seed, epoch, batch_index, self.rank))
 
     def _produce(self, epoch: int, start_batch: int):
         self._epoch, self._start = int(epoch), start_batch

@@ -14,11 +14,19 @@ Determinism contract (both loaders):
   before, so ``iter_from(epoch, start_batch)`` -- used when resuming from a checkpoint -- yields
   exactly the batches an uninterrupted epoch would have yielded from ``start_batch`` on.
 * Epochs do not advance by themselves: call ``set_epoch(e)`` (or ``iter_from(e)``) every epoch.
+
+Every loader (these two, :class:`~mimkit.data.gpu.JpegBatchLoader`, :class:`~mimkit.data.ShardLoader`)
+follows the :class:`~mimkit.data.spec.Loader` protocol and takes its common settings as a
+:class:`~mimkit.data.spec.LoaderSpec` (``spec=``) or as keyword arguments named like its fields.
+
+Why this file is long: the two in-process loaders (in memory, image folder) share one determinism
+and resume contract, stated once above and implemented next to it; their common helpers live in
+:mod:`mimkit.data.common`, the settings in :class:`~mimkit.data.spec.LoaderSpec`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -30,8 +38,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mimkit.errors import DataError
+
 from . import augment as aug
-from .errors import DataError
+from .common import (
+    check_shard,
+    folder_transform,
+    hw_pair,
+    mix_seed,
+    num_batches,
+    relative_ratio,
+    shard_indices,
+    shutdown_workers,
+    take_notes,
+    worker_signals,
+)
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -39,6 +60,7 @@ from .fashion_mnist import (
     load_fashion_mnist,
 )
 from .folder import ImageFolder, load_folder_to_tensor
+from .spec import AugmentFn, Batch, Loader, LoaderSpec  # noqa: F401 (AugmentFn: its old home)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -46,6 +68,8 @@ __all__ = [
     "DatasetInfo",
     "FolderLoader",
     "InMemoryLoader",
+    "Loader",
+    "LoaderSpec",
     "build_dataset",
     "build_loader",
     "folder_transform",
@@ -55,71 +79,14 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-"""Custom in-memory augmentation: ``(images (B, C, H, W) float in [0, 1], generator) -> images``."""
-
-
-def _mix(tag: str, *values: int) -> int:
-    """A 63-bit seed derived from ``tag`` and integers; stable across processes and runs."""
-    h = hashlib.blake2b(tag.encode(), digest_size=8)
-    for v in values:
-        h.update(int(v).to_bytes(16, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
-def shard_indices(
-    n: int,
-    *,
-    epoch: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.Tensor:
-    """Sample indices rank ``rank`` visits in ``epoch`` (see the module docstring).
-
-    Returns:
-        ``(M,)`` int64 CPU tensor, ``M = n // world_size`` (``drop_last``) or
-        ``ceil(n / world_size)``.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if shuffle:
-        g = torch.Generator().manual_seed(_mix("order", seed, epoch))
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.arange(n)
-    if world_size > 1:
-        if drop_last:
-            order = order[: (n // world_size) * world_size]
-        else:
-            total = math.ceil(n / world_size) * world_size
-            if total > n and n > 0:
-                reps = math.ceil(total / n)
-                order = order.repeat(reps)[:total]
-        order = order[rank::world_size]
-    return order
-
-
-def _num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
-
-
-def _check_common(batch_size: int, rank: int, world_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-
-
 class InMemoryLoader:
     """Batches from a uint8 image tensor kept on ``device``; augmentation runs on ``device``.
 
     Args:
         images: ``(N, C, H, W)`` uint8. Copied to ``device`` once (kept as uint8: N*C*H*W bytes).
         labels: ``(N,)`` integer labels, or ``None`` (yields ``-1``).
+        batch_size, spec, settings: a :class:`~mimkit.data.spec.LoaderSpec` (``spec``, and keyword
+            arguments named like its fields, which replace the spec's); of its fields:
         batch_size: per-rank batch size ``B``.
         device: where the data lives and batches are produced.
         mean, std: per-channel normalization statistics for images scaled to ``[0, 1]``
@@ -135,33 +102,29 @@ class InMemoryLoader:
             across ranks); else the last batch is smaller and ranks are padded by wrapping around.
         seed: base seed of the order and augmentation randomness.
         rank, world_size: this process's shard.
+        (``num_workers``, ``pin_memory``, ``prefetch_factor`` and ``skip_corrupt`` do not apply.)
 
     ``len(loader)`` is the number of batches per epoch for this rank. Iteration yields
     ``images (B, C, S, S) float32`` normalized and ``labels (B,) int64``, both on ``device``.
     """
 
+    streaming = False  # the images are in memory: no file is read while batches are made
+
     def __init__(
         self,
         images: torch.Tensor,
         labels: torch.Tensor | None,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
-        device: torch.device | str = "cpu",
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: Literal["rrc_flip", "flip", "none"] | AugmentFn = "rrc_flip",
-        out_size: int | None = None,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
+        spec: LoaderSpec | None = None,
         interpolation: Literal["bilinear", "bicubic"] = "bilinear",
-        shuffle: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        **settings: Any,
     ) -> None:
-        _check_common(batch_size, rank, world_size)
+        sp = self.spec = LoaderSpec.resolve("InMemoryLoader", batch_size, spec, settings)
+        batch_size, device, mean, std, augment = sp.batch_size, sp.device, sp.mean, sp.std, sp.augment
+        out_size, scale, ratio, flip_p = sp.out_size, sp.scale, sp.ratio, sp.flip_p
+        shuffle, drop_last, seed, rank, world_size = sp.shuffle, sp.drop_last, sp.seed, sp.rank, sp.world_size
+        check_shard(batch_size, rank, world_size)
         if images.ndim != 4 or images.dtype != torch.uint8:
             raise ValueError(f"images must be (N, C, H, W) uint8, got {images.dtype} {tuple(images.shape)}")
         n, c, h, w = images.shape
@@ -175,9 +138,9 @@ class InMemoryLoader:
             if h != w:
                 raise ValueError(f"images are {h}x{w} (not square): pass out_size")
             out_size = h
-        out_hw = _hw(out_size)
+        out_hw = hw_pair(out_size)
         if out_hw[0] != out_hw[1]:
-            ratio = _relative_ratio(ratio, out_hw)
+            ratio = relative_ratio(ratio, out_hw)
         if len(mean) not in (1, c) or len(std) not in (1, c):
             raise ValueError(f"mean/std need 1 or {c} entries, got {len(mean)} and {len(std)}")
         self.device = torch.device(device)
@@ -201,6 +164,7 @@ class InMemoryLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skipped: dict[str, None] = {}  # nothing is decoded while batches are made: stays empty
         self._mean_t = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
         if len(self) == 0:
@@ -216,11 +180,14 @@ class InMemoryLoader:
         return n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
 
     def __len__(self) -> int:
-        return _num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch ``__iter__`` plays (order and augmentation depend on it)."""
         self.epoch = int(epoch)
+
+    def close(self) -> None:
+        """Nothing to end (no workers or threads)."""
 
     def indices(self, epoch: int) -> torch.Tensor:
         """``(num_samples,)`` int64 CPU tensor: the sample order this rank visits in ``epoch``."""
@@ -238,7 +205,7 @@ class InMemoryLoader:
         """The augmentation RNG for one batch, on ``device``, seeded from (seed, epoch, batch,
         rank)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(_mix("augment", self.seed, epoch, batch_index, self.rank))
+        g.manual_seed(mix_seed("augment", self.seed, epoch, batch_index, self.rank))
         return g
 
     def _transform(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -307,7 +274,7 @@ class _SeededSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         idx = self.indices(self.epoch)[self.start :].tolist()
         for pos, i in enumerate(idx, start=self.start):
-            yield i, _mix("sample", self.seed, self.epoch, self.rank, pos)
+            yield i, mix_seed("sample", self.seed, self.epoch, self.rank, pos)
 
     @property
     def num_samples(self) -> int:
@@ -352,105 +319,14 @@ class _SeededDataset(torch.utils.data.Dataset):
             return self.transform(image), label, note
 
 
-WORKER_TERM_GRACE_S = 30
-"""Seconds a DataLoader worker keeps serving batches after a SIGTERM (see :func:`_worker_signals`)."""
-
-
-def _deferred_exit(signum, frame) -> None:
-    import signal
-
-    signal.alarm(WORKER_TERM_GRACE_S)  # SIGALRM's default action ends the worker then
-
-
-def _worker_signals(_worker_id: int) -> None:
-    """Stop signals are the main process's business: it finishes its step, saves a checkpoint and
-    stops (the workers follow it). Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole
-    process group), SIGHUP (so does a closed terminal's hang-up) and SIGUSR1 (SLURM's early warning); a SIGTERM (SLURM signals every process of a
-    job step) ends a worker only after :data:`WORKER_TERM_GRACE_S` seconds, so the main process can
-    still finish its step. A worker killed mid-step would break the main process's loader."""
-    import signal
-
-    for name in ("SIGINT", "SIGHUP", "SIGUSR1"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "SIGALRM"):
-        signal.signal(signal.SIGTERM, _deferred_exit)
-
-
-def _hw(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _relative_ratio(ratio: tuple[float, float], out_hw: tuple[int, int]) -> tuple[float, float]:
-    """A random-resized-crop aspect range ``w / h`` taken relative to a rectangular output's ``W / H``, so
-    crops are not stretched on average when resized to ``(H, W)`` (the range is unchanged for squares)."""
-    a = out_hw[1] / out_hw[0]
-    return ratio[0] * a, ratio[1] * a
-
-
-class _CoverCrop:
-    """Resize a PIL image so it covers ``(H, W)`` (aspect kept, bicubic), then center-crop to it."""
-
-    def __init__(self, out_hw: tuple[int, int]):
-        self.out_hw = out_hw
-
-    def __call__(self, image):
-        from .folder import _resize
-
-        return _resize(image, self.out_hw, True, Image.Resampling.BICUBIC)
-
-
-def folder_transform(
-    out_size: int | Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """torchvision CPU transform: PIL image -> normalized float ``(C, H, W)`` (``out_size``: a side or ``(H, W)``).
-
-    ``"rrc_flip"``: RandomResizedCrop(bicubic) + RandomHorizontalFlip; ``"flip"``: Resize(shorter
-    side, bicubic) + CenterCrop + RandomHorizontalFlip; ``"none"``: Resize + CenterCrop. All end
-    with ToTensor + Normalize. For a rectangular ``(H, W)`` the crop aspect range is relative to
-    ``W / H`` and Resize + CenterCrop becomes a resize that covers ``(H, W)`` then a center crop.
-    """
-    from torchvision import transforms as T
-
-    bicubic = T.InterpolationMode.BICUBIC
-    out_hw = _hw(out_size)
-    if out_hw[0] != out_hw[1]:
-        if augment not in ("rrc_flip", "flip", "none"):
-            raise ValueError(f"augment must be 'rrc_flip', 'flip' or 'none', got {augment!r}")
-        if augment == "rrc_flip":
-            ops: list[Any] = [T.RandomResizedCrop(out_hw, scale=scale, ratio=_relative_ratio(ratio, out_hw),
-                                                  interpolation=bicubic), T.RandomHorizontalFlip(flip_p)]
-        else:
-            ops = [_CoverCrop(out_hw)] + ([T.RandomHorizontalFlip(flip_p)] if augment == "flip" else [])
-        return T.Compose([*ops, T.ToTensor(), T.Normalize(list(mean), list(std))])
-    if augment == "rrc_flip":
-        ops: list[Any] = [
-            T.RandomResizedCrop(out_size, scale=scale, ratio=ratio, interpolation=bicubic),
-            T.RandomHorizontalFlip(flip_p),
-        ]
-    elif augment in ("flip", "none"):
-        ops = [T.Resize(out_size, interpolation=bicubic), T.CenterCrop(out_size)]
-        if augment == "flip":
-            ops.append(T.RandomHorizontalFlip(flip_p))
-    else:
-        raise ValueError(f"augment must be 'rrc_flip', 'flip' or 'none', got {augment!r}")
-    ops += [T.ToTensor(), T.Normalize(list(mean), list(std))]
-    return T.Compose(ops)
-
-
 class FolderLoader:
     """Batches from an :class:`ImageFolder`, decoded and augmented on the CPU by worker processes.
 
     Args:
         folder: an :class:`ImageFolder` or a folder path (opened with ``labeled``, ``mode``,
             ``skip_corrupt``, ``follow_links``). Its own ``transform`` is not used.
+        batch_size, spec, settings: a :class:`~mimkit.data.spec.LoaderSpec` (``spec``, and keyword
+            arguments named like its fields, which replace the spec's); of its fields:
         batch_size: per-rank batch size.
         out_size: output side ``S``.
         mean, std: normalization statistics (length ``C`` or 1).
@@ -470,38 +346,32 @@ class FolderLoader:
 
     A corrupt file raises :class:`DataError` naming it in the main process (not a worker traceback);
     with ``skip_corrupt`` the skipped files, from every worker, collect in :attr:`skipped`. Workers
-    leave stop signals to the main process (:func:`_worker_signals`) so that the trainer can save a
-    checkpoint on them. :meth:`close` ends persistent workers.
+    leave stop signals to the main process (:func:`~mimkit.data.common.worker_signals`) so that the
+    trainer can save a checkpoint on them. :meth:`close` ends persistent workers.
     """
+
+    streaming = True
 
     def __init__(
         self,
         folder: ImageFolder | str | os.PathLike[str],
-        batch_size: int,
+        batch_size: int | None = None,
         *,
-        out_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        num_workers: int = 4,
-        device: torch.device | str = "cpu",
-        pin_memory: bool | None = None,
+        spec: LoaderSpec | None = None,
         persistent_workers: bool = True,
-        prefetch_factor: int = 2,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         labeled: bool | Literal["auto"] = "auto",
         mode: Literal["RGB", "L"] = "RGB",
-        skip_corrupt: bool = False,
         follow_links: bool = False,
+        **settings: Any,
     ) -> None:
-        _check_common(batch_size, rank, world_size)
+        sp = self.spec = LoaderSpec.resolve("FolderLoader", batch_size, spec, settings,
+                                            needs=("mean", "std", "out_size"))
+        batch_size, out_size, mean, std, augment = sp.batch_size, sp.out_size, sp.mean, sp.std, sp.augment
+        scale, ratio, flip_p, num_workers, device = sp.scale, sp.ratio, sp.flip_p, sp.num_workers, sp.device
+        pin_memory, prefetch_factor = sp.pin_memory, sp.prefetch_factor or 2
+        shuffle, drop_last, seed, rank, world_size = sp.shuffle, sp.drop_last, sp.seed, sp.rank, sp.world_size
+        skip_corrupt = sp.skip_corrupt
+        check_shard(batch_size, rank, world_size)
         if not isinstance(folder, ImageFolder):
             folder = ImageFolder(folder, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt,
                                  follow_links=follow_links)
@@ -518,14 +388,14 @@ class FolderLoader:
         self.pin_memory = pin_memory
         workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = torch.utils.data.DataLoader(
-            _SeededDataset(folder, transform, (folder.in_chans, *_hw(out_size))),
+            _SeededDataset(folder, transform, (folder.in_chans, *hw_pair(out_size))),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
             generator=torch.Generator().manual_seed(seed),  # worker base seeds; not the global RNG
-            worker_init_fn=_worker_signals if num_workers > 0 else None,
+            worker_init_fn=worker_signals if num_workers > 0 else None,
             **(workers if num_workers > 0 else {}),
         )
         if len(self) == 0:
@@ -535,14 +405,11 @@ class FolderLoader:
             )
 
     def __len__(self) -> int:
-        return _num_batches(self.sampler.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.sampler.num_samples, self.batch_size, self.drop_last)
 
     def close(self) -> None:
         """End the worker processes now (persistent workers otherwise live as long as the loader)."""
-        it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.loader._iterator = None
+        shutdown_workers(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch ``__iter__`` plays."""
@@ -561,11 +428,7 @@ class FolderLoader:
         self.sampler.start = start_batch * self.batch_size
         non_blocking = self.pin_memory and self.device.type == "cuda"
         for x, y, notes in self.loader:  # the sampler is read here, in the main process
-            for note in notes:
-                if note.startswith("error:"):
-                    raise DataError(note[len("error:"):])
-                if note.startswith("skipped:"):
-                    self.skipped.update(dict.fromkeys(note[len("skipped:"):].split("\n")))
+            take_notes(notes, self.skipped)
             yield (
                 x.to(self.device, non_blocking=non_blocking),
                 y.to(self.device, torch.int64, non_blocking=non_blocking),
@@ -716,56 +579,37 @@ def build_dataset(
 
 def build_loader(
     dataset: DatasetInfo,
-    batch_size: int,
+    batch_size: int | None = None,
     *,
-    out_size: int | None = None,
-    augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
-    device: torch.device | str = "cpu",
-    num_workers: int = 4,
+    spec: LoaderSpec | None = None,
     decode: str = "cpu",
-    **kwargs: Any,
-) -> InMemoryLoader | FolderLoader:
-    """An :class:`InMemoryLoader` (in-memory data) or :class:`FolderLoader` for ``dataset``.
+    **settings: Any,
+) -> Loader:
+    """An :class:`InMemoryLoader` (in-memory data), :class:`FolderLoader` or
+    :class:`~mimkit.data.gpu.JpegBatchLoader` for ``dataset``.
 
     Args:
         dataset: from :func:`build_dataset`; its ``mean``/``std`` are used.
-        batch_size: per-rank batch size.
-        out_size: output side; default: the in-memory image size, or 224 for folders.
-        augment: ``"rrc_flip"``, ``"flip"`` or ``"none"``.
-        device: where batches are produced.
-        num_workers: worker processes (folders only).
+        batch_size, spec: the :class:`~mimkit.data.spec.LoaderSpec` (or its ``batch_size`` and keyword
+            settings named like its fields, which replace the spec's; defaults: ``augment="rrc_flip"``,
+            ``device="cpu"``, ``num_workers=4``). ``out_size`` defaults to the in-memory image size,
+            or 224 for folders.
         decode: folders only: ``"cpu"`` (PIL in the workers), ``"gpu"`` (nvJPEG on ``device``,
             :class:`~mimkit.data.gpu.JpegBatchLoader`) or ``"auto"`` (gpu where it works).
-        **kwargs: passed on (``scale``, ``shuffle``, ``drop_last``, ``seed``, ``rank``,
-            ``world_size``, ...).
+        **settings: LoaderSpec fields, and the chosen loader's own options (``interpolation``, ...).
     """
+    fields = {f.name for f in dataclasses.fields(LoaderSpec)}
+    extras = {k: v for k, v in settings.items() if k not in fields}
+    settings = {k: v for k, v in settings.items() if k in fields}
+    spec = LoaderSpec.resolve("build_loader", batch_size, spec, settings, needs=())
+    spec = dataclasses.replace(spec, mean=dataset.mean, std=dataset.std)
     if dataset.images is not None:
-        return InMemoryLoader(
-            dataset.images,
-            dataset.labels,
-            batch_size,
-            device=device,
-            mean=dataset.mean,
-            std=dataset.std,
-            augment=augment,
-            out_size=out_size,
-            **kwargs,
-        )
+        return InMemoryLoader(dataset.images, dataset.labels, spec=spec, **extras)
     assert dataset.folder is not None
+    spec = dataclasses.replace(spec, out_size=spec.out_size or 224)
     if decode != "cpu":
         from .gpu import JpegBatchLoader, resolve_decode
 
-        if resolve_decode(decode, device) == "gpu":
-            return JpegBatchLoader(dataset.folder, batch_size, out_size=out_size or 224, mean=dataset.mean,
-                                   std=dataset.std, augment=augment, device=device, num_workers=num_workers, **kwargs)
-    return FolderLoader(
-        dataset.folder,
-        batch_size,
-        out_size=out_size or 224,
-        mean=dataset.mean,
-        std=dataset.std,
-        augment=augment,
-        device=device,
-        num_workers=num_workers,
-        **kwargs,
-    )
+        if resolve_decode(decode, spec.device) == "gpu":
+            return JpegBatchLoader(dataset.folder, spec=spec, **extras)
+    return FolderLoader(dataset.folder, spec=spec, **extras)

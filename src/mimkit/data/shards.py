@@ -38,6 +38,10 @@ no JPEG decoding on the input path).
 Every rank plays the same number of batches per epoch: the count the rank with the fewest samples
 can fill whatever shards it is dealt (the sum of the ``shards // world_size`` smallest shards);
 samples past it are dropped for that epoch (as ``drop_last`` drops a partial batch).
+
+Why this file is long: the shard format is written and read here together (the writer, the index
+validation that refuses a forged or damaged index, the streaming loader with its exact resume
+position), so the layout above has one owner.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,10 +61,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mimkit.errors import DataError
+
 from . import augment as aug
-from .errors import DataError
+from .common import check_shard, folder_transform, mix_seed, shutdown_workers, take_notes, worker_signals
 from .folder import ImageFolder, _open_image, _resize, convert_image, open_image_checked, resolve_max_pixels
-from .loaders import _mix, _worker_signals, folder_transform
+from .spec import LoaderSpec
 
 __all__ = ["FORMAT", "ShardIndex", "ShardLoader", "is_shard_dir", "prepare_shards"]
 
@@ -344,7 +350,7 @@ def shard_stream(index: ShardIndex, *, epoch: int, seed: int, rank: int, world_s
     module docstring); computed from the index alone."""
     s = index.num_shards
     if shuffle:
-        g = torch.Generator().manual_seed(_mix("shards", seed, epoch))
+        g = torch.Generator().manual_seed(mix_seed("shards", seed, epoch))
         order = torch.randperm(s, generator=g).numpy()
     else:
         order = np.arange(s)
@@ -353,7 +359,7 @@ def shard_stream(index: ShardIndex, *, epoch: int, seed: int, rank: int, world_s
                          ) if len(mine) else np.zeros((0, 2), np.int64)
     if not shuffle or buffer <= 1 or len(seq) <= 1:
         return seq.astype(np.int64)
-    rng = np.random.default_rng(_mix("buffer", seed, epoch, rank))
+    rng = np.random.default_rng(mix_seed("buffer", seed, epoch, rank))
     n = len(seq)
     out = np.empty(n, dtype=np.int64)  # positions into seq
     pool: list[int] = []
@@ -387,7 +393,7 @@ class _ShardSampler(torch.utils.data.Sampler):
         ld = self.loader
         seq = ld.stream(self.epoch)[self.start : self.stop]
         for pos, (sh, m) in enumerate(seq.tolist(), start=self.start):
-            yield sh, m, _mix("sample", ld.seed, self.epoch, ld.rank, pos)
+            yield sh, m, mix_seed("sample", ld.seed, self.epoch, ld.rank, pos)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -494,6 +500,8 @@ class ShardLoader:
 
     Args:
         root: the shard directory (or an opened :class:`ShardIndex`).
+        batch_size, spec, settings: a :class:`~mimkit.data.spec.LoaderSpec` (``spec``, and keyword
+            arguments named like its fields, which replace the spec's); of its fields:
         batch_size: per-rank batch size.
         out_size: output side ``S``.
         mean, std: normalization statistics.
@@ -501,12 +509,13 @@ class ShardLoader:
             :func:`~mimkit.data.folder_transform` per sample; pre-resized shards the batched
             on-device augmentation of :class:`~mimkit.data.InMemoryLoader`.
         scale, ratio, flip_p: random-resized-crop / flip parameters.
-        shuffle_buffer: samples held in the shuffle buffer (1: shard order only).
         num_workers, device, pin_memory, prefetch_factor: as :class:`~mimkit.data.FolderLoader`.
         shuffle: permute shards and use the buffer (else file order).
         seed, rank, world_size: the order's seed and this process's share.
         skip_corrupt: a sample that does not decode (or is over the pixel limit) is replaced by the
             next one of its shard and listed in :attr:`skipped`; else :class:`DataError` naming the shard.
+        drop_last: must be ``True`` (every rank plays the same whole batches).
+        shuffle_buffer: samples held in the shuffle buffer (1: shard order only).
         limit: use only the first ``limit`` samples (index order).
         max_pixels: the pixel limit of a decoded image (``None``: ``$MIMKIT_MAX_PIXELS`` or
             :data:`~mimkit.data.folder.MAX_PIXELS`, as the folder reader; ``0``: none), checked from
@@ -516,35 +525,28 @@ class ShardLoader:
     ``images (B, C, S, S)`` float32 normalized and ``labels (B,)`` int64 on ``device``.
     """
 
+    streaming = True
+
     def __init__(
         self,
         root: str | os.PathLike[str] | ShardIndex,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
-        out_size: int | Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: Literal["rrc_flip", "flip", "none"] = "rrc_flip",
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
+        spec: LoaderSpec | None = None,
         shuffle_buffer: int = 4096,
-        num_workers: int = 4,
-        device: torch.device | str = "cpu",
-        pin_memory: bool | None = None,
-        prefetch_factor: int = 2,
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_corrupt: bool = False,
         limit: int | None = None,
         max_pixels: int | None = None,
+        **settings: Any,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        sp = self.spec = LoaderSpec.resolve("ShardLoader", batch_size, spec, settings,
+                                            needs=("mean", "std", "out_size"))
+        batch_size, out_size, mean, std, augment = sp.batch_size, sp.out_size, sp.mean, sp.std, sp.augment
+        scale, ratio, flip_p, num_workers, device = sp.scale, sp.ratio, sp.flip_p, sp.num_workers, sp.device
+        pin_memory, prefetch_factor = sp.pin_memory, sp.prefetch_factor or 2
+        shuffle, seed, rank, world_size, skip_corrupt = sp.shuffle, sp.seed, sp.rank, sp.world_size, sp.skip_corrupt
+        if not sp.drop_last:
+            raise ValueError("ShardLoader always drops the samples that do not fill a batch; pass drop_last=True")
+        check_shard(batch_size, rank, world_size)
         self.index = root if isinstance(root, ShardIndex) else ShardIndex(root, limit)
         ix = self.index
         self.max_pixels = resolve_max_pixels(max_pixels)
@@ -574,7 +576,7 @@ class ShardLoader:
         self.loader = torch.utils.data.DataLoader(
             _ShardDataset(ix, transform, skip_corrupt, self.max_pixels), batch_size=batch_size, sampler=self.sampler,
             num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=_collate,
-            worker_init_fn=_worker_signals if num_workers > 0 else None,
+            worker_init_fn=worker_signals if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # worker base seeds; never the global RNG
             **workers)
         self._mean_t = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
@@ -602,15 +604,13 @@ class ShardLoader:
         self.epoch = int(epoch)
 
     def close(self) -> None:
-        it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.loader._iterator = None
+        """End the worker processes now."""
+        shutdown_workers(self.loader)
 
     def _augment(self, x: torch.Tensor, epoch: int, batch_index: int) -> torch.Tensor:
         """Pre-resized uint8 batch -> normalized float, augmented on ``device`` (per-batch generator)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(_mix("augment", self.seed, epoch, batch_index, self.rank))
+        g.manual_seed(mix_seed("augment", self.seed, epoch, batch_index, self.rank))
         s = self.out_size
         if self.augment == "rrc_flip":
             x = aug.random_resized_crop_flip(x.float().div_(255), s, self.scale, self.ratio, self.flip_p, g)
@@ -633,11 +633,7 @@ class ShardLoader:
         self.sampler.stop = total * self.batch_size
         non_blocking = self.pin_memory and self.device.type == "cuda"
         for i, (x, y, notes) in enumerate(self.loader, start=start_batch):
-            for note in notes:
-                if note.startswith("error:"):
-                    raise DataError(note[len("error:"):])
-                if note.startswith("skipped:"):
-                    self.skipped.update(dict.fromkeys(note[len("skipped:"):].split("\n")))
+            take_notes(notes, self.skipped)
             x = x.to(self.device, non_blocking=non_blocking)
             if self.pre_resized:
                 x = self._augment(x, epoch, i)

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mimkit.errors import ConfigError
+
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` only to help texts that do not already say what the default is."""
@@ -253,7 +255,6 @@ def _options(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        from mimkit.config import ConfigError
 
         try:
             kind = torch.device(device).type
@@ -374,7 +375,6 @@ def _load_kw(args) -> dict:
 
 def check_pools(ctx, protocol: str) -> None:
     """``--pool`` against the protocol and the loaded encoder, before any work: a ConfigError naming the fix."""
-    from mimkit.config import ConfigError
     from mimkit.eval.features import check_pool
 
     pools = [p for p in (ctx.opts.pool or "").split(",") if p]
@@ -391,7 +391,7 @@ def check_pools(ctx, protocol: str) -> None:
                           "head (global pool + fc_norm); drop them")
     for p in pools:
         try:
-            check_pool(p, bool(getattr(ctx.encoder, "has_class_token", True)))
+            check_pool(p, ctx.encoder.has_class_token)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -476,15 +476,3 @@ def register_report(subparsers) -> argparse.ArgumentParser:
     _add_protocol_args(p, None)
     p.set_defaults(func=run_report_command)
     return p
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m mimkit.eval.cli eval|report ...``): the top-level CLI's, so
-    errors are one line with exit status 2 and Ctrl-C exits 130 without a traceback, as ``mimkit``."""
-    from mimkit.cli import main as mimkit_main
-
-    return mimkit_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

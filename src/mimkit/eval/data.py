@@ -1,6 +1,6 @@
 """Evaluation inputs: encoders from checkpoints, normalisation statistics, labelled image sets.
 
-* :func:`load_checkpoint_encoder` — :func:`mimkit.interop.load_encoder` (mimkit, timm and official-MAE
+* :func:`load_checkpoint_encoder` — :func:`mimkit.weights.load_encoder` (mimkit, timm and official-MAE
   checkpoints); plus the checkpoint's resolved config and epoch/step when the file carries them.
 * :func:`resolve_norm` — mean/std: explicit flags > ``config['data']['mean'/'std']`` > defaults by
   channel count (ImageNet for 3 channels, Fashion-MNIST for 1).
@@ -12,7 +12,7 @@
 Labels: one class -> index map per evaluation. The training split's sorted class folders define it
 (or ``class_names`` gives it) and every other split is mapped through it by *name*, so
 ``train/{a,b,c}`` with ``val/{a,c}`` labels ``val/c`` as 2, not 1. A split with a class the training
-split lacks is an error (:class:`~mimkit.data.errors.DataError`): a kNN bank or a probe cannot predict
+split lacks is an error (:class:`~mimkit.errors.DataError`): a kNN bank or a probe cannot predict
 it.
 
 Resize: folder images (any size) follow MAE's and Latent MIM's evaluation transform — resize the
@@ -30,12 +30,16 @@ seeded, stratified by class) unless ``--test-dataset`` names a separate folder.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mimkit.errors import DataError
+from mimkit.hf import mae_from_hf
+from mimkit.weights import load_encoder, read_weights
+from mimkit.weights.read import step_from_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,15 +57,6 @@ class LoadedCheckpoint:
     meta: dict = field(default_factory=dict)
 
 
-def _read_raw(path: Path) -> object | None:
-    """The checkpoint object, read through the trainer's verified loader (checksum checked)."""
-    if path.suffix == ".safetensors":
-        return None
-    from mimkit.interop import read_verified
-
-    return read_verified(path)
-
-
 def _sidecar_config(path: Path) -> dict | None:
     """A resolved config saved beside the checkpoint (``config.yaml`` / ``config.json``)."""
     for name in ("config.yaml", "config.yml", "config.json"):
@@ -76,41 +71,17 @@ def _sidecar_config(path: Path) -> dict | None:
     return None
 
 
-def _step_from_name(path: Path) -> int | None:
-    m = re.search(r"(?:checkpoint-|ckpt_step|step[-_]?)(\d+)", path.name)
-    return int(m.group(1)) if m else None
-
-
 def load_checkpoint_encoder(path: str | Path, device: str | torch.device = "cpu", **kw) -> LoadedCheckpoint:
-    """Encoder (eval mode, on ``device``) + config/step/epoch of a checkpoint file."""
-    path = Path(path)
-    from mimkit.interop import InteropError, load_encoder
-
-    if not path.exists():
-        raise InteropError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
-            from mimkit.hf import mae_from_hf  # a ViTMAEForPreTraining directory (mimkit export --format hf)
-
-            return LoadedCheckpoint(encoder=mae_from_hf(path).encoder.to(device).eval(), path=str(path))
-        latest = [path / n for n in ("checkpoint.pt", "checkpoint.pth", "last.pt") if (path / n).is_file()]
-        if not latest:
-            raise InteropError(f"{path} is a directory without checkpoint.pt or a Hugging Face config.json; give a "
-                               "checkpoint file, a run directory or a ViTMAEForPreTraining directory")
-        path = latest[0]
-    raw = _read_raw(path)
-    encoder = load_encoder(str(path), _raw=raw, **kw)
-    config = raw.get("config") if isinstance(raw, dict) and isinstance(raw.get("config"), dict) else None
-    config = config or getattr(encoder, "source_config", None) or _sidecar_config(path)
-    step = raw.get("step") if isinstance(raw, dict) else None
-    epoch = raw.get("epoch") if isinstance(raw, dict) else None
-    if step is None:
-        step = _step_from_name(path)
-    return LoadedCheckpoint(
-        encoder=encoder.to(device).eval(), path=str(path), config=config,
-        step=int(step) if isinstance(step, int | float) else None,
-        epoch=float(epoch) if isinstance(epoch, int | float) else None,
-    )
+    """Encoder (eval mode, on ``device``) + config/step/epoch of any weight file or directory
+    :func:`mimkit.weights.read_weights` reads (a run directory means its ``checkpoint.pt``; a Hugging
+    Face ``ViTMAEForPreTraining`` directory, e.g. ``mimkit export --format hf``, its encoder)."""
+    w = read_weights(path)
+    if w.format == "hf":
+        return LoadedCheckpoint(encoder=mae_from_hf(w.path).encoder.to(device).eval(), path=w.path)
+    encoder = load_encoder(w, **kw)
+    config = w.config or _sidecar_config(Path(w.path))
+    step = w.step if w.step is not None else step_from_name(w.path)
+    return LoadedCheckpoint(encoder=encoder.to(device).eval(), path=w.path, config=config, step=step, epoch=w.epoch)
 
 
 def resolve_norm(config: dict | None, in_chans: int, mean=None, std=None) -> tuple[tuple, tuple, str]:
@@ -168,7 +139,6 @@ def _subset_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None
     if limit is None or limit >= n:
         return None
     if limit < 1:
-        from mimkit.data.errors import DataError
 
         raise DataError(f"--limit-train/--limit-test {limit}: the limit must be at least 1")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
@@ -194,10 +164,9 @@ def _split_folder(labels: torch.Tensor, split: str, seed: int = 0, test_fraction
 def remap_classes(folder_classes: list[str], class_names: list[str] | None, where: str) -> torch.Tensor | None:
     """Index table ``folder label -> evaluation label`` mapping ``folder_classes`` into ``class_names``
     by name (``None`` when they are identical). A class missing from ``class_names`` is a
-    :class:`~mimkit.data.errors.DataError` naming it."""
+    :class:`~mimkit.errors.DataError` naming it."""
     if class_names is None or list(folder_classes) == list(class_names):
         return None
-    from mimkit.data.errors import DataError
 
     index = {c: i for i, c in enumerate(class_names)}
     extra = [c for c in folder_classes if c not in index]
@@ -225,7 +194,6 @@ def split_classes(spec: str, split: str = "train") -> list[str]:
 
 
 def _check_layout(root: Path, split: str, sub: Path | None) -> None:
-    from mimkit.data.errors import DataError
 
     if not root.is_dir():
         raise DataError(f"--dataset {root}: neither 'fashion_mnist' nor an existing folder; pass an image folder "
@@ -280,7 +248,6 @@ def load_split(
     images. ``img_size``: a side or ``(H, W)``. Returns ``(uint8 (N, in_chans, H, W), int64 (N,), info)``;
     ``info`` names the source, the classes and the resize rule.
     """
-    from mimkit.data.errors import DataError
 
     hw = _hw(img_size)
     square = hw[0] == hw[1]

@@ -6,7 +6,7 @@ register tokens excluded), ``all`` (every token, ``(N, P+L, D)``) or ``cls+mean`
 ``fc_norm`` — that norm is applied to the pooled vector, as timm's ``forward_head`` does). ``block``:
 take an intermediate block's output instead of the last one.
 
-Encoders are anything :mod:`mimkit.eval.adapters` describes (mimkit, timm, any ``nn.Module``).
+Encoders are anything :mod:`mimkit.nn.adapters` describes (mimkit, timm, any ``nn.Module``).
 On a GPU, extraction runs under bf16 autocast by default (``autocast_dtype="auto"``); features come
 back as float32.
 """
@@ -50,8 +50,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1, poo
 
 def encoder_pooling(encoder: nn.Module, norm: bool = True) -> dict:
     """``pool_tokens`` keyword arguments for ``encoder`` (prefix count; ``fc_norm`` when ``norm``)."""
-    return {"num_prefix_tokens": int(getattr(encoder, "num_prefix_tokens", 1)),
-            "pool_norm": getattr(encoder, "pool_norm", None) if norm else None}
+    return {"num_prefix_tokens": encoder.num_prefix_tokens, "pool_norm": encoder.pool_norm if norm else None}
 
 
 def default_autocast(device: torch.device) -> torch.dtype | None:
@@ -110,7 +109,7 @@ def extract_features(
     """
     pools = [pool] if isinstance(pool, str) else list(dict.fromkeys(pool))
     for p in pools:
-        check_pool(p, bool(getattr(encoder, "has_class_token", True)))  # validate names early
+        check_pool(p, encoder.has_class_token)  # validate names early
     was_training = encoder.training
     encoder.eval()
     if device is None:

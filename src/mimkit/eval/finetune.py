@@ -95,11 +95,11 @@ class FinetuneModel(nn.Module):
         super().__init__()
         if global_pool not in ("mean", "cls"):
             raise ValueError(f"fine-tune pooling {global_pool!r}: choose mean (MAE's global pool) or cls")
-        if global_pool == "cls" and not getattr(encoder, "has_class_token", True):
+        if global_pool == "cls" and not encoder.has_class_token:
             raise ValueError("this encoder has no class token; fine-tune with --pool mean")
         self.encoder = copy.deepcopy(encoder)
         self.global_pool = global_pool
-        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens", 1))
+        self.num_prefix_tokens = encoder.num_prefix_tokens
         dim = self.encoder.embed_dim
         eps = getattr(getattr(self.encoder, "norm", None), "eps", 1e-6)
         self.use_norm = global_pool == "cls" or type(encoder).__name__ == "ModuleEncoder"

@@ -1,4 +1,4 @@
-"""Pictures of what a frozen encoder sees, for any encoder :mod:`mimkit.eval.adapters` accepts.
+"""Pictures of what a frozen encoder sees, for any encoder :mod:`mimkit.nn.adapters` accepts.
 
 * :func:`pca_rgb` — the first three principal components of the patch tokens (fitted jointly on all
   shown images, as in DINOv2's feature visualisations) mapped to RGB per patch.
@@ -44,7 +44,7 @@ def cls_attention(encoder, images: torch.Tensor) -> torch.Tensor:
     """Normalised images ``(N, C, H, W)`` -> ``(N, gh, gw)`` (the encoder's patch grid): the last block's
     class-token attention to the patches, mean over heads. Needs a class token and an attention module
     with ``qkv`` and ``num_heads`` (mimkit and timm ViTs)."""
-    if not getattr(encoder, "has_class_token", True):
+    if not encoder.has_class_token:
         raise ValueError("attention maps of the class token need an encoder with a class token")
     attn = encoder.blocks[-1].attn
     seen = {}
@@ -61,9 +61,9 @@ def cls_attention(encoder, images: torch.Tensor) -> torch.Tensor:
     q = getattr(attn, "q_norm", torch.nn.Identity())(q)
     k = getattr(attn, "k_norm", torch.nn.Identity())(k)
     a = ((q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (d // heads) ** -0.5).softmax(-1)  # (B, H, 1, N)
-    prefix = int(getattr(encoder, "num_prefix_tokens", 1))
+    prefix = encoder.num_prefix_tokens
     patches = a[:, :, 0, prefix:].mean(1)
-    from mimkit.eval.adapters import token_grid
+    from mimkit.nn.adapters import token_grid
 
     return patches.reshape(b, *token_grid(encoder, patches.shape[1], tuple(images.shape[-2:])))
 
@@ -95,7 +95,7 @@ def save_token_pictures(encoder, images: torch.Tensor, labels: torch.Tensor, mea
     dev = next(enc.parameters()).device
     show = images[:n_show]
     x = normalize_images(show.to(dev), mean, std)
-    prefix = int(getattr(enc, "num_prefix_tokens", 1))
+    prefix = enc.num_prefix_tokens
     with torch.no_grad():
         tokens = enc.forward_features(x)[:, prefix:].float().cpu()
     disp = show.float().div(255).permute(0, 2, 3, 1).numpy()
@@ -114,13 +114,13 @@ def save_token_pictures(encoder, images: torch.Tensor, labels: torch.Tensor, mea
         plt.close(fig)
         written[name.split(".")[0]] = out / name
 
-    from mimkit.eval.adapters import token_grid
+    from mimkit.nn.adapters import token_grid
 
     grid(pca_rgb(tokens, token_grid(enc, tokens.shape[1], tuple(show.shape[-2:]))).numpy(), "pca.png")
-    if getattr(enc, "has_class_token", True) and hasattr(enc.blocks[-1], "attn"):
+    if enc.has_class_token and hasattr(enc.blocks[-1], "attn"):
         grid(cls_attention(enc, x).cpu().numpy(), "attention.png", cmap="inferno")
     feats = tsne_feats if tsne_feats is not None else extract_features(
-        enc, images, pool="cls" if getattr(enc, "has_class_token", True) else "mean", mean=mean, std=std)
+        enc, images, pool="cls" if enc.has_class_token else "mean", mean=mean, std=std)
     pts = tsne_points(feats, seed)
     fig, ax = plt.subplots(figsize=(6, 5))
     lab = labels.numpy()

@@ -1,6 +1,6 @@
 """Protocol runners shared by ``mimkit eval <protocol>`` and ``mimkit report``.
 
-An :class:`EvalContext` holds one loaded encoder (any encoder :mod:`mimkit.eval.adapters` can wrap), its
+An :class:`EvalContext` holds one loaded encoder (any encoder :mod:`mimkit.nn.adapters` can wrap), its
 normalisation and the evaluation data, and caches extracted features so several protocols on one
 checkpoint encode each image once. Each ``run_*`` returns ``{"protocol", "metrics": {column: number},
 ...details}``; ``metrics`` are the columns of the markdown tables.
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mimkit.eval.adapters import check_input_size, encoder_img_hw, encoder_in_chans, wrap_encoder
+from mimkit.errors import ConfigError, DataError
 from mimkit.eval.data import LoadedCheckpoint, load_split, resolve_norm
 from mimkit.eval.features import check_pool, extract_features, progress
+from mimkit.nn.adapters import check_input_size, encoder_img_hw, encoder_in_chans, wrap_encoder
 
 
 @dataclass
@@ -95,7 +96,6 @@ class EvalContext:
 
     def _check_options(self) -> None:
         """``--block`` inside the encoder and one normalisation value per input channel (or one for all)."""
-        from mimkit.config import ConfigError
 
         blocks = getattr(self.encoder, "blocks", None)
         block = self.opts.block
@@ -137,7 +137,7 @@ class EvalContext:
 
     def check_classes(self) -> None:
         """Before any decoding or encoding: every class folder of the test split (or ``--test-dataset``)
-        must be in the evaluation's class map, else a :class:`~mimkit.data.errors.DataError`."""
+        must be in the evaluation's class map, else a :class:`~mimkit.errors.DataError`."""
         from mimkit.eval.data import remap_classes, split_classes
 
         o = self.opts
@@ -148,8 +148,7 @@ class EvalContext:
         """A classification protocol needs at least 2 classes in the training split: with one, every
         prediction is right (kNN and linear would report 100 %) and few-shot cannot fit. Checked from the
         class folders before any decoding, then on the loaded labels (``--limit-train`` may drop classes);
-        a :class:`~mimkit.data.errors.DataError` naming the folder, the count and the fix."""
-        from mimkit.data.errors import DataError
+        a :class:`~mimkit.errors.DataError` naming the folder, the count and the fix."""
 
         o = self.opts
         loaded = "train" in self._data
@@ -201,14 +200,14 @@ class EvalContext:
         block = self.opts.block if block == -999 else block
         if pool == "all":
             return self.tokens(split, norm, block)
-        check_pool(pool, bool(getattr(self.encoder, "has_class_token", True)))
+        check_pool(pool, self.encoder.has_class_token)
         images = self.data(split)[0]
         if indices is not None:
             return extract_features(self.encoder, images[indices], pool=pool, **self._extract_kw(norm, block)).to(dtype)
         key = (split, pool, norm, block, dtype)
         if key not in self._feats:
             pools = [pool] + [p for p in ("cls", "mean") if p != pool and (
-                p == "mean" or getattr(self.encoder, "has_class_token", True))]
+                p == "mean" or self.encoder.has_class_token)]
             feats = extract_features(self.encoder, images, pool=pools, show_progress=self.opts.progress,
                                      **self._extract_kw(norm, block))
             for p, f in feats.items():
@@ -279,15 +278,9 @@ class EvalContext:
 
 def _pools(ctx: EvalContext, default: str) -> list[str]:
     pools = [p.strip() for p in (ctx.opts.pool or default).split(",") if p.strip()]
-    if ctx.opts.pool is None and not getattr(ctx.encoder, "has_class_token", True):
+    if ctx.opts.pool is None and not ctx.encoder.has_class_token:
         pools = [p for p in pools if p not in ("cls", "cls+mean")] or ["mean"]
     return pools
-
-
-def _config_error(msg: str):
-    from mimkit.config import ConfigError
-
-    return ConfigError(msg)
 
 
 def _need_classes(ctx: EvalContext, protocol: str) -> None:
@@ -364,7 +357,7 @@ def run_attentive(ctx: EvalContext, cfg=None) -> dict:
     from mimkit.eval.attentive import AttentiveProbeConfig, train_attentive_probe
 
     if ctx.opts.pool not in (None, "all"):
-        raise _config_error(f"--pool {ctx.opts.pool} does not apply to the attentive probe: it attends over all "
+        raise ConfigError(f"--pool {ctx.opts.pool} does not apply to the attentive probe: it attends over all "
                             "tokens (drop --pool)")
     _need_classes(ctx, "attentive-probe")
     cfg = cfg or AttentiveProbeConfig(seed=ctx.opts.seed)
@@ -387,13 +380,13 @@ def run_finetune(ctx: EvalContext, cfg=None) -> dict:
 
     o = ctx.opts
     if o.block is not None or not o.norm:
-        raise _config_error("--block / --no-norm do not apply to fine-tuning: it trains the whole encoder with "
+        raise ConfigError("--block / --no-norm do not apply to fine-tuning: it trains the whole encoder with "
                             "MAE's head (global pool + fc_norm); drop them")
     _need_classes(ctx, "fine-tuning")
     cfg = cfg or finetune_preset("small", seed=o.seed)
     if o.pool is not None:
         if o.pool not in ("mean", "cls"):
-            raise _config_error(f"--pool {o.pool} does not apply to fine-tuning; choose mean (MAE's global pool, "
+            raise ConfigError(f"--pool {o.pool} does not apply to fine-tuning; choose mean (MAE's global pool, "
                                 "the default) or cls")
         cfg = replace(cfg, global_pool=o.pool)
     (xtr, ytr, _), (xte, yte, _) = ctx.data("train"), ctx.data("test")
@@ -417,7 +410,7 @@ def run_fewshot(ctx: EvalContext, shots: int = 10, draws: int = 5, C: float = 1.
         c = int(present[counts[present].argmin()])
         names = ctx.data("train")[2].get("classes") or []
         name = repr(names[c]) if c < len(names) else str(c)
-        raise _config_error(f"--shots {shots}: class {name} has only {int(counts[c])} training images; pass --shots "
+        raise ConfigError(f"--shots {shots}: class {name} has only {int(counts[c])} training images; pass --shots "
                             f"{int(counts[c])} or fewer (or a larger --limit-train)")
     supports = draw_supports(ctx.labels("train"), shots, draws, ctx.opts.seed)
     used = torch.from_numpy(np.unique(np.concatenate(supports)))
@@ -445,7 +438,7 @@ def run_diagnostics(ctx: EvalContext, k: int = 20, temperature: float = 0.07) ->
 
     o = ctx.opts
     tokens = ctx.tokens("test", norm=False)
-    prefix = int(getattr(ctx.encoder, "num_prefix_tokens", 1))
+    prefix = ctx.encoder.num_prefix_tokens
     sim = patch_similarity(tokens[:, prefix - 1 :] if prefix > 1 else tokens, has_cls=prefix > 0)
     metrics = {"sim": sim["sim"], "sim_offdiag": sim["sim_offdiag"]}
     detail = {"sim": {**sim, "final_norm": False, "prefix_excluded": prefix}}
@@ -506,13 +499,13 @@ def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None,
 
 
 def run_pictures(ctx: EvalContext, out_dir: str | Path = "pictures", n_show: int = 8, tsne_n: int = 1000) -> dict:
-    """PCA-of-patch-tokens, class-token attention and t-SNE pictures (:mod:`mimkit.viz.tokens`) of test
+    """PCA-of-patch-tokens, class-token attention and t-SNE pictures (:mod:`mimkit.eval.pictures`) of test
     images (t-SNE on ``tsne_n`` of them)."""
-    from mimkit.viz.tokens import save_token_pictures
+    from mimkit.eval.pictures import save_token_pictures
 
     x, y, info = ctx.data("test")
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.opts.seed))[:tsne_n].sort().values
-    pool = "cls" if getattr(ctx.encoder, "has_class_token", True) else "mean"
+    pool = "cls" if ctx.encoder.has_class_token else "mean"
     feats = ctx.features("test", pool, indices=idx)
     files = save_token_pictures(ctx.encoder, x[idx], y[idx], ctx.mean, ctx.std, out_dir, info.get("classes"), n_show,
                                 ctx.opts.seed, tsne_feats=feats)
@@ -534,7 +527,7 @@ PROTOCOLS = {
 def evaluate(encoder: torch.nn.Module, protocols=("knn",), opts: EvalOptions | None = None,
              protocol_kwargs: dict[str, dict] | None = None, **adapter_kw) -> dict:
     """Run ``protocols`` on an in-memory encoder (a mimkit or timm ViT, or any ``nn.Module`` through
-    :func:`mimkit.eval.adapters.wrap_encoder`, which takes ``adapter_kw`` such as ``num_prefix_tokens``,
+    :func:`mimkit.nn.adapters.wrap_encoder`, which takes ``adapter_kw`` such as ``num_prefix_tokens``,
     ``img_size``, ``in_chans``). Returns ``{protocol: result}`` plus ``"setup"``::
 
         res = evaluate(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False),

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.errors import DataError
+
 IGNORE = 255
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -94,7 +96,6 @@ def load_segmentation_folder(root: str | Path, split: str, size: int | tuple[int
     (``training``) or ``test`` (``validation``). Masks use 255 for ignored pixels (after ``reduce_zero_label``)."""
     from PIL import Image
 
-    from mimkit.data.errors import DataError
 
     root = Path(root)
     sub = {"train": "training", "test": "validation"}[split]
@@ -183,12 +184,12 @@ def patch_grid(encoder: nn.Module, images: torch.Tensor, mean, std, batch_size: 
                autocast_dtype="auto", show_progress: bool = False) -> torch.Tensor:
     """Frozen patch tokens as a float16 grid ``(N, D, gh, gw)`` (prefix tokens dropped; the encoder's patch
     grid, square for square images)."""
-    from mimkit.eval.adapters import token_grid
     from mimkit.eval.features import extract_features
+    from mimkit.nn.adapters import token_grid
 
     tokens = extract_features(encoder, images, pool="all", batch_size=batch_size, mean=mean, std=std, device=device,
                               autocast_dtype=autocast_dtype, show_progress=show_progress, out_dtype=torch.float16)
-    patches = tokens[:, int(getattr(encoder, "num_prefix_tokens", 1)):]
+    patches = tokens[:, encoder.num_prefix_tokens:]
     n, L, d = patches.shape
     gh, gw = token_grid(encoder, L, tuple(images.shape[-2:]))
     return patches.transpose(1, 2).reshape(n, d, gh, gw)
@@ -210,7 +211,6 @@ def segmentation_linear_probe(encoder: nn.Module, train_images, train_masks, tes
     bad = [int(v) for v in torch.unique(torch.cat([train_masks.flatten(), test_masks.flatten()]))
            if v != IGNORE and not 0 <= v < num_classes]
     if bad:
-        from mimkit.data.errors import DataError
 
         raise DataError(f"mask values {bad[:5]} are outside 0..{num_classes - 1} (and not 255); pass --num-classes "
                         "covering every class id (after reduce_zero_label)")

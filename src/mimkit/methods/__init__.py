@@ -11,9 +11,11 @@ from mimkit.methods.base import (
     Method,
     MethodOptions,
     ModelConfig,
+    PictureData,
     Progress,
     Reconstruction,
     StepOutput,
+    TargetCopy,
 )
 from mimkit.methods.cae import CAE, CAEOptions
 from mimkit.methods.cae_v2 import CAEv2, CAEv2Options
@@ -47,5 +49,5 @@ __all__ = [
     "METHODS", "PICTURES", "Capabilities", "Method", "Reconstruction", "build_method", "MAE", "MAEOptions", "EMAE",
     "EMAEOptions", "SBAM", "SBAMOptions", "LatentMIM", "LatentMIMOptions", "MixedAE", "MixedAEOptions", "CAE",
     "CAEOptions", "CAEv2", "CAEv2Options", "PCAE", "PCAEOptions", "DecoderConfig", "MethodOptions",
-    "ModelConfig", "Progress", "StepOutput",
+    "ModelConfig", "PictureData", "Progress", "StepOutput", "TargetCopy",
 ]

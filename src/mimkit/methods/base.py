@@ -10,10 +10,20 @@ A method is an ``nn.Module`` subclass of :class:`Method`::
     model.encoder                                         # the ViT that is evaluated and exported
     model.capabilities                                    # Capabilities(pictures, find_unused_parameters)
     model.reconstruct(images, plan)                       # Reconstruction, when "reconstruction" in pictures
+    model.picture_data(kind, images, generator)           # PictureData: the tensors of a declared picture
+    model.target_copies()                                 # TargetCopy per branch that starts as a copy
+    cls.offline_overrides, cls.smoke_overrides            # config overrides: no files / tiny shapes
 
 ``progress`` is :class:`Progress` (``None`` outside training: no schedules, warm starts off).
 Methods with extra knobs on ``forward`` (MAE's ``noise=`` to reproduce the official masking) take
 them as keyword-only arguments beside these.
+
+Everything outside ``methods/`` (the trainer, pictures, weight import, the bench, the tests that run
+every method) uses these names only: a method's own attributes (its group size, its teacher, its
+masking generator) stay inside its file. Pictures: a method computes the data (:meth:`picture_data`),
+:mod:`mimkit.viz` draws it. Weight import (:mod:`mimkit.init_from`) re-initialises the copies listed by
+:meth:`target_copies` from the loaded online weights. The bench and the tests build every method
+offline from its presets with :meth:`Method.preset_overrides`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from mimkit.masking import MaskPlan
 from mimkit.nn.vit import ViTConfig
 
 
@@ -51,7 +62,7 @@ class StepOutput:
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     pred: torch.Tensor | None = None
     target: torch.Tensor | None = None
-    plan: object | None = None
+    plan: MaskPlan | None = None
 
 
 @dataclass
@@ -87,11 +98,12 @@ class MethodOptions:
 
 
 PICTURES = ("reconstruction", "views", "salience", "mixing", "teacher_drops", "regressor")
-"""Picture kinds a method may declare (drawn by :mod:`mimkit.viz`): ``reconstruction`` (pixel
-predictions, :meth:`Method.reconstruct`), ``views`` (the mask plan: each view's visible part),
-``salience`` (SBAM's salience and the mask it chose), ``mixing`` (MixedAE's mixed input and unmixed
-reconstructions), ``teacher_drops`` (PCAE's retained teacher tokens per stage), ``regressor`` (CAE's
-predicted vs aligned latents)."""
+"""Picture kinds a method may declare (drawn by :mod:`mimkit.viz` from :meth:`Method.picture_data`):
+``reconstruction`` (pixel predictions, :meth:`Method.reconstruct`), ``views`` (the mask plan: each view's
+visible part), ``salience`` (a salience-based masking's salience and the mask it chose), ``mixing``
+(several images mixed into one sequence and each one's reconstruction), ``teacher_drops`` (the teacher
+tokens retained after each drop stage), ``regressor`` (latent-regressor predictions vs their targets).
+What each kind's :class:`PictureData` holds is listed there."""
 
 
 @dataclass(frozen=True)
@@ -115,32 +127,94 @@ class Capabilities:
 @dataclass
 class Reconstruction:
     """Pixel predictions for pictures, first view of each image: ``pred (B, L, P)`` in grid order and
-    in target space (per-patch normalized when ``norm_pix``), ``mask (B, L)`` 1 = predicted (hidden
+    in target space (per-patch normalized when ``norm_target``), ``mask (B, L)`` 1 = predicted (hidden
     from the encoder), ``plan`` the plan used."""
 
     pred: torch.Tensor
     mask: torch.Tensor
-    norm_pix: bool
-    plan: object | None = None
+    norm_target: bool
+    plan: MaskPlan | None = None
+
+
+@dataclass
+class PictureData:
+    """The tensors of one picture, from :meth:`Method.picture_data`; :mod:`mimkit.viz` draws them and
+    reads nothing else of the method (only ``model.encoder``'s patch geometry).
+
+    ``images (B, C, H, W)``: the normalized inputs the picture shows (the method may show fewer than it
+    was given); ``plan``: the mask plan drawn for them. Per kind of :data:`PICTURES`:
+
+    * ``reconstruction``: ``reconstruction`` (:meth:`Method.reconstruct` on ``images`` and ``plan``).
+    * ``views``: the plan alone (each view's visible part).
+    * ``salience``: ``maps["salience"] (B, L)`` in [0, 1]; the chosen mask is ``plan.mask``.
+    * ``mixing``: ``images`` one group of ``G`` images mixed into one sequence, ``reconstruction`` each
+      image decoded from its own tokens, ``maps["mixed"] (1, C, H, W)`` the mixed input in pixel space and
+      ``maps["owner"] (G, L)`` the image (0..G-1) that owns each position.
+    * ``teacher_drops``: ``stages``: ``(title, ids (B, k))`` per stage, the grid ids of the tokens the
+      teacher holds (its input, then after each drop stage).
+    * ``regressor``: ``maps["cos"] (B, L)`` the cosine between prediction and target at the masked
+      patches (NaN at visible ones) and a ``title``.
+    """
+
+    images: torch.Tensor
+    plan: MaskPlan
+    reconstruction: Reconstruction | None = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    stages: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetCopy:
+    """A target branch that starts as a copy of online modules (an EMA teacher; Latent MIM's ``separate``
+    target encoder): ``prefix`` is its state-dict prefix in the method (``"target.branch"``), ``branch``
+    the copy and ``online`` the modules it copies. A frozen teacher (its own weights) and a stop-gradient
+    arm (the online weights themselves) are not copies."""
+
+    prefix: str
+    branch: nn.Module
+    online: nn.Module
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Set the copy to the online modules' current weights (a copy that holds fewer blocks, e.g. a
+        shallower target encoder, takes the ones it has)."""
+        own = self.branch.state_dict()
+        online = self.online.state_dict()
+        self.branch.load_state_dict({k: online[k] for k in own})
 
 
 class Method(nn.Module):
     """Base class of every method (module docstring). Subclasses set ``options_class`` and implement
-    :meth:`make_plan` and :meth:`forward`; the rest has defaults."""
+    :meth:`make_plan` and :meth:`forward`; the rest has defaults.
+
+    ``offline_overrides``: config overrides (``key=value``) that let the method's presets train with no
+    file that only a prepared machine has (a tokenizer, a teacher checkpoint): stand-ins that exercise
+    the same code. ``smoke_overrides``: on top of those, what shrinks the method's own parts (projector
+    widths, a teacher's shape) when ``model.*`` is shrunk to a tiny ViT (smoke runs, tests). Both are
+    declared by the method; :meth:`preset_overrides` joins them."""
 
     options_class: ClassVar[type] = MethodOptions
+    offline_overrides: ClassVar[tuple[str, ...]] = ()
+    smoke_overrides: ClassVar[tuple[str, ...]] = ()
     encoder: nn.Module
+
+    @classmethod
+    def preset_overrides(cls, smoke: bool = False) -> list[str]:
+        """``offline_overrides`` (plus ``smoke_overrides`` when ``smoke``): apply after the preset and a
+        tiny ``model.*`` shape, before the caller's own overrides."""
+        return [*cls.offline_overrides, *(cls.smoke_overrides if smoke else ())]
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
     def make_plan(self, images: torch.Tensor, progress: Progress | None = None,
-                  generator: torch.Generator | None = None) -> object:
-        """The masking for ``images (B, C, H, W)`` (a :class:`~mimkit.masking.MaskPlan`)."""
+                  generator: torch.Generator | None = None) -> MaskPlan:
+        """The masking for ``images (B, C, H, W)``."""
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, progress: Progress | None = None, *, plan=None,
+    def forward(self, images: torch.Tensor, progress: Progress | None = None, *, plan: MaskPlan | None = None,
                 generator: torch.Generator | None = None) -> StepOutput:
         raise NotImplementedError
 
@@ -152,10 +226,35 @@ class Method(nn.Module):
         images per process (e.g. MixedAE needs a multiple of its group size). The trainer calls it
         before loading any data."""
 
-    def reconstruct(self, images: torch.Tensor, plan) -> Reconstruction:
+    def reconstruct(self, images: torch.Tensor, plan: MaskPlan) -> Reconstruction:
         """Pixel predictions for a reconstruction picture (methods declaring ``reconstruction``)."""
         raise NotImplementedError(f"{type(self).__name__} does not predict pixels; it draws "
                                   f"{', '.join(self.capabilities.pictures)}")
+
+    def picture_data(self, kind: str, images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> PictureData:
+        """The data of picture ``kind`` (one of ``capabilities.pictures``) for normalized ``images
+        (B, C, H, W)``, the mask drawn with ``generator`` (:class:`PictureData` says what each kind holds).
+        Call in eval mode under ``no_grad``. The base class gives ``views``, ``reconstruction`` and
+        ``salience`` from :meth:`make_plan` and :meth:`reconstruct`; a method declaring another kind
+        overrides this for it."""
+        pics = self.capabilities.pictures
+        if kind not in pics:
+            raise ValueError(f"{type(self).__name__} does not draw '{kind}' pictures; it draws: {', '.join(pics)}")
+        plan = self.make_plan(images, None, generator)
+        if kind == "views":
+            return PictureData(images, plan)
+        if kind == "reconstruction":
+            return PictureData(images, plan, reconstruction=self.reconstruct(images, plan))
+        if kind == "salience":
+            return PictureData(images, plan, maps={"salience": plan.scores})
+        raise NotImplementedError(f"{type(self).__name__} declares '{kind}' pictures but gives no data for them")
+
+    def target_copies(self) -> tuple[TargetCopy, ...]:
+        """The target branches that start as copies of online modules (EMA teachers), which
+        :mod:`mimkit.init_from` re-initialises from the loaded online weights when the file does not hold
+        them. Default: none (a frozen teacher and a stop-gradient arm are not copies)."""
+        return ()
 
 
 def draw_plan(masking, encoder, images: torch.Tensor | None = None, progress: Progress | None = None,

@@ -55,23 +55,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.codebook import FIT_COMMAND, Codebook
-from mimkit.masking import BlockOptions, MaskingOptions, MaskPlan, build_mask_generator, num_keep
+from mimkit.errors import ConfigError
+from mimkit.masking import BlockOptions, MaskingOptions, MaskPlan, build_mask_generator, resolve_num_keep
 from mimkit.methods.base import (
     Capabilities,
     Method,
     MethodOptions,
     ModelConfig,
+    PictureData,
     Progress,
     Reconstruction,
     StepOutput,
     draw_plan,
 )
 from mimkit.nn.cae import LatentRegressor, MaskedDecoder
+from mimkit.nn.codebook import FIT_COMMAND, Codebook
 from mimkit.nn.layers import init_mae_weights
 from mimkit.nn.patch import norm_pix, patchify
 from mimkit.nn.vit import ViTEncoder, gather_tokens
 from mimkit.targets import LatentTarget
+from mimkit.weights import read_codebook
+from mimkit.weights.read import load_torchscript
 
 TARGETS = ("pixel", "codebook", "tokenizer")
 MASKING_KINDS = ("block", "random")
@@ -88,7 +92,7 @@ class CAEOptions(MethodOptions):
     (``pixel`` needs no external file; the published DALL-E target is ``tokenizer``, its offline
     stand-in ``codebook``).
 
-    * ``target``: ``pixel`` | ``codebook`` | ``tokenizer``; ``norm_pix``: per-patch normalized pixels.
+    * ``target``: ``pixel`` | ``codebook`` | ``tokenizer``; ``norm_target``: per-patch normalized pixels (MAE's ``norm_pix_loss``).
     * ``codebook_path`` / ``codebook_size``: a file from ``python -m mimkit.codebook fit`` and its number
       of codes (must match the file).
     * ``tokenizer`` / ``tokenizer_vocab``: the user tokenizer and its vocabulary size.
@@ -100,7 +104,7 @@ class CAEOptions(MethodOptions):
 
     name: str = "cae"
     target: str = "pixel"
-    norm_pix: bool = True
+    norm_target: bool = True
     codebook_path: str | None = None
     codebook_size: int = 8192
     tokenizer: str | None = None
@@ -111,21 +115,15 @@ class CAEOptions(MethodOptions):
     masking: MaskingOptions = field(default_factory=cae_masking)
 
 
-def _config_error(msg: str) -> Exception:
-    from mimkit.config import ConfigError  # late import: mimkit.config imports the methods
-
-    return ConfigError(msg)
-
-
 def load_tokenizer(spec: str):
     """``"package.module:attr"`` (module instance, class, or function) or a TorchScript file -> callable."""
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".jit", ".ts") or path.is_file():
         if not path.is_file():
-            raise _config_error(f"tokenizer file {path} not found (method.tokenizer)")
-        return torch.jit.load(str(path), map_location="cpu").eval()
+            raise ConfigError(f"tokenizer file {path} not found (method.tokenizer)")
+        return load_torchscript(path, "tokenizer file (method.tokenizer)").eval()
     if ":" not in spec:
-        raise _config_error(f"method.tokenizer={spec!r}: give 'package.module:attr' or a TorchScript file")
+        raise ConfigError(f"method.tokenizer={spec!r}: give 'package.module:attr' or a TorchScript file")
     mod, attr = spec.split(":", 1)
     obj = getattr(importlib.import_module(mod), attr)
     tok = obj() if isinstance(obj, type) else obj
@@ -154,22 +152,34 @@ def encoder_projection(dim: int, width: int, eps: float = 1e-6) -> nn.Module:
     return nn.Identity() if dim == width else nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width, eps=eps))
 
 
-def check_masking(masking: MaskingOptions, length: int, name: str, count: int | None = None) -> None:
-    """``masking.kind`` must be block or random, with at least one visible and one masked patch."""
+def check_masking(masking: MaskingOptions, length: int, name: str, num_keep: int | None = None) -> None:
+    """``masking.kind`` must be block or random, with at least one visible and one masked patch
+    (``num_keep``: a visible count that wins over ``masking``'s)."""
     if masking.kind not in MASKING_KINDS:
         raise ValueError(f"{name} takes method.masking.kind block or random, got {masking.kind!r}")
-    n = num_keep(length, masking.ratio, count if count is not None else masking.num_keep)
+    n = resolve_num_keep(length, masking.ratio, num_keep if num_keep is not None else masking.num_keep)
     if not 1 <= n < length:
         raise ValueError(f"{name} needs visible and masked patches; method.masking keeps {n} of {length}")
+
+
+@torch.no_grad()
+def regressor_picture_data(method: Method, images: torch.Tensor, generator: torch.Generator | None) -> PictureData:
+    """The ``regressor`` picture of CAE and CAE v2: a mask from ``method.make_plan`` and the method's
+    ``alignment_map`` (cosine of prediction and target per masked patch, NaN at visible ones)."""
+    plan = method.make_plan(images, None, generator)
+    return PictureData(images, plan, maps={"cos": method.alignment_map(images, plan)},
+                       title=f"{type(method).__name__}: regressor prediction vs target at masked patches")
 
 
 class CAE(Method):
     """``encoder`` F (:class:`ViTEncoder`), ``proj``, ``regressor`` H (:class:`LatentRegressor`, final LN),
     ``decoder`` G (:class:`MaskedDecoder`), ``align_target`` (the stop-gradient arm of
     :class:`~mimkit.targets.LatentTarget` over ``encoder`` + ``proj``) and, for ``target=codebook``,
-    ``codebook`` (:class:`~mimkit.codebook.Codebook`, its centroids saved with the model)."""
+    ``codebook`` (:class:`~mimkit.nn.codebook.Codebook`, its centroids saved with the model)."""
 
     options_class = CAEOptions
+    # a codebook / tokenizer target needs its file: pixels run the same encoder, regressor and decoder
+    offline_overrides = ("method.target=pixel",)
 
     def __init__(self, model: ModelConfig | None = None, options: CAEOptions | None = None):
         super().__init__()
@@ -217,9 +227,9 @@ class CAE(Method):
         path = Path(o.codebook_path)
         if not path.is_file():
             if must_exist:
-                raise _config_error(f"codebook {path} not found; fit it with: {self.fit_command()}")
+                raise ConfigError(f"codebook {path} not found; fit it with: {self.fit_command()}")
             return False
-        book = Codebook.load(path)
+        book = read_codebook(path)
         want = tuple(self.codebook.centroids.shape)
         if book.size != o.codebook_size:
             raise ValueError(f"codebook {path} has {book.size} codes; set method.codebook_size={book.size}")
@@ -280,7 +290,7 @@ class CAE(Method):
         o = self.options
         if o.target == "pixel":
             px = patchify(images.float(), self.encoder.patch_size)
-            return norm_pix(px) if o.norm_pix else px
+            return norm_pix(px) if o.norm_target else px
         if o.target == "codebook":
             if not self._codebook_ready:
                 self._codebook_ready = self._read_codebook(must_exist=True)
@@ -340,6 +350,13 @@ class CAE(Method):
         out = torch.full(plan.mask.shape, float("nan"), device=images.device)
         return out.scatter_(1, lat["ids_m"], cos)
 
+    def picture_data(self, kind: str, images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> PictureData:
+        """``regressor``: :func:`regressor_picture_data`; the rest as the base class."""
+        if kind == "regressor":
+            return regressor_picture_data(self, images, generator)
+        return super().picture_data(kind, images, generator)
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, plan: MaskPlan) -> Reconstruction:
         """Decoder pixels at the masked patches, the (normalized) input patches at the visible ones."""
@@ -350,4 +367,4 @@ class CAE(Method):
         pred = self.decoder(lat["z_m"], self.regressor.positions(ids_m)).float()
         full = self.targets(images).clone()
         full.scatter_(1, ids_m[..., None].expand(-1, -1, full.shape[-1]), pred)
-        return Reconstruction(full, plan.mask.float(), self.options.norm_pix, plan)
+        return Reconstruction(full, plan.mask.float(), self.options.norm_target, plan)

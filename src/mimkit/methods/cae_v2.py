@@ -40,10 +40,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mimkit.errors import ConfigError
 from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator
-from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, StepOutput, draw_plan
-from mimkit.methods.cae import MASKING_KINDS, _config_error, cae_init, cae_masking, check_masking, encoder_projection
+from mimkit.methods.base import (
+    Capabilities,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    PictureData,
+    Progress,
+    StepOutput,
+    draw_plan,
+)
+from mimkit.methods.cae import (
+    MASKING_KINDS,
+    cae_init,
+    cae_masking,
+    check_masking,
+    encoder_projection,
+    regressor_picture_data,
+)
 from mimkit.nn.cae import CAEv2Head, LatentRegressor
+from mimkit.nn.clip import teacher_encoder_from_spec
 from mimkit.nn.vit import ViTConfig, ViTEncoder, gather_tokens
 from mimkit.targets import FrozenTeacher
 
@@ -113,8 +131,6 @@ def _teacher_spec(teacher: FrozenTeacher | None) -> dict | None:
 def _teacher_from_spec(spec: dict, norm: bool) -> FrozenTeacher:
     if spec["kind"] == "vit":
         return FrozenTeacher(ViTEncoder(ViTConfig(**spec["config"])), norm=norm)
-    from mimkit.targets import teacher_encoder_from_spec  # other kinds (e.g. CLIP) live with their loader
-
     return FrozenTeacher(teacher_encoder_from_spec(spec), norm=norm)
 
 
@@ -127,6 +143,13 @@ class CAEv2(Method):
     and the frozen ``teacher`` (:class:`~mimkit.targets.FrozenTeacher`)."""
 
     options_class = CAEv2Options
+    # no teacher file offline: a random frozen teacher (plumbing only; it teaches nothing) of the preset's
+    # shape, and for smoke runs a tiny one (3 channels: grey images are repeated; any size: resized)
+    offline_overrides = ("method.teacher_path=null", "method.teacher_random_init=true")
+    smoke_overrides = (
+        "method.teacher_vit.img_size=28", "method.teacher_vit.patch_size=4", "method.teacher_vit.in_chans=3",
+        "method.teacher_vit.embed_dim=16", "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2",
+    )
 
     def __init__(self, model: ModelConfig | None = None, options: CAEv2Options | None = None):
         super().__init__()
@@ -144,14 +167,14 @@ class CAEv2(Method):
         self.encoder = enc = ViTEncoder(model.encoder)
         size = SIZE_BY_WIDTH.get(enc.embed_dim, "none") if o.size_preset == "auto" else o.size_preset
         self.size = size
-        count = o.masking.num_keep
+        num_keep = o.masking.num_keep
         if size != "none":
             if o.masking.num_keep is not None:
                 raise ValueError(f"method.size_preset={o.size_preset} sets the masked count; set "
                                  "method.size_preset=none to use method.masking.num_keep")
-            count = size_num_keep(enc.num_patches, size)
-        check_masking(o.masking, enc.num_patches, "cae_v2", count)
-        mask_opts = MaskingOptions(**{**o.masking.__dict__, "num_keep": count})
+            num_keep = size_num_keep(enc.num_patches, size)
+        check_masking(o.masking, enc.num_patches, "cae_v2", num_keep)
+        mask_opts = MaskingOptions(**{**o.masking.__dict__, "num_keep": num_keep})
         self.masking = build_mask_generator(mask_opts)
         d = model.decoder
         self.proj = encoder_projection(enc.embed_dim, d.embed_dim, model.encoder.norm_eps)
@@ -185,7 +208,7 @@ class CAEv2(Method):
 
     def _require_teacher(self) -> FrozenTeacher:
         if not self._teacher_ready:
-            raise _config_error(f"teacher file {self.options.teacher_path} not found; make it with: {TEACHER_COMMAND}")
+            raise ConfigError(f"teacher file {self.options.teacher_path} not found; make it with: {TEACHER_COMMAND}")
         return self.teacher
 
     def get_extra_state(self) -> dict:
@@ -217,7 +240,7 @@ class CAEv2(Method):
 
             x = (x * col(o.data_std) + col(o.data_mean) - col(o.teacher_mean)) / col(o.teacher_std)
         enc = self.teacher.encoder
-        c = int(getattr(enc, "in_chans", x.shape[1]))
+        c = enc.in_chans
         if c != x.shape[1] and x.shape[1] == 1:
             x = x.expand(-1, c, -1, -1)
         size = (int(enc.grid_size[0] * enc.patch_size), int(enc.grid_size[1] * enc.patch_size))
@@ -269,7 +292,7 @@ class CAEv2(Method):
         target = self.teacher_targets(images, plan.ids_keep, plan.ids_masked())
         pred = self.predict(images, plan)
         cos = (pred * target).sum(-1)  # (B, 1+n+m)
-        n = plan.n_keep
+        n = plan.num_keep
         w = self.token_weights(n, cos.shape[1] - 1 - n, cos.device)
         loss = ((1 - cos) * w).sum() / (w.sum() * cos.shape[0])
         c = cos.detach()
@@ -283,4 +306,11 @@ class CAEv2(Method):
         ids_m = plan.ids_masked()
         cos = (self.predict(images, plan) * self.teacher_targets(images, plan.ids_keep, ids_m)).sum(-1)
         out = torch.full(plan.mask.shape, float("nan"), device=images.device)
-        return out.scatter_(1, ids_m, cos[:, 1 + plan.n_keep :])
+        return out.scatter_(1, ids_m, cos[:, 1 + plan.num_keep :])
+
+    def picture_data(self, kind: str, images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> PictureData:
+        """``regressor``: :func:`~mimkit.methods.cae.regressor_picture_data`; the rest as the base class."""
+        if kind == "regressor":
+            return regressor_picture_data(self, images, generator)
+        return super().picture_data(kind, images, generator)

@@ -35,7 +35,7 @@ have size ``G*(p+gap)`` are used as they are. The same encoder evaluates at gap 
 images: its conv patch embedding equals the Linear on pre-cut patches used here.
 
 Masking goes through the shared generators (``method.masking``, :mod:`mimkit.masking`): uniform
-random by default with the visible count of :func:`mimkit.masking.num_keep` (the presets set
+random by default with the visible count of :func:`mimkit.masking.resolve_num_keep` (the presets set
 ``num_keep`` to the official ``num_vis``: 20 of 196, 5 of 49), ``block``, or ``sbam`` (salience of the
 layer-0 tokens of the gapped patches the encoder sees; ``sbam.amr_mode=sample`` is refused because
 PatchDisc needs the same target count in every image).
@@ -55,8 +55,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.losses import average_patch_similarity, latent_regression, patch_disc, similarity_regularizer
-from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator, num_keep
-from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, StepOutput, draw_plan
+from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator, resolve_num_keep
+from mimkit.methods.base import (
+    Capabilities,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    Progress,
+    StepOutput,
+    TargetCopy,
+    draw_plan,
+)
 from mimkit.nn.cross_decoder import DECODERS, build_latent_decoder
 from mimkit.nn.patch import gapped_patchify
 from mimkit.nn.projector import MLPProjector
@@ -136,6 +145,8 @@ class LatentMIM(Method):
     ``separate`` it holds the copy)."""
 
     options_class = LatentMIMOptions
+    # the projector's 4096-wide hidden layer dwarfs a tiny encoder
+    smoke_overrides = ("method.projector.hidden_dim=64",)
 
     def __init__(self, model: ModelConfig | None = None, options: LatentMIMOptions | None = None):
         super().__init__()
@@ -159,7 +170,7 @@ class LatentMIM(Method):
             raise ValueError("target_depth needs a separate target encoder (target=ema or separate)")
         self.masking = build_mask_generator(opts.masking)
         if opts.masking.kind == "random":
-            n = num_keep(self.encoder.num_patches, opts.masking.ratio, opts.masking.num_keep)
+            n = resolve_num_keep(self.encoder.num_patches, opts.masking.ratio, opts.masking.num_keep)
             if n >= self.encoder.num_patches:
                 raise ValueError(f"latent_mim needs at least one target; method.masking keeps all {n} tokens")
         self.projector = build_projector(dim, opts.projector)
@@ -295,3 +306,10 @@ class LatentMIM(Method):
     def after_step(self, progress: Progress) -> None:
         """EMA update of the target branch (``target=ema``), once per optimizer step (module doc)."""
         self.target.update(progress)
+
+    def target_copies(self) -> tuple[TargetCopy, ...]:
+        """The target encoder + projector of ``target=ema`` / ``separate`` (``target.branch``), a copy of
+        the online ones (its first ``target_depth`` blocks); none for ``naive`` / ``stopgrad``."""
+        if self.target.branch is None:
+            return ()
+        return (TargetCopy("target.branch", self.target.branch, self.target.online),)

@@ -37,10 +37,10 @@ from mimkit.targets import PixelTarget
 
 @dataclass
 class MAEOptions(MethodOptions):
-    """MAE knobs. ``norm_pix_loss`` is on in every published MAE run (off in argparse only)."""
+    """MAE knobs. ``norm_target`` (per-patch normalized pixel targets: the official code's ``norm_pix_loss``) is on in every published MAE run (off in argparse only)."""
 
     name: str = "mae"
-    norm_pix_loss: bool = True
+    norm_target: bool = True
     masking: MaskingOptions = field(default_factory=MaskingOptions)
 
 
@@ -60,7 +60,7 @@ class MAE(Method):
             enc.embed_dim, enc.grid_size, enc.patch_size**2 * enc.in_chans, d.embed_dim, d.depth, d.num_heads, d.mlp_ratio
         )
         self.masking = build_mask_generator(self.options.masking)
-        self.target = PixelTarget(enc.patch_size, self.options.norm_pix_loss)
+        self.target = PixelTarget(enc.patch_size, self.options.norm_target)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -120,4 +120,4 @@ class MAE(Method):
     def reconstruct(self, images: torch.Tensor, plan: MaskPlan) -> Reconstruction:
         out = self(images, plan=plan)
         v = plan.num_views
-        return Reconstruction(out.pred[::v].float(), plan.mask[::v].float(), self.options.norm_pix_loss, plan)
+        return Reconstruction(out.pred[::v].float(), plan.mask[::v].float(), self.options.norm_target, plan)

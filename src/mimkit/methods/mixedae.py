@@ -78,8 +78,18 @@ from torch import nn
 
 from mimkit.losses import homologous_contrastive, masked_mse
 from mimkit.masking import MaskPlan, PartitionMasking
-from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, Reconstruction, StepOutput
+from mimkit.methods.base import (
+    Capabilities,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    PictureData,
+    Progress,
+    Reconstruction,
+    StepOutput,
+)
 from mimkit.nn.decoder import MAEDecoder
+from mimkit.nn.patch import patchify, unpatchify
 from mimkit.nn.projector import MLPProjector
 from mimkit.nn.vit import ViTEncoder, gather_tokens
 from mimkit.targets import PixelTarget
@@ -102,12 +112,12 @@ class MixedAEOptions(MethodOptions):
     * ``pixel_weight``: weight of the reconstruction loss (1; 0 = contrastive only).
     * ``segment_embed``: ``encoder`` [PROPOSAL] | ``decoder`` | ``none``.
     * ``decoder_cls``: give every decoder sequence the group's cls latent (true [PROPOSAL]).
-    * ``norm_pix_loss``: per-patch normalized pixel targets (MAE's, on).
+    * ``norm_target``: per-patch normalized pixel targets (MAE's ``norm_pix_loss``, on).
     * ``log_recognition``: log ``recognition_acc`` in training (needs the attention probabilities).
     """
 
     name: str = "mixedae"
-    norm_pix_loss: bool = True
+    norm_target: bool = True
     group_size: int = 4
     partition_strict: bool = False
     homologous_attention: bool = True
@@ -142,6 +152,21 @@ def unmix(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of :func:`mix`: ``(B/G, G*n, D)`` -> ``(B, n, D)``, each image's own tokens."""
     s, gn, d = x.shape
     return x.reshape(s * group_size, gn // group_size, d)
+
+
+def mixed_images(images: torch.Tensor, source: torch.Tensor, patch_size: int, group_size: int) -> torch.Tensor:
+    """The mixed inputs in pixel space: ``images (B, C, H, W)`` normalized, ``source (B, L)`` (the plan's
+    owner of each position, equal within a group) -> ``(B/G, C, H, W)``, patch ``l`` of group ``g``
+    taken from image ``g*G + source[g*G, l]``."""
+    b, c = images.shape[:2]
+    g = group_size
+    px = patchify(images.float(), patch_size)  # (B, L, P)
+    length, p = px.shape[1:]
+    px = px.view(b // g, g, length, p)
+    src = source[::g]  # (B/G, L)
+    mixed = torch.gather(px, 1, src[:, None, :, None].expand(-1, 1, -1, p)).squeeze(1)
+    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    return unpatchify(mixed, patch_size, c, grid)
 
 
 @torch.no_grad()
@@ -218,7 +243,7 @@ class MixedAE(Method):
         self.projector = (MLPProjector(enc.embed_dim, enc.embed_dim, enc.embed_dim, depth=2, out_norm=False)
                           if o.projector == "mlp" else nn.Identity())
         self.masking = PartitionMasking(g, strict=o.partition_strict)
-        self.target = PixelTarget(enc.patch_size, o.norm_pix_loss)
+        self.target = PixelTarget(enc.patch_size, o.norm_target)
 
     # -- contract ---------------------------------------------------------------------------------
     @property
@@ -340,4 +365,22 @@ class MixedAE(Method):
         """Each image decoded from its own tokens of the mixed sequence (per-image decoding), with the
         encoder's TopK attention on as in training."""
         out = self(images, plan=plan, homologous=True)
-        return Reconstruction(out.pred.float(), plan.mask.float(), self.options.norm_pix_loss, plan)
+        return Reconstruction(out.pred.float(), plan.mask.float(), self.options.norm_target, plan)
+
+    @torch.no_grad()
+    def picture_data(self, kind: str, images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> PictureData:
+        """``mixing``: the first group of ``images`` (``B >= G``) mixed by :meth:`make_plan` with
+        ``generator``, the mixed input in pixel space, the owner of each position and each image's
+        reconstruction (:meth:`reconstruct`); the rest as the base class."""
+        if kind != "mixing":
+            return super().picture_data(kind, images, generator)
+        g = self.group_size
+        if images.shape[0] < g:
+            raise ValueError(f"the mixing picture needs at least {g} images (one group of method.group_size), "
+                             f"got {images.shape[0]}")
+        x = images[:g]
+        plan = self.make_plan(x, None, generator)
+        rec = self.reconstruct(x, plan)
+        mixed = mixed_images(x, plan.source, self.encoder.patch_size, g)
+        return PictureData(x, plan, reconstruction=rec, maps={"mixed": mixed, "owner": plan.source})

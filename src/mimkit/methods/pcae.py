@@ -68,8 +68,18 @@ import torch.nn.functional as F
 
 from mimkit.flops import FlopCache
 from mimkit.losses import average_patch_similarity
-from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator, num_keep
-from mimkit.methods.base import Capabilities, Method, MethodOptions, ModelConfig, Progress, StepOutput, draw_plan
+from mimkit.masking import MaskingOptions, MaskPlan, build_mask_generator, resolve_num_keep
+from mimkit.methods.base import (
+    Capabilities,
+    Method,
+    MethodOptions,
+    ModelConfig,
+    PictureData,
+    Progress,
+    StepOutput,
+    TargetCopy,
+    draw_plan,
+)
 from mimkit.nn.cross_decoder import SelfAttnLatentDecoder
 from mimkit.nn.layers import DropPath
 from mimkit.nn.vit import ViTEncoder, gather_tokens
@@ -151,6 +161,20 @@ class TeacherOutput:
     counts: list[int]
 
 
+class _StageRecorder:
+    """Wraps a :class:`~mimkit.targets.TokenDropper`; records the grid ids kept after each drop stage."""
+
+    def __init__(self, dropper: TokenDropper):
+        self.dropper = dropper
+        self.stage_ids: list[torch.Tensor] = []
+
+    def __call__(self, i, x, ids):
+        res = self.dropper(i, x, ids)
+        if i in self.dropper.after_blocks:
+            self.stage_ids.append(ids if res is None else res[1])
+        return res
+
+
 class PCAE(Method):
     """``encoder`` (student ViT, exported), ``decoder`` (:class:`SelfAttnLatentDecoder`, output width D)
     and ``target`` (:class:`~mimkit.targets.LatentTarget` ``ema`` over the encoder: the teacher)."""
@@ -175,7 +199,7 @@ class PCAE(Method):
         self.after_blocks = tuple(sorted(blocks))
         self.encoder = ViTEncoder(model.encoder)
         length = self.encoder.num_patches
-        if length - num_keep(length, o.masking.ratio, o.masking.num_keep) < 1:
+        if length - resolve_num_keep(length, o.masking.ratio, o.masking.num_keep) < 1:
             raise ValueError("pcae needs masked patches for the teacher; lower method.masking.num_keep")
         self.masking = build_mask_generator(o.masking)
         dim, d = self.encoder.embed_dim, model.decoder
@@ -264,3 +288,29 @@ class PCAE(Method):
     def after_step(self, progress: Progress) -> None:
         """EMA update of the teacher, once per optimizer step (:class:`~mimkit.targets.LatentTarget`)."""
         self.target.update(progress)
+
+    def target_copies(self) -> tuple[TargetCopy, ...]:
+        """The EMA teacher (``target.branch``), a copy of the encoder."""
+        return (TargetCopy("target.branch", self.target.branch, self.target.online),)
+
+    # -- pictures -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def picture_data(self, kind: str, images: torch.Tensor,
+                     generator: torch.Generator | None = None) -> PictureData:
+        """``teacher_drops``: the teacher's input (the masked patches) and the ids it keeps after each
+        drop stage (``generator`` draws the mask, then the random drop); the rest as the base class."""
+        if kind != "teacher_drops":
+            return super().picture_data(kind, images, generator)
+        plan = self.make_plan(images, None, generator)
+        rec: list[_StageRecorder] = []
+
+        def select(dropper):
+            rec.append(_StageRecorder(dropper))
+            return rec[0]
+
+        masked_ids = plan.ids_masked()
+        self.encode_teacher(images, masked_ids, generator, select=select)
+        stages = [(f"teacher in ({masked_ids.shape[1]})", masked_ids)]
+        stages += [(f"after block {blk} ({ids.shape[1]})", ids)
+                   for blk, ids in zip(self.after_blocks, rec[0].stage_ids)]
+        return PictureData(images, plan, stages=stages)

@@ -5,8 +5,10 @@ Every protocol asks an encoder for ``forward_features(images, norm=True, block=N
 attributes: ``num_prefix_tokens``, ``has_class_token``, ``embed_dim``, ``num_heads``, ``img_size``
 (a side, or ``(H, W)`` for a rectangle; ``img_hw`` is always the pair), ``in_chans``, ``patch_size``
 and, for encoders whose last normalisation comes *after* pooling (timm's ``fc_norm``, MAE's fine-tuned
-models), ``pool_norm``. :class:`mimkit.nn.ViTEncoder` has them (one
-class token, final LayerNorm on the tokens). :func:`wrap_encoder` adapts the rest:
+models), ``pool_norm`` (``None`` otherwise); ``grid_size`` and ``patch_size`` are ``None`` when the
+encoder does not say. :class:`mimkit.nn.ViTEncoder` has them (one class token, final LayerNorm on the
+tokens: ``num_prefix_tokens = 1``, ``has_class_token = True``, ``pool_norm = None``).
+:func:`wrap_encoder` adapts the rest, and evaluation reads these attributes without defaults:
 
 * :class:`TimmEncoder` — a timm ``VisionTransformer`` of any family (plain, CLIP-style with a pre-norm,
   DINOv2 with register tokens, distilled DeiT, no class token with global average pooling and
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mimkit.errors import ConfigError
 
 
 def _hw(size) -> tuple[int, int] | None:
@@ -118,6 +122,8 @@ class ModuleEncoder(nn.Module):
         self.in_chans = int(in_chans or getattr(module, "in_chans", 3))
         self.num_heads = int(num_heads or getattr(module, "num_heads", 1))
         self.pool_norm = None
+        self.grid_size: tuple[int, int] | None = None  # a module's token grid is not known: from the images
+        self.patch_size: int | None = None
         self.source_config = None
         self._embed_dim = getattr(module, "embed_dim", None)
 
@@ -132,7 +138,6 @@ class ModuleEncoder(nn.Module):
 
     def forward_features(self, images: torch.Tensor, norm: bool = True, block: int | None = None) -> torch.Tensor:
         if block is not None or not norm:
-            from mimkit.config import ConfigError
 
             raise ConfigError("--block / --no-norm need an encoder that exposes its blocks (a mimkit or timm ViT); "
                               "this nn.Module only gives its final output")
@@ -164,15 +169,9 @@ def wrap_encoder(encoder: nn.Module, **kw) -> nn.Module:
 
 
 def encoder_img_hw(encoder: nn.Module) -> tuple[int, int]:
-    """The input ``(H, W)`` the encoder expects (a mimkit ``ViTEncoder``: its patch grid times the patch
-    size; a wrapper: its ``img_hw`` / ``img_size``)."""
-    grid, p = getattr(encoder, "grid_size", None), getattr(encoder, "patch_size", None)
-    if hasattr(encoder, "cfg") and grid is not None and p:
-        return int(grid[0]) * int(p), int(grid[1]) * int(p)
-    hw = _hw(getattr(encoder, "img_hw", None)) or _hw(getattr(encoder, "img_size", None))
-    if hw is not None:
-        return hw
-    return int(grid[0]) * int(p), int(grid[1]) * int(p)
+    """The input ``(H, W)`` the encoder expects: its ``img_hw`` (a mimkit ``ViTEncoder``: its patch grid
+    times the patch size; a wrapper: the input it was built or told for)."""
+    return _hw(encoder.img_hw)
 
 
 def encoder_img_size(encoder: nn.Module) -> int | tuple[int, int]:
@@ -199,10 +198,9 @@ def token_grid(encoder: nn.Module, num_patches: int, image_hw: tuple[int, int]) 
 def check_input_size(encoder: nn.Module, image_hw: tuple[int, int], in_chans: int) -> None:
     """A one-line :class:`~mimkit.config.ConfigError` when ``encoder`` cannot take ``image_hw`` images:
     checked against its patch grid when it has one (mimkit, timm), else by encoding one blank image."""
-    from mimkit.config import ConfigError
 
     h, w = image_hw
-    grid, p = getattr(encoder, "grid_size", None), getattr(encoder, "patch_size", None)
+    grid, p = encoder.grid_size, encoder.patch_size
     if grid is not None and p:
         gh, gw = int(grid[0]), int(grid[1])
         if h % int(p) or w % int(p) or (h // int(p), w // int(p)) != (gh, gw):
@@ -226,6 +224,5 @@ def check_input_size(encoder: nn.Module, image_hw: tuple[int, int], in_chans: in
 
 
 def encoder_in_chans(encoder: nn.Module) -> int:
-    if getattr(encoder, "in_chans", None) is not None:
-        return int(encoder.in_chans)
-    return int(encoder.patch_embed.proj.in_channels)
+    """The channel count the encoder takes (``in_chans``)."""
+    return int(encoder.in_chans)

@@ -82,6 +82,12 @@ class PatchEmbed(nn.Module):
 class ViTEncoder(nn.Module):
     """ViT encoder with a cls token and fixed sin-cos positions.
 
+    Besides its shape (``img_hw``, ``grid_size``, ``num_patches``, ``patch_size``, ``in_chans``,
+    ``embed_dim``, ``num_heads``) it has the attributes evaluation reads from every encoder, with the
+    meaning of :mod:`mimkit.nn.adapters`' wrappers (and timm's ``VisionTransformer``):
+    ``num_prefix_tokens = 1`` (the class token before the patch tokens), ``has_class_token = True`` and
+    ``pool_norm = None`` (its final LayerNorm is on the tokens, none after pooling).
+
     Typical use::
 
         tokens = enc.patch_tokens(images)            # (B, L, D), positions added
@@ -102,6 +108,9 @@ class ViTEncoder(nn.Module):
         self.num_heads = cfg.num_heads
         self.patch_size = cfg.patch_size
         self.in_chans = cfg.in_chans
+        self.num_prefix_tokens = 1
+        self.has_class_token = True
+        self.pool_norm: nn.Module | None = None
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         pos = sincos_2d(cfg.embed_dim, *self.grid_size, cls_token=True)[None]

@@ -1,14 +1,19 @@
-"""Build the training loader and the kNN evaluation arrays from a :class:`~mimkit.config.Config`."""
+"""Build the training loader and the kNN evaluation arrays from a :class:`~mimkit.config.Config`.
+
+The loader is any :class:`~mimkit.data.spec.Loader`, made from one :class:`~mimkit.data.spec.LoaderSpec`
+(:func:`loader_spec`) whatever the source (in memory, an image folder, shards)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from mimkit.config import Config, ConfigError
 from mimkit.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader
-from mimkit.data.errors import DataError
+from mimkit.data.spec import Batch, Loader, LoaderSpec
+from mimkit.errors import DataError
 from mimkit.nn.vit import image_hw
 from mimkit.train.distributed import DistInfo
 
@@ -17,7 +22,7 @@ from mimkit.train.distributed import DistInfo
 class TrainData:
     """What the loop needs from a data set: a batch loader and, for kNN/pictures, raw uint8 arrays."""
 
-    loader: object
+    loader: Loader
     in_chans: int
     mean: tuple
     std: tuple
@@ -33,12 +38,33 @@ class TrainData:
         seen: dict[str, None] = {}
         ds = self.dataset
         if ds is not None:
-            seen.update(dict.fromkeys(getattr(ds, "skipped", ())))
-            folder = getattr(ds, "folder", None)
-            if folder is not None:
-                seen.update(dict.fromkeys(str(p) for p in folder.bad_files))
-        seen.update(getattr(self.loader, "skipped", {}))
+            seen.update(dict.fromkeys(ds.skipped))
+            if ds.folder is not None:
+                seen.update(dict.fromkeys(str(p) for p in ds.folder.bad_files))
+        seen.update(self.loader.skipped)
         return sorted(seen)
+
+    def batches(self, first: int, usable: int) -> Iterator[Batch]:
+        """Batches from the ``first``-th (counted over epochs) on, without end: the first ``usable``
+        batches of each epoch (those that fill whole optimizer steps), epoch after epoch."""
+        per_epoch = len(self.loader)
+        epoch, start = divmod(first, per_epoch)
+        while True:
+            if start < usable:
+                for i, batch in enumerate(self.loader.iter_from(epoch, start)):
+                    if start + i >= usable:
+                        break
+                    yield batch
+            epoch += 1
+            start = 0
+
+
+def loader_spec(cfg: Config, info: DistInfo, mean: tuple | None = None, std: tuple | None = None) -> LoaderSpec:
+    """The loader settings of ``cfg`` for this process (``mean``/``std``: the data set's)."""
+    d, enc = cfg.data, cfg.model.encoder
+    return LoaderSpec(batch_size=d.batch_size, mean=mean, std=std, out_size=enc.img_size, augment=d.augment,
+                      scale=tuple(d.crop_scale), num_workers=d.num_workers, device=info.device, seed=cfg.train.seed,
+                      rank=info.rank, world_size=info.world_size, drop_last=True, skip_corrupt=d.skip_corrupt)
 
 
 def build_shard_data(cfg: Config, info: DistInfo) -> TrainData:
@@ -56,10 +82,7 @@ def build_shard_data(cfg: Config, info: DistInfo) -> TrainData:
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if index.in_chans == 3 else ((0.5,), (0.5,))
     mean, std = tuple(d.mean or default_mean), tuple(d.std or default_std)
     try:
-        loader = ShardLoader(index, d.batch_size, out_size=enc.img_size, mean=mean, std=std, augment=d.augment,
-                             scale=tuple(d.crop_scale), shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
-                             device=info.device, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                             skip_corrupt=d.skip_corrupt)
+        loader = ShardLoader(index, spec=loader_spec(cfg, info, mean, std), shuffle_buffer=d.shuffle_buffer)
     except ValueError as e:
         raise ConfigError(f"shards {d.dataset}: {e} (x {info.world_size} process(es)); lower data.batch_size") from e
     return TrainData(loader=loader, in_chans=index.in_chans, mean=mean, std=std)
@@ -81,11 +104,7 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
             f"set model.encoder.in_chans={ds.in_chans}"
         )
     try:
-        loader = build_loader(
-            ds, d.batch_size, out_size=enc.img_size, augment=d.augment, device=info.device,
-            num_workers=d.num_workers, scale=tuple(d.crop_scale), seed=cfg.train.seed, decode=d.decode,
-            rank=info.rank, world_size=info.world_size, drop_last=True,
-        )
+        loader = build_loader(ds, spec=loader_spec(cfg, info, ds.mean, ds.std), decode=d.decode)
     except ValueError as e:
         if "no batches" not in str(e):
             raise

@@ -15,7 +15,8 @@ regressor: every :class:`~mimkit.nn.Block`, :class:`~mimkit.nn.CrossBlock` and
   ``param_dtype`` (bf16 on GPU by default) and reduces gradients in fp32.
 
 :class:`ShardedTrainModule` gives the sharded model the ``no_sync()`` context the loop uses for
-gradient accumulation (FSDP2 spells it ``set_requires_gradient_sync``).
+gradient accumulation (FSDP2 spells it ``set_requires_gradient_sync``); :func:`wrap_for_training`
+makes the module the loop calls for either strategy.
 """
 
 from __future__ import annotations
@@ -124,3 +125,23 @@ class ShardedTrainModule(nn.Module):
             yield
         finally:
             self.module.set_requires_gradient_sync(True)
+
+
+def wrap_for_training(model: nn.Module, info: DistInfo, *, sharded: bool, activation_checkpointing: bool,
+                      amp_dtype: torch.dtype | None) -> nn.Module:
+    """The module the loop calls. DDP (``train.strategy=ddp``, several processes) replicates the model;
+    FSDP2 (``sharded``) shards parameters, gradients and optimizer state over the ranks, in place: the
+    model's parameters become ``DTensor`` shards, so its optimizer must be made anew. Activation
+    checkpointing wraps the blocks for both. One process: the model itself."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if sharded:
+        shard_model(model, info, amp_dtype)
+        return ShardedTrainModule(model)
+    if info.enabled:
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=model.capabilities.find_unused_parameters,
+        )
+    return model

@@ -1,10 +1,12 @@
-"""Metric sinks: a JSONL file, TensorBoard, and a progress bar (loss, lr, img/s, ETA)."""
+"""Metric sinks: a JSONL file, TensorBoard, and a progress bar (loss, lr, img/s, ETA); :class:`StepLog`
+puts them together for a run's logged steps."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -82,3 +84,32 @@ def make_progress_bar(total: int, initial: int, enabled: bool):
     # redirected output (logs, CI) gets a line every 30 s instead of a redraw every second
     interval = 1.0 if sys.stderr.isatty() else 30.0
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=interval)
+
+
+class StepLog:
+    """What a run shows while it trains: the metric sinks (:attr:`logger`), the progress bar
+    (:attr:`bar`, ``None`` off the main process) and the throughput since the last logged step."""
+
+    def __init__(self, logger: MetricLogger, bar, images_per_step: int):
+        self.logger, self.bar, self.images_per_step = logger, bar, images_per_step
+        self.t_last = time.perf_counter()
+        self.steps_since = 0  # optimizer steps since the last logged one
+
+    def record(self, step: int, epoch: float, loss: float, lr: float, grad_norm: float | None, nonfinite: int,
+               metrics: dict) -> None:
+        """One logged step: ``metrics.jsonl`` / TensorBoard (with ``img_per_s``) and the bar's postfix."""
+        now = time.perf_counter()
+        ips = self.steps_since * self.images_per_step / max(now - self.t_last, 1e-9)
+        self.t_last, self.steps_since = now, 0
+        self.logger.log(step, {"epoch": epoch, "loss": loss, "lr": lr, "img_per_s": ips, "grad_norm": grad_norm,
+                               "nonfinite": nonfinite, **metrics})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

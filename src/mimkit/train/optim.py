@@ -1,11 +1,17 @@
-"""Optimizer parameter groups and the learning-rate schedule of MAE's pretraining recipe."""
+"""Optimizer parameter groups and the learning-rate schedule of MAE's pretraining recipe, and the
+step plan of a run (:class:`StepPlan`: steps per epoch, total steps, effective batch, peak lr)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from mimkit.config import Config
+from mimkit.errors import ConfigError
 
 
 def param_groups(
@@ -53,3 +59,42 @@ def lr_at(
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a run steps: ``batches_per_epoch`` (this rank's loader), ``steps_per_epoch`` (whole
+    ``optim.accum_iter`` groups), ``total_steps`` (``train.epochs``, at least 1), ``eff_batch`` (images
+    per optimizer step over all processes), ``peak_lr`` (``optim.lr`` or the scaled ``optim.base_lr``)
+    and ``min_lr``."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    eff_batch: int
+    peak_lr: float
+    min_lr: float
+
+    @classmethod
+    def of(cls, cfg: Config, batches_per_epoch: int, world_size: int) -> StepPlan:
+        o = cfg.optim
+        if batches_per_epoch < o.accum_iter:
+            raise ConfigError(
+                f"an epoch has {batches_per_epoch} batches, fewer than optim.accum_iter={o.accum_iter}; "
+                "lower data.batch_size or optim.accum_iter"
+            )
+        steps_per_epoch = batches_per_epoch // o.accum_iter
+        total_steps = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        eff_batch = cfg.data.batch_size * o.accum_iter * world_size
+        peak_lr = effective_lr(o.base_lr, eff_batch, o.lr)
+        min_lr = o.min_lr_ratio * peak_lr if o.min_lr_ratio is not None else o.min_lr
+        return cls(batches_per_epoch, steps_per_epoch, total_steps, eff_batch, peak_lr, min_lr)
+
+    def summary(self, cfg: Config, world_size: int, start: str) -> str:
+        """The startup line: world size, effective batch, peak lr, steps, ``start`` (where it starts)."""
+        o = cfg.optim
+        lr_rule = "optim.lr" if o.lr is not None else f"optim.base_lr {o.base_lr:g} x {self.eff_batch}/256"
+        return (f"mimkit pretrain {cfg.method.name}: world size {world_size}, effective batch {self.eff_batch} "
+                f"({cfg.data.batch_size}/process x {o.accum_iter} accum x {world_size}), peak lr "
+                f"{self.peak_lr:.3g} ({lr_rule}), {self.total_steps} steps ({self.steps_per_epoch}/epoch), {start}; "
+                f"run directory {Path(cfg.train.out_dir)}")

@@ -15,6 +15,10 @@ checkpoints; between those the step is queued without waiting:
   several processes :class:`HostFlags` sums them with one all-reduce on a CPU (gloo) process group,
   which costs tens of microseconds and never waits for the GPU.
 
+:class:`NonFiniteSteps` owns the run's count of skipped steps and its limits (``train.max_nonfinite``,
+``train.max_nonfinite_fraction``), whichever path found them; :class:`Accumulator` runs the forward and
+backward passes of one step's micro-batches.
+
 :func:`count_host_reads` counts the calls that would wait for the device (a test and debugging aid;
 on CUDA ``torch.cuda.set_sync_debug_mode("warn")`` reports the same from inside torch).
 """
@@ -23,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mimkit.errors import DataError, NonFiniteLossError
 from mimkit.train.distributed import DistInfo
 
 
@@ -78,6 +84,60 @@ class NonFiniteTracker:
         bad = [p for p, v in zip(self.pending, values) if v > 0.5]
         self.pending = []
         return bad
+
+
+class NonFiniteSteps:
+    """The run's skipped non-finite steps: :attr:`count` (kept in checkpoints), a warning (main process)
+    and a ``nonfinite_skip`` event per skipped step, and the limits: more than ``max_count`` skipped
+    steps stop the run at once, a share above ``max_fraction`` fails it at its end
+    (:class:`~mimkit.errors.NonFiniteLossError`, naming the last good checkpoint). On the sync-free
+    path the per-step flags wait in :attr:`tracker` until :meth:`flush`."""
+
+    FIX = "Lower the learning rate, use precision=bf16/fp32 instead of fp16, or set optim.clip_grad"
+
+    def __init__(self, max_count: int, max_fraction: float, steps_per_epoch: int, is_main: bool, count: int = 0):
+        self.max_count, self.max_fraction = max_count, max_fraction
+        self.steps_per_epoch, self.is_main = steps_per_epoch, is_main
+        self.count = count
+        self.tracker: NonFiniteTracker | None = None
+
+    def skip(self, step: int, lr: float, logger, last_good: Callable[[], str], what: str = "loss",
+             before_failing: Callable[[], None] | None = None) -> None:
+        """Count step ``step`` (0-based, taken at ``lr``) as skipped; past ``max_count`` record the failure,
+        close ``logger`` and raise (after ``before_failing()``)."""
+        self.count += 1
+        if self.is_main:
+            print(f"warning: non-finite {what} at step {step}; step skipped ({self.count}/{self.max_count})",
+                  file=sys.stderr)
+        if self.count > self.max_count:
+            if before_failing is not None:
+                before_failing()
+            logger.event(step + 1, "failed", reason="max_nonfinite", nonfinite=self.count, lr=lr)
+            logger.close()
+            raise NonFiniteLossError(
+                f"{self.count} non-finite losses (last at step {step}, lr {lr:.3g}), more than "
+                f"train.max_nonfinite={self.max_count}; stopping. {last_good()}. {self.FIX}.")
+        logger.event(step + 1, "nonfinite_skip", epoch=round((step + 1) / self.steps_per_epoch, 4), lr=lr,
+                     nonfinite=self.count)
+
+    def flush(self, logger, last_good: Callable[[], str], before_failing: Callable[[], None] | None = None) -> set[int]:
+        """Read the tracker's window (one host sync) and :meth:`skip` its skipped steps; returns them."""
+        if self.tracker is None:
+            return set()
+        bad_steps = self.tracker.read()
+        for step, lr in bad_steps:
+            self.skip(step, lr, logger, last_good, "loss or gradients", before_failing)
+        return {s for s, _ in bad_steps}
+
+    def check_share(self, steps: int, logger, final_checkpoint) -> None:
+        """At the end of a run of ``steps`` steps: fail when more than ``max_fraction`` were skipped."""
+        if steps and self.count / steps > self.max_fraction:
+            logger.event(steps, "failed", reason="max_nonfinite_fraction", nonfinite=self.count, steps=steps)
+            logger.close()
+            raise NonFiniteLossError(
+                f"{self.count} of {steps} steps ({100 * self.count / steps:.0f} %) had non-finite losses and were "
+                f"skipped, more than train.max_nonfinite_fraction={self.max_fraction}; the run failed and wrote no "
+                f"result.json ({final_checkpoint} holds its final state). {self.FIX}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -187,3 +247,57 @@ def count_host_reads() -> Iterator[dict[str, int]]:
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class StepBatches:
+    """The accumulated micro-batches of one step, and why the step must be abandoned (if it must)."""
+
+    loss: torch.Tensor  # 0-d, on the device
+    metrics: dict  # device tensors, averaged over the micro-batches
+    host_metrics: dict  # metrics a method returns as Python numbers
+    data_error: DataError | None = None
+    lost: BaseException | None = None  # the loader broke while a stop signal was pending
+
+
+class Accumulator:
+    """Forward and backward of one step's ``accum`` micro-batches from ``batches``: each ``loss / accum``
+    back-propagated through ``precision``'s autocast and grad scaler, the gradient sync (``no_sync``)
+    only on the last. A data error, or a loader that breaks while ``signal_pending()``, ends the reading;
+    with several processes the rank goes on with zero batches of ``batch_shape`` to keep the ranks'
+    collectives in step until they agree to abandon the step."""
+
+    def __init__(self, batches: Iterator, accum: int, info: DistInfo, batch_shape: tuple, precision,
+                 signal_pending: Callable[[], bool]):
+        self.batches, self.accum, self.info, self.batch_shape = batches, accum, info, batch_shape
+        self.precision, self.signal_pending = precision, signal_pending
+
+    def __call__(self, train_model, progress) -> StepBatches:
+        accum, enabled = self.accum, self.info.enabled
+        m = StepBatches(torch.zeros((), device=self.info.device), {}, {})
+        for i in range(accum):
+            if m.data_error is None and m.lost is None:
+                try:
+                    images, _ = next(self.batches)
+                except DataError as e:
+                    m.data_error = e
+                except Exception as e:
+                    if not self.signal_pending():
+                        raise
+                    m.lost = e  # e.g. a DataLoader worker ended by the same signal
+            if m.data_error is not None or m.lost is not None:
+                if not enabled:
+                    break
+                images = torch.zeros(self.batch_shape, device=self.info.device)  # keeps the ranks in step
+            sync = i == accum - 1 or not enabled
+            with train_model.no_sync() if (not sync and enabled) else contextlib.nullcontext():
+                with self.precision.autocast():
+                    out = train_model(images, progress)
+                self.precision.scaler.scale(out.loss / accum).backward()
+            m.loss += out.loss.detach().float() / accum
+            for k, v in out.metrics.items():
+                if isinstance(v, torch.Tensor):
+                    m.metrics[k] = m.metrics.get(k, 0) + v.detach().float() / accum
+                else:
+                    m.host_metrics[k] = m.host_metrics.get(k, 0.0) + float(v) / accum
+        return m

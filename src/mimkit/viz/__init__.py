@@ -1,7 +1,11 @@
 """Pictures as PNG files. ``draw_picture(kind, model, images, mean, std, path)`` draws any kind a
-method declares in ``model.capabilities.pictures`` (:data:`mimkit.methods.PICTURES`); ``DRAWERS``
-maps each kind to its function ``fn(model, x, path, seed, mean, std) -> Path`` on normalized images
-``x`` (``mean``/``std`` undo the normalization for display)."""
+method declares in ``model.capabilities.pictures`` (:data:`mimkit.methods.PICTURES`).
+
+The method computes the picture's tensors (``model.picture_data(kind, images, generator)``, a
+:class:`~mimkit.methods.PictureData`); this package only draws them. ``DRAWERS`` maps each kind to its
+function ``fn(data, encoder, path, mean, std) -> Path`` (``encoder``: the method's encoder, for its
+patch grid; ``mean``/``std`` undo the normalization for display). ``MAX_IMAGES``: at most how many of
+the given images a kind shows (the method may show fewer)."""
 
 from __future__ import annotations
 
@@ -12,69 +16,73 @@ import torch
 from mimkit.eval.features import normalize_images
 
 
-def _reconstruction(model, x, path, seed, mean, std):
-    from mimkit.viz.reconstruction import save_reconstruction
+def _reconstruction(data, encoder, path, mean, std):
+    from mimkit.viz.reconstruction import draw_reconstruction
 
-    return save_reconstruction(model, x, mean, std, path, seed=seed)
-
-
-def _views(model, x, path, seed, mean, std):
-    from mimkit.viz.masks import views_picture
-
-    return views_picture(model, x, path, max_images=min(len(x), 4), generator=torch.Generator(x.device).manual_seed(seed))
+    return draw_reconstruction(data, encoder, path, mean, std)
 
 
-def _salience(model, x, path, seed, mean, std):
-    from mimkit.viz.masks import sbam_picture
+def _views(data, encoder, path, mean, std):
+    from mimkit.viz.masks import draw_views
 
-    return sbam_picture(model, x, path, max_images=len(x), generator=torch.Generator(x.device).manual_seed(seed))
-
-
-def _mixing(model, x, path, seed, mean, std):
-    from mimkit.viz.mixing import mixing_picture
-
-    return mixing_picture(model, x, path, seed=seed, mean=mean, std=std)
+    return draw_views(data, encoder, path)
 
 
-def _teacher_drops(model, x, path, seed, mean, std):
-    from mimkit.viz.teacher import teacher_drops_picture
+def _salience(data, encoder, path, mean, std):
+    from mimkit.viz.masks import draw_salience
 
-    return teacher_drops_picture(model, x, path, seed=seed, mean=mean, std=std)
+    return draw_salience(data, encoder, path)
 
 
-def _regressor(model, x, path, seed, mean, std):
-    from mimkit.viz.regressor import regressor_picture
+def _mixing(data, encoder, path, mean, std):
+    from mimkit.viz.mixing import draw_mixing
 
-    return regressor_picture(model, x, path, seed=seed, mean=mean, std=std)
+    return draw_mixing(data, encoder, path, mean, std)
+
+
+def _teacher_drops(data, encoder, path, mean, std):
+    from mimkit.viz.teacher import draw_teacher_drops
+
+    return draw_teacher_drops(data, encoder, path)
+
+
+def _regressor(data, encoder, path, mean, std):
+    from mimkit.viz.regressor import draw_regressor
+
+    return draw_regressor(data, encoder, path)
 
 
 DRAWERS = {
     "reconstruction": _reconstruction,
     "views": _views,
     "salience": _salience,
-    "mixing": _mixing,  # MixedAE: mixed input and unmixed reconstructions
-    "teacher_drops": _teacher_drops,  # PCAE: teacher tokens kept after each drop stage
-    "regressor": _regressor,  # CAE: regressor predictions vs the alignment target
+    "mixing": _mixing,  # several images mixed into one sequence, and each one's reconstruction
+    "teacher_drops": _teacher_drops,  # teacher tokens kept after each drop stage
+    "regressor": _regressor,  # regressor predictions vs their targets
 }
+
+MAX_IMAGES = {"views": 4, "teacher_drops": 4, "regressor": 8}
 
 
 def draw_picture(kind: str, model, images: torch.Tensor, mean, std, path: str | Path, seed: int = 0) -> Path:
     """Draw picture ``kind`` of ``model`` on ``images`` (uint8, normalized with ``mean``/``std``, or
-    already-normalized float) into ``path``. Raises ``ValueError`` naming the kinds the method draws."""
+    already-normalized float) into ``path``, the mask drawn from a generator seeded with ``seed``.
+    Raises ``ValueError`` naming the kinds the method draws."""
     pics = model.capabilities.pictures
     if kind not in pics:
         raise ValueError(f"{type(model).__name__} does not draw '{kind}' pictures; it draws: {', '.join(pics)}")
     if kind not in DRAWERS:
         raise ValueError(f"no drawer for picture kind '{kind}'")
     device = next(model.parameters()).device
-    x = normalize_images(images.to(device), mean, std)
+    x = normalize_images(images.to(device), mean, std)[: MAX_IMAGES.get(kind)]
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return Path(DRAWERS[kind](model, x, path, seed, mean, std))
+            data = model.picture_data(kind, x, torch.Generator(x.device).manual_seed(seed))
+            return Path(DRAWERS[kind](data, model.encoder, path, mean, std))
     finally:
         model.train(was)
 
 
-__all__ = ["DRAWERS", "draw_picture"]
+__all__ = ["DRAWERS", "MAX_IMAGES", "draw_picture"]

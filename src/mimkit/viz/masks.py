@@ -1,13 +1,14 @@
-"""Pictures of mask plans: EMAE's K parts, SBAM's salience and the mask it chose (PNG files).
+"""Pictures of mask plans: each view's visible part, a salience-based masking's salience and the mask
+it chose (PNG files).
 
 Each ``save_*`` function writes one PNG with matplotlib's Agg backend and returns its path::
 
-    save_emae_parts(images, plan, "parts.png", patch_size=4)           # rows: images; columns:
+    save_views(images, plan, "views.png", patch_size=4)                 # rows: images; columns:
         # input | which view sees each patch | view 1 | ... | view K (masked patches greyed out)
-    save_salience_masks(images, salience, plan.mask, "sbam.png", 4)     # rows: images; columns:
+    save_salience_masks(images, salience, plan.mask, "salience.png", 4) # rows: images; columns:
         # input | salience (0..1) | masked input (realized ratio in the title)
-    views_picture(model, images, path)        # draws a plan with the model's own masking
-    sbam_picture(model, images, path)         # salience from the model's layer-0 tokens
+    views_picture(model, images, path)        # a plan drawn by the method (model.picture_data)
+    salience_picture(model, images, path)     # the salience of the method's masking and its mask
 
 Images are the normalized model inputs ``(B, C, H, W)``; each is min-max scaled for display.
 """
@@ -22,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mimkit.masking import MaskPlan, SalienceMasking  # noqa: E402
+from mimkit.masking import MaskPlan  # noqa: E402
+from mimkit.methods import PictureData  # noqa: E402
 
 MASK_GREY = 0.5
 
@@ -63,10 +65,10 @@ def _save(fig, path) -> Path:
     return path
 
 
-def save_emae_parts(
+def save_views(
     images: torch.Tensor, plan: MaskPlan, path: str | Path, patch_size: int, max_images: int = 4
 ) -> Path:
-    """EMAE's views of each image: input, a map of which view sees each patch (a partition colours
+    """The views of each image: input, a map of which view sees each patch (a partition colours
     every patch exactly once; otherwise the number of views that see it), then each view's visible
     part. ``plan`` has ``num_views`` sequences per image (``s = b * V + v``)."""
     b = min(images.shape[0], plan.batch_size, max_images)
@@ -105,7 +107,7 @@ def save_salience_masks(
     patch_size: int,
     max_images: int = 8,
 ) -> Path:
-    """Per image: the input, SBAM's salience ``(B, L)`` (0..1) and the input with the chosen mask
+    """Per image: the input, the salience ``(B, L)`` (0..1) and the input with the chosen mask
     ``(B, L)`` (1 = masked) greyed out, titled with the realized mask ratio."""
     b = min(images.shape[0], max_images)
     grid = _grid_of(images, patch_size)
@@ -127,30 +129,35 @@ def save_salience_masks(
     return _save(fig, path)
 
 
+def draw_views(data: PictureData, encoder, path: str | Path, mean=None, std=None) -> Path:
+    """The ``views`` picture of ``data`` (:func:`save_views`; ``mean``/``std`` unused: min-max display)."""
+    return save_views(data.images, data.plan, path, encoder.patch_size, len(data.images))
+
+
+def draw_salience(data: PictureData, encoder, path: str | Path, mean=None, std=None) -> Path:
+    """The ``salience`` picture of ``data`` (:func:`save_salience_masks`)."""
+    return save_salience_masks(data.images, data.maps["salience"], data.plan.mask, path, encoder.patch_size,
+                               len(data.images))
+
+
 @torch.no_grad()
 def views_picture(
     model, images: torch.Tensor, path: str | Path, max_images: int = 4, generator: torch.Generator | None = None
 ) -> Path:
-    """Draw a plan from ``model.make_plan`` (any method: one view for MAE-like masking, K for EMAE) and
-    save it with :func:`save_emae_parts`. ``images``: normalized ``(B, C, H, W)``."""
-    images = images[:max_images]
-    plan = model.make_plan(images, None, generator)
-    return save_emae_parts(images, plan, path, model.encoder.patch_size, max_images)
-
-
-emae_parts_picture = views_picture
+    """Draw the plan ``model.picture_data("views", ...)`` gives for the first ``max_images`` of the
+    normalized ``images (B, C, H, W)`` (one view per image, or K) with :func:`save_views`."""
+    return draw_views(model.picture_data("views", images[:max_images], generator), model.encoder, path)
 
 
 @torch.no_grad()
-def sbam_picture(
+def salience_picture(
     model, images: torch.Tensor, path: str | Path, max_images: int = 8, generator: torch.Generator | None = None
 ) -> Path:
-    """Salience of ``model``'s layer-0 tokens and the mask its :class:`~mimkit.masking.SalienceMasking`
-    chooses (via ``model.make_plan``; the warm start is ignored without ``progress``), saved with
-    :func:`save_salience_masks`. Only for methods whose masking is ``sbam``."""
-    images = images[:max_images]
-    gen = getattr(model, "masking", None)
-    if not isinstance(gen, SalienceMasking):
-        raise ValueError(f"{type(model).__name__} does not use salience-based masking (method.masking.kind=sbam)")
-    plan = model.make_plan(images, None, generator)
-    return save_salience_masks(images, plan.scores, plan.mask, path, model.encoder.patch_size, max_images)
+    """The salience ``model.picture_data("salience", ...)`` gives and the mask its masking chooses (the
+    warm start is ignored without ``progress``), saved with :func:`save_salience_masks`. Only for methods
+    that declare ``salience`` pictures."""
+    pics = model.capabilities.pictures
+    if "salience" not in pics:
+        raise ValueError(f"{type(model).__name__} does not use a salience-based masking (no 'salience' pictures); "
+                         f"it draws: {', '.join(pics)}")
+    return draw_salience(model.picture_data("salience", images[:max_images], generator), model.encoder, path)

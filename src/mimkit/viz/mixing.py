@@ -1,13 +1,13 @@
-"""MixedAE picture: one mixed input and its unmixed reconstructions (PNG).
+"""The mixing picture: one mixed input and each image's reconstruction from its own tokens (PNG).
 
-Layout (one group of ``G`` images, the first ``G`` of the batch)::
+Layout (one group of ``G`` images, :class:`~mimkit.methods.PictureData` of kind ``mixing``)::
 
     row 0:  mixed input (what the encoder sees) | which image owns each patch | ...
     row k:  image k | its own patches (the rest grey) | prediction | prediction + own patches
 
-Predictions are the decoder's outputs for image ``k`` decoded from its own tokens of the mixed
-sequence (the encoder running TopK attention, as in training); with norm-pix targets each predicted
-patch is mapped back with that patch's own mean and std (as :mod:`mimkit.viz.reconstruction` does).
+Predictions are the method's reconstructions of image ``k`` decoded from its own tokens of the mixed
+sequence; with norm-pix targets each predicted patch is mapped back with that patch's own mean and std
+(as :mod:`mimkit.viz.reconstruction` does).
 """
 
 from __future__ import annotations
@@ -20,44 +20,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mimkit.nn.patch import patchify, unpatchify  # noqa: E402
-from mimkit.viz.reconstruction import _to_display, reconstruct  # noqa: E402
+from mimkit.methods import PictureData  # noqa: E402
+from mimkit.viz.reconstruction import _to_display, grey_fill, reconstruction_images  # noqa: E402
 
 
-def mixed_images(images: torch.Tensor, source: torch.Tensor, patch_size: int, group_size: int) -> torch.Tensor:
-    """The mixed inputs in pixel space: ``images (B, C, H, W)`` normalized, ``source (B, L)`` (the plan's
-    owner of each position, equal within a group) -> ``(B/G, C, H, W)``, patch ``l`` of group ``g``
-    taken from image ``g*G + source[g*G, l]``."""
-    b, c = images.shape[:2]
-    g = group_size
-    px = patchify(images.float(), patch_size)  # (B, L, P)
-    length, p = px.shape[1:]
-    px = px.view(b // g, g, length, p)
-    src = source[::g]  # (B/G, L)
-    mixed = torch.gather(px, 1, src[:, None, :, None].expand(-1, 1, -1, p)).squeeze(1)
-    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
-    return unpatchify(mixed, patch_size, c, grid)
-
-
-@torch.no_grad()
-def mixing_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, mean=(0.5,), std=(0.5,)) -> Path:
-    """Draw the first group of ``x`` (normalized ``(B, C, H, W)``, ``B >= G``) mixed by
-    ``model.make_plan`` with a generator seeded with ``seed``, and its per-image reconstructions."""
-    g = model.group_size
-    if x.shape[0] < g:
-        raise ValueError(f"the mixing picture needs at least {g} images (one group of method.group_size), got {x.shape[0]}")
-    x = x[:g]
-    enc = model.encoder
-    p = enc.patch_size
-    plan = model.make_plan(x, None, torch.Generator(device=x.device).manual_seed(seed))
-    grey = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
-    r = reconstruct(model, x, plan=plan, fill=grey.to(x.device))
-    mixed = mixed_images(x, plan.source, p, g)
-    owner = plan.source[0].float().cpu().reshape(*enc.grid_size)
+def draw_mixing(data: PictureData, encoder, path: str | Path, mean=(0.5,), std=(0.5,)) -> Path:
+    """Draw ``data`` (kind ``mixing``: its ``images`` are one group) into ``path``."""
+    x = data.images
+    g = x.shape[0]
+    p = encoder.patch_size
+    r = reconstruction_images(x, data.reconstruction, encoder, grey_fill(mean, std).to(x.device))
+    mixed = data.maps["mixed"]
+    owner = data.maps["owner"][0].float().cpu().reshape(*encoder.grid_size)
     owner = owner.repeat_interleave(p, 0).repeat_interleave(p, 1)
 
     cols = [("original", "image k"), ("masked", "its own patches"),
-            ("pred", "prediction" + ("\n(per-patch denormalized)" if r["norm_pix"] else "")),
+            ("pred", "prediction" + ("\n(per-patch denormalized)" if r["norm_target"] else "")),
             ("pasted", "prediction + own patches")]
     shown = {k: _to_display(r[k], mean, std) for k, _ in cols}
     mixed_d = _to_display(mixed, mean, std)
@@ -89,3 +67,11 @@ def mixing_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, mean
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def mixing_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, mean=(0.5,), std=(0.5,)) -> Path:
+    """Draw ``model.picture_data("mixing", ...)`` for normalized ``x (B, C, H, W)`` with a generator
+    seeded with ``seed``."""
+    data = model.picture_data("mixing", x, torch.Generator(device=x.device).manual_seed(seed))
+    return draw_mixing(data, model.encoder, path, mean, std)

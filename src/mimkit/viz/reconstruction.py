@@ -13,38 +13,26 @@ from pathlib import Path
 import torch
 
 from mimkit.eval.features import normalize_images
+from mimkit.methods import PictureData, Reconstruction
 from mimkit.nn.patch import patch_stats, patchify, unpatchify
 
 
-@torch.no_grad()
-def reconstruct(model, images: torch.Tensor, seed: int = 0, plan=None, fill: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:
-    """Run a pixel-prediction method (``"reconstruction"`` in its capabilities) on normalized
-    ``images (B, C, H, W)`` with a mask drawn by ``model.make_plan`` from a generator seeded with
-    ``seed`` (or the given ``plan``).
-
-    Returns normalized-space tensors ``(B, C, H, W)``: ``original``, ``masked`` (masked patches set
-    to ``fill``), ``pred`` (prediction in pixel space), ``pasted`` (prediction with the visible patches
-    of the original pasted back), and ``mask (B, L)``. Only the first view is used for multi-view
-    methods.
-    """
-    was = model.training
-    model.eval()
-    try:
-        if plan is None:
-            g = torch.Generator(device=images.device).manual_seed(seed)
-            plan = model.make_plan(images, None, g)
-        rec = model.reconstruct(images, plan)
-    finally:
-        model.train(was)
-    p, c = model.encoder.patch_size, model.encoder.in_chans
+def reconstruction_images(images: torch.Tensor, rec: Reconstruction, encoder,
+                          fill: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:
+    """The panels of a :class:`~mimkit.methods.Reconstruction` of normalized ``images (B, C, H, W)`` on
+    ``encoder``'s patch grid, as normalized-space tensors ``(B, C, H, W)``: ``original``, ``masked``
+    (masked patches set to ``fill``, a value or one per channel), ``pred`` (prediction in pixel space),
+    ``pasted`` (prediction with the visible patches of the original pasted back); and ``mask (B, L)``,
+    ``norm_target``."""
+    p, c = encoder.patch_size, encoder.in_chans
     pred = rec.pred.float()
     mask = rec.mask.float()
     target_px = patchify(images.float(), p)
-    if rec.norm_pix:
+    if rec.norm_target:
         mean, std = patch_stats(target_px)
         pred = pred * std + mean  # each patch back with its own statistics
     m = mask[..., None]
-    grid = model.encoder.grid_size
+    grid = encoder.grid_size
     lo = torch.as_tensor(fill, dtype=torch.float32, device=images.device).reshape(-1)
     lo = lo.repeat(p * p) if lo.numel() == c else lo  # per-channel fill in (p, p, C) patch layout
     return {
@@ -53,8 +41,33 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0, plan=None, fill: tor
         "pred": unpatchify(pred, p, c, grid),
         "pasted": unpatchify(target_px * (1 - m) + pred * m, p, c, grid),
         "mask": mask,
-        "norm_pix": rec.norm_pix,
+        "norm_target": rec.norm_target,
     }
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, seed: int = 0, plan=None, fill: torch.Tensor | float = 0.0) -> dict[str, torch.Tensor]:
+    """Run a pixel-prediction method (``"reconstruction"`` in its capabilities) on normalized
+    ``images (B, C, H, W)`` with a mask drawn by the method from a generator seeded with ``seed`` (or the
+    given ``plan``) and return :func:`reconstruction_images`. Only the first view is used for multi-view
+    methods.
+    """
+    was = model.training
+    model.eval()
+    try:
+        if plan is None:
+            g = torch.Generator(device=images.device).manual_seed(seed)
+            rec = model.picture_data("reconstruction", images, g).reconstruction
+        else:
+            rec = model.reconstruct(images, plan)
+    finally:
+        model.train(was)
+    return reconstruction_images(images, rec, model.encoder, fill)
+
+
+def grey_fill(mean, std) -> torch.Tensor:
+    """Mid-grey (0.5 in [0, 1] pixels) in the normalized space of ``mean``/``std``, one value per channel."""
+    return (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
 
 
 def _to_display(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -64,26 +77,22 @@ def _to_display(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.cpu() * s + m).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def save_reconstruction(model, images: torch.Tensor, mean, std, path: str | Path, seed: int = 0) -> Path:
-    """Write a PNG grid, one row per image: original | masked | prediction | prediction + visible.
-
-    ``images``: uint8 ``(B, C, H, W)`` or already-normalized float.
-    """
+def draw_reconstruction(data: PictureData, encoder, path: str | Path, mean, std) -> Path:
+    """Write a PNG grid of ``data.reconstruction``, one row per image: original | masked | prediction |
+    prediction + visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = next(model.parameters()).device
-    x = normalize_images(images.to(device), mean, std)
-    grey_fill = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
-    r = reconstruct(model, x, seed=seed, fill=grey_fill.to(device))
-    norm_pix = r["norm_pix"]
+    x = data.images
+    r = reconstruction_images(x, data.reconstruction, encoder, grey_fill(mean, std).to(x.device))
+    norm_target = r["norm_target"]
     cols = [
         ("original", "original"),
         ("masked", f"masked ({r['mask'].mean().item():.0%}, grey)"),
-        ("pred", "prediction" + ("\n(per-patch denormalized)" if norm_pix else "")),
-        ("pasted", "prediction + visible" + ("\n(per-patch denormalized)" if norm_pix else "")),
+        ("pred", "prediction" + ("\n(per-patch denormalized)" if norm_target else "")),
+        ("pasted", "prediction + visible" + ("\n(per-patch denormalized)" if norm_target else "")),
     ]
     shown = {k: _to_display(r[k], mean, std) for k, _ in cols}
     b = x.shape[0]
@@ -104,3 +113,20 @@ def save_reconstruction(model, images: torch.Tensor, mean, std, path: str | Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_reconstruction(model, images: torch.Tensor, mean, std, path: str | Path, seed: int = 0) -> Path:
+    """Write a PNG grid, one row per image: original | masked | prediction | prediction + visible.
+
+    ``images``: uint8 ``(B, C, H, W)`` or already-normalized float.
+    """
+    device = next(model.parameters()).device
+    x = normalize_images(images.to(device), mean, std)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            data = model.picture_data("reconstruction", x, torch.Generator(device=device).manual_seed(seed))
+    finally:
+        model.train(was)
+    return draw_reconstruction(data, model.encoder, path, mean, std)

@@ -1,10 +1,10 @@
-"""CAE's regressor picture: how well the latent regressor's predictions match their targets.
+"""The regressor picture: how well a latent regressor's predictions match their targets.
 
 One row per image: the input | the mask (masked patches greyed out) | a per-patch map of the cosine
-between the regressor's prediction and its target at every masked patch (visible patches blank).
-For CAE the target is the alignment target (the encoder's own representation of the masked patch,
-computed from the masked patches only); for CAE v2 it is the frozen teacher's token. Methods provide
-``alignment_map(images, plan) -> (B, L)`` (NaN at visible patches).
+between the regressor's prediction and its target at every masked patch (visible patches blank), from
+:class:`~mimkit.methods.PictureData` of kind ``regressor`` (``maps["cos"] (B, L)``, NaN at visible
+patches, and the picture's ``title``). Which target it is (the encoder's own representation of the
+masked patch, a frozen teacher's token) is the method's to say in the title.
 """
 
 from __future__ import annotations
@@ -13,22 +13,19 @@ from pathlib import Path
 
 import torch
 
+from mimkit.methods import PictureData
 from mimkit.viz.masks import _display, _masked, _patch_map, _save
 
 
-@torch.no_grad()
-def regressor_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, mean=None, std=None,
-                      max_images: int = 8) -> Path:
-    """Draw the picture for normalized images ``x (B, C, H, W)`` with a mask drawn from ``seed``;
-    ``mean``/``std`` are unused (images are min-max scaled for display, as the mask pictures)."""
+def draw_regressor(data: PictureData, encoder, path: str | Path, mean=None, std=None) -> Path:
+    """Draw ``data`` into ``path`` (``mean``/``std`` unused: images are min-max scaled for display, as the
+    mask pictures)."""
     import matplotlib.pyplot as plt
 
-    x = x[:max_images]
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    plan = model.make_plan(x, None, gen)
-    cos = model.alignment_map(x, plan).float().cpu()  # (B, L), NaN at visible
-    p = model.encoder.patch_size
-    grid = model.encoder.grid_size
+    x, plan = data.images, data.plan
+    cos = data.maps["cos"].float().cpu()  # (B, L), NaN at visible
+    p = encoder.patch_size
+    grid = encoder.grid_size
     disp = _display(x)
     masked = _masked(disp, _patch_map(plan.mask.float(), grid, p)).numpy()
     cos_px = _patch_map(cos, grid, p).numpy()
@@ -49,5 +46,6 @@ def regressor_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, m
     axes[0, 1].set_title(f"mask ({plan.mask[0].mean().item():.0%})", fontsize=8)
     axes[0, 2].set_title(f"cos(pred, target)\ncos {torch.nanmean(cos[0]).item():.2f}", fontsize=8)
     fig.colorbar(im, ax=axes[:, 2].tolist(), shrink=0.6)
-    fig.suptitle(f"{type(model).__name__}: regressor prediction vs target at masked patches", fontsize=9)
+    if data.title:
+        fig.suptitle(data.title, fontsize=9)
     return _save(fig, path)

@@ -1,9 +1,9 @@
-"""PCAE's progressive teacher as a picture (PNG): which masked patches survive each drop stage.
+"""The teacher-drops picture (PNG): which masked patches a token-dropping teacher keeps at each stage.
 
-Rows: images. Columns: the input | what the student sees (masked patches greyed) | the teacher's input
-(the masked patches; visible ones greyed) | after drop stage 1 | ... | after the last stage (the
-retained patches, the decoder's queries). Kept patches are shown in full with a red frame colour;
-dropped ones dimmed.
+Rows: images. Columns: the input | what the student sees (masked patches greyed) | one column per
+stage of :class:`~mimkit.methods.PictureData` of kind ``teacher_drops`` (the teacher's input, then
+after each drop stage; titled by the method). Kept patches are shown in full with a red tint; dropped
+ones dimmed.
 """
 
 from __future__ import annotations
@@ -16,23 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from mimkit.methods import PictureData  # noqa: E402
 from mimkit.viz.masks import _display, _masked, _patch_map, _save  # noqa: E402
 
 DIM = 0.25  # brightness kept by dropped patches
-
-
-class _StageRecorder:
-    """Wraps a :class:`~mimkit.targets.TokenDropper`; records the grid ids kept after each drop stage."""
-
-    def __init__(self, dropper):
-        self.dropper = dropper
-        self.stage_ids: list[torch.Tensor] = []
-
-    def __call__(self, i, x, ids):
-        res = self.dropper(i, x, ids)
-        if i in self.dropper.after_blocks:
-            self.stage_ids.append(ids if res is None else res[1])
-        return res
 
 
 def _highlight(disp: torch.Tensor, kept_px: torch.Tensor) -> torch.Tensor:
@@ -43,34 +30,17 @@ def _highlight(disp: torch.Tensor, kept_px: torch.Tensor) -> torch.Tensor:
     return kept * k + DIM * disp * (1 - k)
 
 
-@torch.no_grad()
-def teacher_drops_picture(model, x: torch.Tensor, path: str | Path, seed: int = 0, mean=None, std=None,
-                          max_images: int = 4) -> Path:
-    """Draw ``model``'s (a :class:`~mimkit.methods.PCAE`) masking and its teacher's kept tokens after each
-    stage for the normalized images ``x (B, C, H, W)`` (``mean``/``std`` unused: images are min-max
-    scaled for display). ``seed`` fixes the mask (and the random drop)."""
-    images = x[:max_images]
+def draw_teacher_drops(data: PictureData, encoder, path: str | Path, mean=None, std=None) -> Path:
+    """Draw ``data`` into ``path`` (``mean``/``std`` unused: images are min-max scaled for display)."""
+    images, plan = data.images, data.plan
     b = images.shape[0]
-    g = torch.Generator(images.device).manual_seed(seed)
-    plan = model.make_plan(images, None, g)
-    rec: dict = {}
-
-    def select(dropper):
-        rec["r"] = _StageRecorder(dropper)
-        return rec["r"]
-
-    masked_ids = plan.ids_masked()
-    model.encode_teacher(images, masked_ids, g, select=select)
-    stages = [masked_ids] + rec["r"].stage_ids
-    enc = model.encoder
-    p, grid, length = enc.patch_size, enc.grid_size, enc.num_patches
+    p, grid, length = encoder.patch_size, encoder.grid_size, encoder.num_patches
     disp = _display(images)
     mask_px = _patch_map(plan.mask[:b], grid, p)
+    stages = data.stages
     fig, axes = plt.subplots(b, 2 + len(stages), figsize=(1.6 * (2 + len(stages)), 1.7 * b), squeeze=False)
-    titles = ["input", "student sees"] + [f"teacher in ({stages[0].shape[1]})"] + [
-        f"after block {blk} ({s.shape[1]})" for blk, s in zip(sorted(model.after_blocks), stages[1:])
-    ]
-    for j, ids in enumerate(stages):
+    titles = ["input", "student sees"] + [t for t, _ in stages]
+    for j, (_, ids) in enumerate(stages):
         kept = torch.zeros(b, length, device=ids.device).scatter_(1, ids[:b], 1.0)
         kept_px = _patch_map(kept, grid, p)
         for i in range(b):

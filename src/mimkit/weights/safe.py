@@ -27,7 +27,7 @@ Two opt-ins, both environment variables, both printing a warning:
   only). A checksum that is present and does not match is always refused.
 * ``MIMKIT_ALLOW_PICKLE=1`` loads a file that needs more than the allowlist with full unpickling,
   which runs whatever code the file holds (:func:`unsafe_full_unpickle`; for a sharded checkpoint
-  directory, torch's own DCP reader: :func:`mimkit.train.checkpoint.dcp_load`).
+  directory, torch's own DCP reader: :func:`mimkit.weights.checkpoint.dcp_load`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from mimkit.errors import CheckpointError, FileRefusedError
+
 ALLOW_UNVERIFIED = "MIMKIT_ALLOW_UNVERIFIED"
 ALLOW_PICKLE = "MIMKIT_ALLOW_PICKLE"
 FILE_CHECKSUM_ALGO = "blake2b-file-v2"
@@ -51,16 +53,6 @@ _RECORD_RE = re.compile(rb"mimkit-checksum blake2b-file-v2 ([0-9a-f]{64})")
 _EOCD_SIG = b"PK\x05\x06"
 _EOCD_LEN = 22
 _CHUNK = 4 * 2**20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which file and what to do."""
-
-
-class FileRefusedError(CheckpointError):
-    """A file was not loaded for safety or integrity: its checksum is missing, malformed or does not
-    match, or it needs globals outside the allowlist. The message names the file, the problem and
-    the opt-in (when there is one)."""
 
 
 def env_flag(name: str) -> bool:
