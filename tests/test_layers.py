@@ -21,6 +21,22 @@ def test_import_linter_contracts_hold():
     assert "Contracts: 2 kept, 0 broken." in res.stdout
 
 
+def test_import_linter_sees_an_upward_import_hidden_in_a_function(tmp_path):
+    """The contract can fail: a copy of the package with one function-level import from floor 1 up to
+    the trainer breaks the layers contract (import-linter counts imports inside functions)."""
+    import os
+    import shutil
+
+    shutil.copytree(SRC, tmp_path / "src" / "mimkit", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "src" / "mimkit" / "nn" / "_probe.py").write_text(
+        "def f():\n    from mimkit.train import loop  # noqa: F401\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+    res = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "mimkit.nn._probe -> mimkit.train.loop" in res.stdout, res.stdout[-2000:]
+
+
 def test_import_graph_has_no_upward_arrow_and_no_cycle():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_graph.py"), "--edges"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
