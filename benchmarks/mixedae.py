@@ -7,7 +7,7 @@ all at the same epochs, batch, lr and schedule):
 * ``init``: no training (the encoder at MAE's initialisation): the reference every arm must beat.
 * ``mae``: MAE, mask 0.75.
 * ``naive``: naive mixing, no homologous parts (``homologous_attention=false contrastive_weight=0``;
-  segment embeddings kept, they are part of the mixed input, not of homologous recognition).
+  like the preset, no segment embedding).
 * ``topk``: mixing + homologous attention, no HomoCon (``contrastive_weight=0``).
 * ``mixedae``: everything on (the preset).
 * ``con_only``: HomoCon only (``pixel_weight=0``: the deck's "L_HomoCon only" row, which collapses).

@@ -18,7 +18,8 @@ A change that moves these numbers must say why in the commit that makes it, and 
     python tests/golden_curves.py --write            # all presets
     python tests/golden_curves.py --write mae_fashion_mnist
 
-The ``*_vit_base_imagenet`` presets keep their method section but run a small encoder on 56x56 RGB
+The ``*_vit_base_imagenet`` presets (and the ``*_vit_small_imagenet`` / ``*_vit_tiny_imagenet`` ones, see
+``IMAGENET_SUFFIXES``) keep their method section but run a small encoder on 56x56 RGB
 images with patch 4 (the 14x14 grid of ViT-B/16 at 224, so token counts such as Latent MIM's 20
 visible of 196 are the published ones); see ``SMALL_VIT``.
 """
@@ -43,11 +44,16 @@ SMALL_VIT = [
     "model.decoder.embed_dim=32", "model.decoder.depth=1", "model.decoder.num_heads=2",
 ]
 
+# the ImageNet recipes that run on SMALL_VIT (the 14x14 grid of ViT/16 at 224)
+IMAGENET_SUFFIXES = ("_vit_base_imagenet", "_vit_small_imagenet", "_vit_tiny_imagenet")
+
 # golden-only overrides (what the method's own offline/smoke preset does not say)
 EXTRA = {
     # depth 3 (not SMALL_VIT's 2): all three drop stages (after blocks [0, 1, 2]) with the published token
     # counts 147 -> 73 -> 36 -> 18 on the 14x14 grid (at depth 2 the stages would be capped to two)
     "pcae_vit_base_imagenet": ["model.encoder.depth=3"],
+    # a regressor half the encoder's width, as CAE v2 Tiny's 96 of 192: the Linear + LN projection runs
+    "cae_v2_vit_tiny_imagenet": ["model.decoder.embed_dim=16"],
 }
 
 
@@ -62,7 +68,7 @@ def overrides_for(name: str) -> list[str]:
     from mimkit.config import read_yaml
     from mimkit.methods import METHODS
 
-    imagenet = name.endswith("_vit_base_imagenet")
+    imagenet = name.endswith(IMAGENET_SUFFIXES)
     method = read_yaml(ROOT / "configs" / f"{name}.yaml").get("method", {}).get("name", "mae")
     return [*(SMALL_VIT if imagenet else []), *METHODS[method].preset_overrides(smoke=imagenet), *EXTRA.get(name, [])]
 

@@ -11,8 +11,9 @@ Two kinds of golden curve, pinning different things:
   then half-cosine, evaluated at the fractional epoch of every step), gradient accumulation (``loss /
   accum`` per micro-batch, one optimizer step and one ``after_step`` per ``accum_iter`` batches, the
   logged loss the mean over the micro-batches), bf16 autocast, the fused-AdamW step and the timing
-  of ``after_step`` (the EMA teachers of Latent MIM and PCAE are updated once per optimizer step with
-  the momentum at the progress after it). Three presets (MAE, Latent MIM, PCAE: a plain pixel
+  of ``after_micro_batch`` / ``after_step`` (Latent MIM's EMA teacher is updated once per optimizer step
+  with the momentum at the progress after it; PCAE's after every micro-batch, as its official loop, with
+  the momentum of that iteration: twice a step in ``accum2``). Three presets (MAE, Latent MIM, PCAE: a plain pixel
   method and two EMA-teacher methods), each in the variants of ``VARIANTS``.
 * **The hand-loop curves (``tests/golden_curves.py``, ``tests/golden/<preset>.json``)** train every
   preset of ``configs/`` with a hand-written loop (fixed lr, one fixed batch, fp32): they pin each

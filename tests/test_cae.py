@@ -34,6 +34,8 @@ def cae(**kw):
 def cae_v2(**kw):
     torch.manual_seed(0)
     kw.setdefault("regressor_depth", 1)
+    kw.setdefault("data_mean", (0.2860,))  # the colour jitter (on by default) works in pixel space
+    kw.setdefault("data_std", (0.3530,))
     if "teacher_path" not in kw:
         kw.update(teacher_random_init=True, teacher_vit=TEACHER)
     return CAEv2(tiny_model_config(), CAEv2Options(**kw))
@@ -257,6 +259,81 @@ def test_cae_v2_size_preset_and_errors():
         cae_v2(masking=MaskingOptions(kind="partition"))
     with pytest.raises(ValueError, match="size_preset"):
         cae_v2(size_preset="tiny", masking=MaskingOptions(kind="block", num_keep=10))
+
+
+# -- colour jitter (Atten4Vis/CAE furnace/datasets.py: ColorJitter(0.4, 0.4, 0.4) before both views) --------
+@pytest.mark.parametrize("channels", [3, 1])
+def test_color_jitter_is_torchvision_colorjitter_per_image(channels):
+    from torchvision.transforms.v2 import functional as TF
+
+    from mimkit.methods.cae_v2 import apply_jitter, jitter_params
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, channels, 9, 7, generator=g)
+    factors, order = jitter_params(16, 0.4, "cpu", g)
+    assert bool(((factors >= 0.6) & (factors <= 1.4)).all())
+    assert torch.equal(order.sort(1).values, torch.arange(3).expand(16, 3))  # a permutation per image
+    assert len({tuple(o) for o in order.tolist()}) > 1  # drawn per image, not once per batch
+    out = apply_jitter(x, factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]  # ColorJitter's fn_idx 0, 1, 2
+    for i in range(16):
+        ref = x[i]
+        for k in order[i].tolist():
+            ref = ops[k](ref, float(factors[i, k]))
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+
+
+def test_cae_v2_jitters_one_image_for_teacher_and_student_in_training_only():
+    from mimkit.methods.cae_v2 import color_jitter
+
+    m = cae_v2()
+    x = images()
+    plan = plan_for(m, x)
+    with torch.no_grad():
+        m.train()
+        jittered = m(x, plan=plan, generator=torch.Generator().manual_seed(3))
+        m.eval()
+        plain = m(x, plan=plan, generator=torch.Generator().manual_seed(3))
+        xj = color_jitter(x, 0.4, (0.2860,), (0.3530,), torch.Generator().manual_seed(3))
+        by_hand = m(xj, plan=plan)  # eval: no second jitter; the teacher and the student both read xj
+    assert not torch.allclose(xj, x)
+    torch.testing.assert_close(jittered.loss, by_hand.loss)
+    torch.testing.assert_close(jittered.target, by_hand.target)
+    torch.testing.assert_close(jittered.pred, by_hand.pred)
+    assert (jittered.loss - plain.loss).abs() > 1e-4
+    off = cae_v2(color_jitter=0.0).train()
+    with torch.no_grad():
+        torch.testing.assert_close(off(x, plan=plan).loss, off.eval()(x, plan=plan).loss)
+
+
+def test_cae_v2_jitter_needs_the_data_normalisation():
+    m = cae_v2(data_mean=None, data_std=None).train()
+    with pytest.raises(ConfigError, match="data_mean"):
+        m(images())
+    cae_v2(data_mean=None, data_std=None, color_jitter=0.0).train()(images())  # off: nothing to undo
+    with pytest.raises(ValueError, match="data_std"):
+        cae_v2(data_std=None)
+    with pytest.raises(ValueError, match="needs the data's normalisation"):
+        cae_v2(data_mean=None, data_std=None, teacher_mean=(0.5,), teacher_std=(0.5,))
+    with pytest.raises(ValueError, match="color_jitter"):
+        cae_v2(color_jitter=-0.1)
+
+
+def test_cae_v2_presets_official_sizes():
+    """Tiny / Small / Base presets: the official register functions' 12 heads, regressor width and depth,
+    masked counts 30 / 49 / 98 of 196 (project/CAEv2/scripts/caev2_{tiny,small,base}_300e.sh) and jitter 0.4."""
+    from mimkit.config import load_config
+    from mimkit.methods.cae_v2 import SIZE_BY_WIDTH, size_num_keep
+
+    want = {"tiny": (192, 96, 1, 30), "small": (384, 384, 1, 49), "base": (768, 768, 4, 98)}
+    for size, (dim, width, depth, masked) in want.items():
+        cfg = load_config(ROOT / "configs" / f"cae_v2_vit_{size}_imagenet.yaml")
+        enc, dec, o = cfg.model.encoder, cfg.model.decoder, cfg.method
+        assert (enc.embed_dim, enc.depth, enc.num_heads, enc.patch_size, enc.img_size) == (dim, 12, 12, 16, 224)
+        assert (dec.embed_dim, dec.num_heads, o.regressor_depth) == (width, 12, depth)
+        chosen = SIZE_BY_WIDTH[dim] if o.size_preset == "auto" else o.size_preset
+        assert chosen == size and 196 - size_num_keep(196, chosen) == masked
+        assert o.color_jitter == 0.4 and tuple(o.data_mean) == tuple(cfg.data.mean)
 
 
 # -- masking and options ------------------------------------------------------------------------------
@@ -500,3 +577,36 @@ def test_timm_teacher_with_other_prefix_tokens_gives_cls_then_patches(tmp_path, 
     first = ref[:, :1] if kind == "reg" else ref[:, p:].mean(1, keepdim=True)
     torch.testing.assert_close(out[:, :1], first, rtol=1e-5, atol=1e-5)
     assert teacher(x, grid=(7, 7)).shape == (3, 1 + 49, 32)
+
+
+@needs_fmnist
+def test_a_fresh_cae_v2_run_without_its_teacher_file_stops_before_touching_the_run_directory(tmp_path):
+    """The missing teacher is a one-line ConfigError raised by Trainer() before the run directory (and its
+    config.yaml) exists; a run that resumes gets the teacher from its checkpoint and is not refused."""
+    from conftest import TINY_RUN
+
+    from mimkit.config import load_config
+    from mimkit.train import Trainer, pretrain
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    tiny = [*TINY_RUN, "data.batch_size=32", f"train.out_dir={out}", "method.teacher_vit.embed_dim=16",
+            "method.teacher_vit.depth=1", "method.teacher_vit.num_heads=2"]
+    missing = load_config(root / "configs/cae_v2_fashion_mnist.yaml", [*tiny, f"method.teacher_path={tmp_path}/gone.pt"])
+    with pytest.raises(ConfigError, match="teacher file .*gone.pt not found; make it with") as e:
+        Trainer(missing)
+    assert "\n" not in str(e.value) and not out.exists()
+    # a run with a teacher file and the data's normalisation passed by the trainer (no method.data_mean):
+    # the jitter runs; with the file gone, resuming that run is allowed (the checkpoint holds the teacher)
+    from mimkit.interop import export_encoder
+
+    teacher = tmp_path / "teacher.safetensors"
+    export_encoder(ViTEncoder(ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)),
+                   teacher)
+    with_file = [*tiny, f"method.teacher_path={teacher}", "method.data_mean=null", "method.data_std=null"]
+    pretrain(load_config(root / "configs/cae_v2_fashion_mnist.yaml", [*with_file, "train.max_steps=2"]))
+    assert (out / "checkpoint.pt").is_file()
+    teacher.unlink()
+    t = Trainer(load_config(root / "configs/cae_v2_fashion_mnist.yaml", [*with_file, "train.max_steps=3"]))
+    assert t.step == 2 and t.model._data_norm == ((0.286,), (0.353,))
+    t.close()

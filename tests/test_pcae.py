@@ -1,10 +1,12 @@
 """PCAE: the progressive teacher keeps exactly the least mean-similar tokens, ids follow their tokens,
 keep = 1 is a plain EMA latent target, the teacher starts as a copy, counted FLOPs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model_config
+from conftest import needs_fmnist, tiny_model_config
 
 from mimkit.flops import count_flops, vit_block_flops
 from mimkit.masking import MaskingOptions
@@ -12,6 +14,8 @@ from mimkit.methods import PCAE, PCAEOptions, Progress
 from mimkit.methods.pcae import drop_schedule, stage_counts
 from mimkit.nn.vit import gather_tokens
 from mimkit.targets import LatentTarget, TokenDropper
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(depth=3, **opts):
@@ -253,3 +257,199 @@ def test_pictures(tmp_path):
 def test_dropper_counts_when_keep_is_one():
     d = TokenDropper([0, 1], keep=1.0)
     assert d(0, torch.randn(2, 6, 4), None) is None and d.counts == [6]
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA timing: after every micro-batch (the official loop) or once per optimizer step
+
+
+STEPS = 3
+
+
+def _micro_batches(n_steps, k, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 1, 28, 28, generator=g), None) for _ in range(n_steps * k)]
+
+
+def _trainer_accumulation(model, k, steps=STEPS):
+    """The trainer's step: :class:`~mimkit.train.step.Accumulator` (forward, backward, ``after_micro_batch``
+    per micro-batch), AdamW step, ``after_step`` with the progress after it. Returns the logged losses and
+    the momentum of every teacher update, in order."""
+    from mimkit.train.distributed import DistInfo
+    from mimkit.train.precision import Precision
+    from mimkit.train.step import Accumulator
+
+    fractions = []
+    update = model.target.update
+
+    def spy(progress, fraction=None):
+        fractions.append(fraction)
+        return update(progress, fraction)
+
+    model.target.update = spy
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    acc = Accumulator(iter(_micro_batches(steps, k)), k, DistInfo(), (4, 1, 28, 28), Precision("fp32", torch.device("cpu")),
+                      lambda: False, model.after_micro_batch)
+    losses = []
+    torch.manual_seed(11)  # the masks
+    for s in range(steps):
+        out = acc(model, Progress(s, steps, micro_batches=k))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step(Progress(s + 1, steps, micro_batches=k))
+        losses.append(out.loss)
+    return losses, fractions
+
+
+def _hand_loop(model, k, momentum_at, steps=STEPS):
+    """A loop written out as the official engine_pretrain.py: per iteration ``it`` forward, ``loss / k``
+    backward, the optimizer step on every k-th iteration, then ``momentum_at(it)`` (``None``: no update)."""
+    from mimkit.targets import ema_update
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    torch.manual_seed(11)
+    batches = _micro_batches(steps, k)
+    for it, (x, _) in enumerate(batches):
+        s, j = divmod(it, k)
+        if j == 0:
+            total = torch.zeros(())
+        out = model(x, Progress(s, steps))
+        (out.loss / k).backward()
+        total += out.loss.detach() / k
+        if j == k - 1:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+        m = momentum_at(it)
+        if m is not None:
+            ema_update(model.target.branch, model.encoder, m)
+    return losses
+
+
+def test_ema_per_micro_batch_equals_the_official_loop_under_accumulation():
+    """Default ``ema_update=micro_batch``, accumulation 2: the trainer's hooks give exactly (bitwise) the
+    official loop: the teacher is updated after each micro-batch, at the momentum of iteration ``it``
+    (``it / (steps * 2)`` of the cosine), so the second micro-batch's teacher forward sees the teacher
+    updated after the first, and the step's last update follows the optimizer step."""
+    from mimkit.targets import cosine_momentum
+
+    base = make(momentum=0.9)
+    hand = make(momentum=0.9)
+    hand.load_state_dict(base.state_dict())
+    losses, fractions = _trainer_accumulation(base, 2)
+    assert fractions == [it / (2 * STEPS) for it in range(2 * STEPS)]  # two updates a step, by iteration
+    expect = _hand_loop(hand, 2, lambda it: cosine_momentum(0.9, it / (2 * STEPS), 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(losses, expect, strict=True)), (losses, expect)
+    for (name, a), b in zip(base.state_dict().items(), hand.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # and it is not the once-per-step rule: from the same start, the teacher there moves less
+    start = make(momentum=0.9).target.branch.state_dict()
+    step = make(momentum=0.9, ema_update="step")
+    _trainer_accumulation(step, 2)
+    for n, t in base.target.branch.state_dict().items():
+        if n.endswith("qkv.weight"):
+            moved, moved_step = (t - start[n]).norm(), (step.target.branch.state_dict()[n] - start[n]).norm()
+            assert moved > 1.5 * moved_step, (n, moved, moved_step)
+
+
+def test_ema_per_step_option_is_the_earlier_rule():
+    """``ema_update=step``: one teacher update per optimizer step, from ``after_step``, at the progress after
+    the step (``(s + 1) / steps``), the micro-batches in between leaving the teacher alone: mimkit's
+    earlier PCAE, bitwise."""
+    from mimkit.targets import cosine_momentum
+
+    base = make(momentum=0.9, ema_update="step")
+    hand = make(momentum=0.9, ema_update="step")
+    losses, fractions = _trainer_accumulation(base, 2)
+    assert fractions == [None] * STEPS  # update(progress): the momentum at the progress after the step
+    expect = _hand_loop(hand, 2, lambda it: cosine_momentum(0.9, (it // 2 + 1) / STEPS, 1.0) if it % 2 else None)
+    assert all(torch.equal(a, b) for a, b in zip(losses, expect, strict=True))
+    for (name, a), b in zip(base.state_dict().items(), hand.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_without_accumulation_after_step_alone_gives_the_official_rule():
+    """A loop that never calls ``after_micro_batch`` (no accumulation, e.g. the golden hand loop): the default
+    updates once per step from ``after_step`` at the momentum of iteration ``s`` (the base momentum first);
+    ``step`` at ``(s + 1) / steps``."""
+    fractions = {}
+    for rule in ("micro_batch", "step"):
+        m = make(momentum=0.9, ema_update=rule)
+        seen = fractions[rule] = []
+        m.target.momentum.at = lambda f, _at=m.target.momentum.at, _seen=seen: _seen.append(f) or _at(f)
+        for s in range(4):
+            m.after_micro_batch(Progress(s, 4))  # k = 1: nothing between micro-batches
+            m.after_step(Progress(s + 1, 4))
+    assert fractions["micro_batch"] == [0.0, 0.25, 0.5, 0.75]
+    assert fractions["step"] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_guard_undoes_micro_batch_updates_of_a_skipped_step():
+    """The trainer's :class:`~mimkit.train.step.AfterStepGuard` copies the teacher before the micro-batches
+    (``begin``) of a method that changes it there: a skipped step gets the step-boundary teacher back, on
+    the device path (``bad`` flag) and on the host path (``restore``); a good step keeps the updates."""
+    from mimkit.train.step import AfterStepGuard
+
+    model = make(momentum=0.5)
+    with torch.no_grad():
+        model.encoder.blocks[0].attn.qkv.weight.add_(1.0)  # the student moves away: an EMA step changes the teacher
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+    guard = AfterStepGuard(model, opt)
+    assert guard.active and guard.micro
+    teacher = model.target.branch.blocks[0].attn.qkv.weight
+    start = teacher.clone()
+    prog = Progress(0, 10, micro_batches=2)
+    for bad, kept in ((torch.tensor(1.0), False), (None, True)):
+        guard.begin()
+        model.after_micro_batch(Progress(0, 10, micro_batch=0, micro_batches=2))
+        assert not torch.equal(teacher, start)
+        guard(Progress(1, 10, micro_batches=2), bad)
+        assert torch.equal(teacher, start) != kept
+        with torch.no_grad():
+            teacher.copy_(start)
+    guard.begin()
+    model.after_micro_batch(prog)
+    guard.restore()
+    assert torch.equal(teacher, start)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_trainer_skipped_step_leaves_the_per_micro_batch_teacher_unchanged(tmp_path, fused):
+    """Through the Trainer with accumulation 2: a non-finite step (the first micro-batch of step 1 poisoned)
+    leaves the teacher as it was before that step, although ``after_micro_batch`` moved it in between, on
+    the device path (fused AdamW) and on the host path; the good steps move it."""
+    from conftest import TINY_RUN
+
+    from mimkit.config import load_config
+    from mimkit.train import Trainer
+    from mimkit.train.distributed import unwrap
+
+    cfg = load_config(ROOT / "configs/pcae_fashion_mnist.yaml",
+                      [*TINY_RUN, "data.batch_size=8", "optim.accum_iter=2", "train.max_steps=3", "optim.warmup_epochs=0",
+                       "train.max_nonfinite_fraction=1", f"optim.fused={fused}", f"train.out_dir={tmp_path}"])
+    t = Trainer(cfg)
+    teacher = unwrap(t.model).target.branch
+    real, calls, snaps = t.train_model, [0], {}
+
+    def poisoned(images, progress):
+        calls[0] += 1
+        snaps[calls[0]] = [v.clone() for v in teacher.state_dict().values()]
+        out = real(images, progress)
+        if calls[0] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    t.train_model = poisoned
+    try:
+        result = t.train()
+    finally:
+        t.close()
+    assert result["nonfinite"] == 1 and calls[0] == 6
+    same = [all(torch.equal(a, b) for a, b in zip(snaps[i], snaps[i + 1])) for i in range(1, 6)]
+    # forward call 1 -> 2 (micro-batch 0 of step 0): the EMA towards a student still equal to the teacher;
+    # 2 -> 3: step 0 moved the student, then the teacher; 3 -> 4: moved after the poisoned micro-batch;
+    # 4 -> 5: the skipped step restores the step-boundary teacher; 5 -> 6: moved again
+    assert same == [True, False, False, False, False]
+    assert all(torch.equal(a, b) for a, b in zip(snaps[3], snaps[5]))

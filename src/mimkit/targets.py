@@ -12,14 +12,23 @@ Each provider is a small module (or callable) that methods compose:
   naive      the online modules themselves                    gradients through both branches
   stopgrad   the online modules under ``no_grad``             none (weight sharing, momentum 0)
   separate   a copy, initialised equal, trained by back-prop  its own gradients
-  ema        a copy, initialised equal                        ``m θ_T + (1 - m) θ`` after each step
+  ema        a copy, initialised equal                        ``m θ_T + (1 - m) θ`` (when: below)
   ========== ================================================ ===================================
 
-  One EMA timing rule for every method: :meth:`LatentTarget.update` is called from the method's
-  ``after_step(progress)``, i.e. once per optimizer step, after it (gradient-accumulation
-  micro-batches never update twice), with momentum ``m`` from :class:`MomentumSchedule` at the
-  progress *after* the step. This equals updating before the next step's target forward (Latent MIM's
-  code) and after every iteration (PCAE's code).
+  When the EMA copy is updated is the method's choice, in its hooks (:class:`~mimkit.methods.Method`):
+
+  * once per optimizer step, from ``after_step(progress)``, with ``m`` from :class:`MomentumSchedule`
+    at the progress *after* the step (``update(progress)``). This equals Latent MIM's code, which
+    updates once per optimizer step before the next step's target forward. Latent MIM does this, and
+    PCAE with ``ema_update=step``.
+  * after every iteration, i.e. every micro-batch (PCAE's official loop, PCAE's default
+    ``ema_update=micro_batch``): under gradient accumulation of ``k`` micro-batches the copy moves
+    ``k`` times per optimizer step, and the second micro-batch's target forward sees the copy updated
+    after the first. That is *not* the once-per-step rule when ``k > 1`` (the teacher would move about
+    ``k`` times less per step), and even at ``k = 1`` its momentum index differs by one: iteration
+    ``i`` (0-based, over all micro-batches) uses ``m`` at fraction ``i / (total_steps * k)``
+    (``update(progress, fraction=...)``), so the first update uses the base momentum. See
+    :class:`~mimkit.methods.pcae.PCAE`.
 * :class:`FrozenTeacher` — a frozen encoder from a local file (mimkit checkpoint or export, timm ViT
   state dict, official MAE checkpoint, CLIP image tower: :class:`~mimkit.nn.clip.ClipImageTower`) or an in-memory
   module, whose patch grid is resampled to the student's when they differ (CAE v2).
@@ -86,7 +95,11 @@ class MomentumSchedule:
         self.base, self.final = base, final
 
     def __call__(self, progress) -> float:
-        return cosine_momentum(self.base, progress.fraction if progress is not None else 0.0, self.final)
+        return self.at(progress.fraction if progress is not None else 0.0)
+
+    def at(self, fraction: float) -> float:
+        """The momentum at ``fraction`` of training (clamped to [0, 1])."""
+        return cosine_momentum(self.base, fraction, self.final)
 
 
 @torch.no_grad()
@@ -123,7 +136,8 @@ class LatentTarget(nn.Module):
         momentum: :class:`MomentumSchedule` for ``ema``.
 
     Use: ``z = target(lambda m: m["encoder"](...))`` runs the callable on the right branch, under
-    ``no_grad`` for ``stopgrad`` and ``ema``; ``target.update(progress)`` after each optimizer step.
+    ``no_grad`` for ``stopgrad`` and ``ema``; ``target.update(progress)`` after each optimizer step (or
+    ``target.update(progress, fraction=f)`` where the method counts its own schedule: PCAE's iterations).
     """
 
     def __init__(self, kind: str, online: nn.Module, momentum: MomentumSchedule | None = None):
@@ -156,11 +170,12 @@ class LatentTarget(nn.Module):
         return fn(self.module())
 
     @torch.no_grad()
-    def update(self, progress) -> float | None:
-        """EMA step with ``m = momentum(progress)`` (``ema`` only); returns ``m`` or ``None``."""
+    def update(self, progress, fraction: float | None = None) -> float | None:
+        """EMA step with ``m = momentum(progress)``, or ``momentum.at(fraction)`` when ``fraction`` is given
+        (``ema`` only); returns ``m`` or ``None``."""
         if self.kind != "ema":
             return None
-        m = self.momentum(progress)
+        m = self.momentum(progress) if fraction is None else self.momentum.at(fraction)
         ema_update(self.branch, self.online, m)
         return m
 

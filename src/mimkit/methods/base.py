@@ -5,6 +5,7 @@ A method is an ``nn.Module`` subclass of :class:`Method`::
     model = METHODS[name](ModelConfig, options)           # options: the class's ``options_class``
     plan  = model.make_plan(images, progress, generator)  # MaskPlan for images (B, C, H, W)
     out   = model(images, progress, plan=None, generator=None)   # StepOutput(loss, metrics, ...)
+    model.after_micro_batch(progress)                     # after each micro-batch's backward (accumulation)
     model.after_step(progress)                            # once per optimizer step (EMA, schedules)
     model.check_batch_size(n)                             # ValueError naming the fix, before any data
     model.encoder                                         # the ViT that is evaluated and exported
@@ -15,6 +16,15 @@ A method is an ``nn.Module`` subclass of :class:`Method`::
     cls.offline_overrides, cls.smoke_overrides            # config overrides: no files / tiny shapes
 
 ``progress`` is :class:`Progress` (``None`` outside training: no schedules, warm starts off).
+
+Order of the hooks in one optimizer step of ``k = progress.micro_batches`` micro-batches (the trainer's
+``optim.accum_iter``; :class:`~mimkit.train.step.Accumulator`): for ``j = 0 .. k-1``: ``forward`` ->
+``backward`` -> ``after_micro_batch(progress with micro_batch=j)``; then the optimizer step, then
+``after_step(progress)`` with ``progress.step`` counting that step. So micro-batch ``j + 1``'s forward
+sees what ``after_micro_batch`` did after micro-batch ``j`` (PCAE's per-iteration EMA teacher). A loop
+without accumulation (``k = 1``) may call ``after_step`` alone: a method must give the ``k = 1``
+behaviour from ``after_step`` when ``after_micro_batch`` was not called.
+
 Methods with extra knobs on ``forward`` (MAE's ``noise=`` to reproduce the official masking) take
 them as keyword-only arguments beside these.
 
@@ -41,12 +51,19 @@ from mimkit.nn.vit import ViTConfig
 @dataclass
 class Progress:
     """Where training is: ``step`` (optimizer steps done), ``total_steps``, fractional ``epoch``
-    and ``total_epochs``. ``fraction = step / total_steps`` drives schedules inside methods."""
+    and ``total_epochs``. ``fraction = step / total_steps`` drives schedules inside methods.
+
+    ``micro_batches``: micro-batches per optimizer step (gradient accumulation, the trainer's
+    ``optim.accum_iter``; 1 without); ``micro_batch``: the index ``0 .. micro_batches - 1`` of the
+    micro-batch just back-propagated, set in the progress given to :meth:`Method.after_micro_batch`
+    (0 elsewhere)."""
 
     step: int = 0
     total_steps: int = 1
     epoch: float = 0.0
     total_epochs: float = 1.0
+    micro_batch: int = 0
+    micro_batches: int = 1
 
     @property
     def fraction(self) -> float:
@@ -218,13 +235,33 @@ class Method(nn.Module):
                 generator: torch.Generator | None = None) -> StepOutput:
         raise NotImplementedError
 
+    def after_micro_batch(self, progress: Progress) -> None:
+        """Called by the trainer after each micro-batch's backward pass, before the next micro-batch's
+        forward (and, after the last one, before the optimizer step and :meth:`after_step`).
+        ``progress``: the step's progress (``step`` = optimizer steps done before this one) with
+        ``micro_batch`` = the index of the micro-batch just done and ``micro_batches`` = k. For state that
+        must change between micro-batches (PCAE's EMA teacher, updated after every iteration as in its
+        official loop). Default: nothing. The trainer undoes what it changed in the method's tensors
+        outside the optimizer when the step is skipped (non-finite) or abandoned
+        (:class:`~mimkit.train.step.AfterStepGuard`)."""
+
     def after_step(self, progress: Progress) -> None:
-        """Called by the trainer once per optimizer step, after it (EMA updates, schedules)."""
+        """Called by the trainer once per optimizer step, after it (EMA updates, schedules); ``progress.step``
+        counts that step."""
 
     def check_batch_size(self, batch_size: int) -> None:
         """Raise ``ValueError`` (naming the fix) when the method cannot train on batches of ``batch_size``
         images per process (e.g. MixedAE needs a multiple of its group size). The trainer calls it
         before loading any data."""
+
+    def preflight(self, fresh: bool) -> None:
+        """Raise ``ValueError`` (naming the fix) when a run cannot start. The trainer calls it before it
+        writes anything into the run directory; ``fresh``: no checkpoint or ``model.init`` file will be
+        loaded, so what only a checkpoint could supply (CAE v2's teacher, CAE's codebook) must exist now."""
+
+    def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The training data's per-channel normalisation, given by the trainer once the data is built;
+        for methods that work in pixel space (CAE v2's colour jitter). Default: not needed."""
 
     def reconstruct(self, images: torch.Tensor, plan: MaskPlan) -> Reconstruction:
         """Pixel predictions for a reconstruction picture (methods declaring ``reconstruction``)."""

@@ -240,6 +240,10 @@ class CAE(Method):
             self.codebook.centroids.copy_(book.centroids)
         return True
 
+    def preflight(self, fresh: bool) -> None:
+        if fresh and self.options.target == "codebook" and not self._codebook_ready:  # a checkpoint would bring it
+            self._codebook_ready = self._read_codebook(must_exist=True)
+
     def fit_command(self) -> str:
         """The command that writes this model's codebook file."""
         enc, o = self.encoder, self.options

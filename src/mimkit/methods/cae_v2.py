@@ -7,6 +7,7 @@ per-token outputs with a cosine loss, on the cls, the visible and the predicted 
 
 One step, shapes for B images, L patches, n visible, m masked, student width d, teacher width Dt::
 
+    x     = color_jitter(x)                        training only: one jittered image for both sides
     plan  = block_mask(B, L)                       m = 30/49/98 of 196 for Tiny/Small/Base (size_preset)
     T     = l2n(teacher(x))                        (B, 1+L, Dt) frozen, eval mode, no grad; its patch
                                                    grid resampled to the student's when they differ
@@ -25,6 +26,18 @@ pictures and resuming need no teacher file: a model built from a config whose te
 gets the teacher from the checkpoint it loads; only a training step without one fails, naming the
 command that makes the file. ``teacher_path: null`` with ``teacher_random_init: true`` builds a randomly
 initialised frozen teacher of shape ``teacher_vit`` — a plumbing test only (it teaches nothing).
+
+Colour jitter (``color_jitter``, 0.4 by default): the official pipeline (Atten4Vis/CAE
+``furnace/datasets.py``, ``DataAugmentationForCAE``; the CAE v2 scripts ``project/CAEv2/scripts/caev2_*_300e.sh``
+pass ``--color_jitter 0.4``) applies ``torchvision.transforms.ColorJitter(0.4, 0.4, 0.4)`` to every image
+(probability 1; brightness, contrast and saturation factors each uniform in [0.6, 1.4], in a random order;
+hue 0) in its ``common_transform``, before the flip and the crop that both views (student and CLIP) are
+rendered from: the student and the teacher see the same jittered image. Here it runs in :meth:`CAEv2.forward`
+in training mode, on the device and batched (:func:`color_jitter`: torchvision's tensor formulas with
+per-image factors and order), in pixel space (``data_mean``/``data_std`` undo the data's normalisation),
+before the teacher and the student read the images. Deviations: it acts on the crop the data pipeline made
+(the official jitters the whole image first, so its contrast mean is the whole image's grey mean, not the
+crop's), in float (the official on 8-bit PIL images).
 
 Deviations (recorded): teacher patch features are resampled bilinearly when the grids differ (the
 paper's grids coincide); a teacher at another image size or channel count gets the images resized
@@ -82,8 +95,12 @@ class CAEv2Options(MethodOptions):
       a random frozen teacher of shape ``teacher_vit`` (plumbing test only). ``teacher_vit``: the
       teacher's shape when no file gives it (random init; a placeholder while a file is missing).
       ``teacher_norm``: apply the teacher's final LayerNorm (CLIP: ``ln_post``).
-    * ``data_mean``/``data_std``/``teacher_mean``/``teacher_std``: re-normalise the teacher's input
-      (all four, or none).
+    * ``data_mean``/``data_std``: the data's normalisation (``data.mean``/``data.std``), needed by the
+      colour jitter and the teacher re-normalisation; ``teacher_mean``/``teacher_std``: re-normalise the
+      teacher's input (they need ``data_mean``/``data_std``).
+    * ``color_jitter``: strength ``s`` of the official ``ColorJitter(s, s, s)`` (brightness, contrast,
+      saturation; hue 0), applied to every training image before both the teacher and the student
+      (module docstring); 0.4 in the official CAE v2 scripts; 0 turns it off.
     * ``supervise``: the supervised token groups, any of ``cls``, ``visible``, ``masked`` (all three in
       the paper; the slides' ``Y_v only`` / ``Y_m only`` rows restrict it).
     * ``size_preset``: the masked count by model size, 30 / 49 / 98 of 196 patches for ``tiny`` /
@@ -103,11 +120,71 @@ class CAEv2Options(MethodOptions):
     data_std: tuple[float, ...] | None = None
     teacher_mean: tuple[float, ...] | None = None
     teacher_std: tuple[float, ...] | None = None
+    color_jitter: float = 0.4
     supervise: tuple[str, ...] = GROUPS
     size_preset: str = "auto"
     regressor_depth: int = 4
     layer_scale: float | None = 0.1
     masking: MaskingOptions = field(default_factory=cae_masking)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend`` with a per-image ``factor (B, 1, 1, 1)``: ``f x + (1 - f) other`` in [0, 1]."""
+    return (factor * x + (1.0 - factor) * other).clamp(0.0, 1.0)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` luminance (torchvision's ``rgb_to_grayscale``; a grey image as it is)."""
+    if x.shape[1] == 1:
+        return x
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+    return rgb_to_grayscale(x)
+
+
+def jitter_params(batch: int, strength: float, device, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(factors (B, 3), order (B, 3))``: per image the brightness, contrast and saturation factors, each
+    uniform in ``[max(0, 1 - s), 1 + s]``, and a random order of the three operations (0 brightness,
+    1 contrast, 2 saturation), as ``ColorJitter.get_params`` draws them per image."""
+    def uniform(shape):
+        return torch.rand(shape, device=device) if generator is None else torch.rand(shape, device=device,
+                                                                                    generator=generator)
+
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    factors = lo + (hi - lo) * uniform((batch, 3))
+    order = torch.argsort(uniform((batch, 3)), dim=1)
+    return factors, order
+
+
+def apply_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Brightness / contrast / saturation of images ``x (B, C, H, W)`` in [0, 1] (C = 1 or 3) with per-image
+    ``factors`` and ``order`` (:func:`jitter_params`): torchvision's ``adjust_brightness`` /
+    ``adjust_contrast`` / ``adjust_saturation`` formulas, batched (no loop over images; saturation leaves
+    grey images as they are, as torchvision does)."""
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"colour jitter needs 1 or 3 channels, got {x.shape[1]}")
+    b = x.shape[0]
+    for k in range(3):
+        op = order[:, k].view(b, 1, 1, 1)
+        f = factors.gather(1, order[:, k : k + 1]).view(b, 1, 1, 1)
+        grey = _grey(x)
+        bright = _blend(x, 0.0, f)
+        contrast = _blend(x, grey.mean(dim=(-3, -2, -1), keepdim=True), f)
+        saturation = _blend(x, grey, f) if x.shape[1] == 3 else x
+        x = torch.where(op == 0, bright, torch.where(op == 1, contrast, saturation))
+    return x
+
+
+def color_jitter(images: torch.Tensor, strength: float, mean, std,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The official ``ColorJitter(s, s, s)`` on normalised ``images (B, C, H, W)``: undo ``mean``/``std``,
+    jitter each image in [0, 1] (:func:`apply_jitter`), normalise again."""
+    x = images.float()
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    factors, order = jitter_params(x.shape[0], strength, x.device, generator)
+    return ((apply_jitter(x * s + m, factors, order) - m) / s).to(images.dtype)
 
 
 def size_num_keep(length: int, size: str) -> int:
@@ -160,10 +237,13 @@ class CAEv2(Method):
             raise ValueError(f"method.supervise must be a non-empty subset of {list(GROUPS)}, got {list(o.supervise)}")
         if o.size_preset not in SIZE_PRESETS:
             raise ValueError(f"unknown method.size_preset {o.size_preset!r}; choose one of: {', '.join(SIZE_PRESETS)}")
-        norms = [o.data_mean, o.data_std, o.teacher_mean, o.teacher_std]
-        if any(v is not None for v in norms) and not all(v is not None for v in norms):
-            raise ValueError("re-normalising the teacher input needs method.data_mean, data_std, teacher_mean and "
-                             "teacher_std together")
+        if (o.data_mean is None) != (o.data_std is None) or (o.teacher_mean is None) != (o.teacher_std is None):
+            raise ValueError("give method.data_mean with data_std, and method.teacher_mean with teacher_std")
+        if o.teacher_mean is not None and o.data_mean is None:
+            raise ValueError("re-normalising the teacher input (method.teacher_mean/teacher_std) needs the data's "
+                             "normalisation in method.data_mean/data_std")
+        if o.color_jitter < 0:
+            raise ValueError(f"method.color_jitter must be >= 0 (0 = off), got {o.color_jitter}")
         self.encoder = enc = ViTEncoder(model.encoder)
         size = SIZE_BY_WIDTH.get(enc.embed_dim, "none") if o.size_preset == "auto" else o.size_preset
         self.size = size
@@ -181,6 +261,7 @@ class CAEv2(Method):
         self.regressor = LatentRegressor(d.embed_dim, enc.grid_size, o.regressor_depth, d.num_heads, d.mlp_ratio,
                                          model.encoder.drop_path_rate, o.layer_scale, final_norm=False)
         self._width = d.embed_dim
+        self._data_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # set_input_normalisation
         teacher, self._teacher_ready = self._initial_teacher()
         self.head = CAEv2Head(d.embed_dim, _teacher_dim(teacher)) if teacher is not None else None
         cae_init(self, enc, [self.regressor.mask_token])  # before the teacher joins: it keeps its weights
@@ -256,6 +337,25 @@ class CAEv2(Method):
         patches = t[:, 1:]
         return torch.cat([t[:, :1], gather_tokens(patches, ids_v), gather_tokens(patches, ids_m)], dim=1)
 
+    def jitter(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The official colour jitter (``color_jitter``; module docstring) on normalised training images,
+        un-normalised with ``method.data_mean/data_std`` or else the data's normalisation the trainer
+        gives (:meth:`set_input_normalisation`)."""
+        o = self.options
+        mean, std = (o.data_mean, o.data_std) if o.data_mean is not None else self._data_norm or (None, None)
+        if mean is None:
+            raise ConfigError(f"method.color_jitter={o.color_jitter} jitters in pixel space and needs the data's "
+                              "normalisation: set method.data_mean/data_std (= data.mean/data.std), or "
+                              "method.color_jitter=0")
+        return color_jitter(images, o.color_jitter, mean, std, generator)
+
+    def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self._data_norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def preflight(self, fresh: bool) -> None:
+        if fresh and not self._teacher_ready:  # a checkpoint would bring the teacher; a fresh run needs the file
+            self._require_teacher()
+
     # -- capabilities and masking ---------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
@@ -289,6 +389,8 @@ class CAEv2(Method):
         """``images (B, C, H, W)`` -> :class:`StepOutput` with ``pred``/``target`` ``(B, 1+n+m, Dt)``."""
         if plan is None:
             plan = self.make_plan(images, progress, generator)
+        if self.training and self.options.color_jitter > 0:
+            images = self.jitter(images, generator)  # one jittered image for the teacher and the student
         target = self.teacher_targets(images, plan.ids_keep, plan.ids_masked())
         pred = self.predict(images, plan)
         cos = (pred * target).sum(-1)  # (B, 1+n+m)

@@ -13,9 +13,12 @@ for B images, ``n`` tokens owned per image (``n = ceil(L/G)``, shorter parts pad
     tokens = encoder.patch_tokens(images)                 (B, L, D)       positions added before mixing
     plan   = PartitionMasking(G)(B/G, L)                  ids_keep (B, n) image b = g*G + k owns part k of
                                                           group g's permutation (rotated views, as in masking.py)
-    x_mix  = mix(gather(tokens, ids_keep))                (B/G, G*n, D)   member-major; + segment embedding
+    x_mix  = mix(gather(tokens, ids_keep))                (B/G, G*n, D)   member-major (+ segment embedding
+                                                                          only when asked: segment_embed)
     z      = encoder(cls + x_mix, TopK in training)       (B/G, 1+G*n, D) after the final norm
-    L_con  = HomoCon(z[:, 1:], member of each slot)       positives: same source image, same sequence
+    L_con  = HomoCon(z[:, 1:], member of each slot)       positives: same source image, same sequence;
+                                                          summed over (anchor, positive) pairs per sequence,
+                                                          mean over the B/G sequences (contrastive_reduction)
     latent = unmix(z)                                     (B, 1+n, D)     the group's cls + own tokens
     pred   = MAE decoder(latent, ids_restore)             (B, L, P)       mask tokens where others own
     L_pix  = masked MSE, mask[b, l] = 1 iff b does not own l   (MAE's reduction)
@@ -41,21 +44,40 @@ TL;DR page, [PROPOSAL] = the sources are silent):
   sequence after unmixing).
 * homologous contrastive loss (HomoCon) on the encoder's patch tokens after the final LayerNorm,
   cosine similarity with temperature, positives = the other tokens of the same source image in the same
-  mixed sequence, negatives = the other images' tokens in that sequence: [SLIDES]; SupCon-"out"
-  reduction (mean over positives, then over anchors), ``temperature = 0.25``, ``contrastive_weight =
-  0.1``, no projector: [PROPOSAL] (:func:`mimkit.losses.homologous_contrastive`).
-* segment embeddings: listed by the TL;DR page [ABS]; a learnable ``(G, D)`` table indexed by the slot
-  (0..G-1) added to the encoder input (``segment_embed=encoder``, BERT-style, discarded with the rest
-  of the method when the encoder is exported): [PROPOSAL]. ``decoder`` adds it to the unmixed tokens
-  before the decoder instead, ``none`` drops it.
+  mixed sequence, negatives = the other images' tokens in that sequence: [SLIDES]. The deck writes it
+  for one mixed sample as a *sum* over anchors ``l`` and their positives ``l+``
+  (``-sum_l sum_{l+} log softmax``) [SLIDES]; default ``contrastive_reduction=sum``: that sum per mixed
+  sequence, averaged over the ``B/G`` sequences as the pixel loss is averaged over images.
+  ``contrastive_reduction=mean`` is the SupCon-"out" mean (over an anchor's positives, then over the
+  anchors of all sequences; :func:`mimkit.losses.homologous_contrastive`) [PROPOSAL]: it equals the sum
+  divided by the pairs per sequence ``P = sum_k n_k (n_k - 1)`` exactly when the G parts are equal
+  (``P = L (L/G - 1)``: 196 * 48 = 9408 at ViT-B/16, 224, G = 4; 64 * 15 = 960 at L = 64), and about so
+  otherwise (49 patches, parts 13/12/12/12: P = 552). So ``contrastive_weight`` λ under ``mean`` equals
+  ``λ / P`` under ``sum``, and λ under ``sum`` equals ``λ * P`` under ``mean``. τ and λ are not in the
+  sources: ``temperature = 0.25``, no projector, and HomoCon as a regularizer [PROPOSAL]: λ = 0.1 under
+  the mean (~0.1 * log(L - 1) next to a pixel loss of order 1), which under the deck's sum is
+  ``λ = 0.1 / P``. The default ``contrastive_weight = 0.1 / 9408 = 1.0629e-5`` is that weight at
+  ViT-B/16, 224 px, G = 4 (the published shape); the Fashion-MNIST preset sets ``0.1 / 552``. A λ of
+  0.1 under the sum would make HomoCon ~P times the regularizer (a loss of ~200 next to a pixel loss of
+  ~1 at 49 patches), so sweep it around these values.
+* segment embeddings: the TL;DR page lists them among MixedAE's parts [ABS], but the authors' deck (its
+  mixing, HomoAtt and HomoCon) does not have them and their placement is not recoverable, so the default
+  is ``segment_embed=none``. On request, a learnable ``(G, D)`` table indexed by the slot (0..G-1), init
+  N(0, 0.02), added to the encoder input (``encoder``, BERT-style; discarded with the rest of the method
+  when the encoder is exported) or to the unmixed tokens before the decoder (``decoder``) [PROPOSAL].
+  Why not by default: the slot id in the encoder input tells every token which image it belongs to, a
+  content-free shortcut for HomoCon and HomoAtt (on pure-noise images, with nothing to recognise, HomoCon
+  falls far below chance with ``encoder`` and stays at chance with ``none``; ``tests/test_mixedae.py``).
 * the decoder sees the group's cls latent (MAE-style; it has seen all G images): [PROPOSAL] with the
   flag ``decoder_cls`` (false: a zero latent instead).
 * ``pixel_weight`` (1; 0 = the deck's "HomoCon only" arm, which collapses) and ``contrastive_weight``
   (0 = reconstruction only) give the ablation arms; ``homologous_attention=false`` with
   ``contrastive_weight=0`` is "naive mixing".
 
-Metrics each step: ``loss_pixel``, ``loss_contrastive`` (computed without gradient when its weight is
-0, so naive mixing logs it too) and, in training with TopK, ``recognition_acc``: the share of a
+Metrics each step: ``loss_pixel``, ``loss_contrastive`` (the term λ multiplies, in the chosen reduction;
+computed without gradient when its weight is 0, so naive mixing logs it too), ``loss_contrastive_mean``
+(the per-anchor mean whatever the reduction: comparable across reductions and runs, chance = the log of
+the keys per anchor, ~log(L - 1)) and, in training with TopK, ``recognition_acc``: the share of a
 query's TopK keys (patch keys; the cls key is not counted) that come from its own image, averaged over
 queries, heads and TopK blocks (the deck's homologous-recognition accuracy).
 
@@ -74,9 +96,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mimkit.losses import homologous_contrastive, masked_mse
+from mimkit.losses import masked_mse
 from mimkit.masking import MaskPlan, PartitionMasking
 from mimkit.methods.base import (
     Capabilities,
@@ -94,8 +117,9 @@ from mimkit.nn.projector import MLPProjector
 from mimkit.nn.vit import ViTEncoder, gather_tokens
 from mimkit.targets import PixelTarget
 
-SEGMENT_EMBEDS = ("encoder", "decoder", "none")
+SEGMENT_EMBEDS = ("none", "encoder", "decoder")
 PROJECTORS = ("none", "mlp")
+REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -107,10 +131,17 @@ class MixedAEOptions(MethodOptions):
     * ``homologous_attention``: TopK attention in training [SLIDES]; ``topk``: K as a count (wins),
       else ``K = ceil(topk_ratio * (1 + L))`` with ``topk_ratio`` defaulting to r = 1/G [PROPOSAL];
       ``topk_blocks``: encoder blocks with TopK (``None`` = all [PROPOSAL]; negative counts from the end).
-    * ``contrastive_weight`` λ (0.1 [PROPOSAL]; 0 = off, still logged), ``temperature`` τ (0.25
+    * ``contrastive_weight`` λ (``0.1 / 9408``: the proposal's regularizer weight 0.1 under the mean,
+      on the sum at ViT-B/16 [PROPOSAL]; 0 = off, still logged), ``temperature`` τ (0.25
       [PROPOSAL]), ``projector``: ``none`` [PROPOSAL] | ``mlp`` (2 layers, width D) on the features.
+    * ``contrastive_reduction``: ``sum`` (default: the deck's formula, a sum over the (anchor, positive)
+      pairs of each mixed sequence, mean over sequences [SLIDES]) | ``mean`` (SupCon-"out": mean over
+      positives, then anchors [PROPOSAL]). With ``P`` pairs per sequence (``L (L/G - 1)`` for equal parts:
+      9408 at ViT-B/16 and G = 4), λ under ``mean`` equals ``λ / P`` under ``sum`` (the sources give no λ
+      for either; mimkit's earlier default, ``mean`` with 0.1, equals the default here at ViT-B).
     * ``pixel_weight``: weight of the reconstruction loss (1; 0 = contrastive only).
-    * ``segment_embed``: ``encoder`` [PROPOSAL] | ``decoder`` | ``none``.
+    * ``segment_embed``: ``none`` (default: the authors' deck has no segment embedding; the slot id would
+      let HomoCon group tokens without looking at them) | ``encoder`` | ``decoder`` [PROPOSAL, open].
     * ``decoder_cls``: give every decoder sequence the group's cls latent (true [PROPOSAL]).
     * ``norm_target``: per-patch normalized pixel targets (MAE's ``norm_pix_loss``, on).
     * ``log_recognition``: log ``recognition_acc`` in training (needs the attention probabilities).
@@ -124,11 +155,12 @@ class MixedAEOptions(MethodOptions):
     topk: int | None = None
     topk_ratio: float | None = None
     topk_blocks: tuple[int, ...] | None = None
-    contrastive_weight: float = 0.1
+    contrastive_weight: float = 0.1 / 9408  # = 1.0629e-5, see the options docstring
     temperature: float = 0.25
     projector: str = "none"
+    contrastive_reduction: str = "sum"
     pixel_weight: float = 1.0
-    segment_embed: str = "encoder"
+    segment_embed: str = "none"
     decoder_cls: bool = True
     log_recognition: bool = True
 
@@ -167,6 +199,38 @@ def mixed_images(images: torch.Tensor, source: torch.Tensor, patch_size: int, gr
     mixed = torch.gather(px, 1, src[:, None, :, None].expand(-1, 1, -1, p)).squeeze(1)
     grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
     return unpatchify(mixed, patch_size, c, grid)
+
+
+def homologous_contrastive_sum_mean(features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
+                                    temperature: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """HomoCon in both reductions from one similarity matrix: ``(sum, mean)``.
+
+    The pair term is that of :func:`mimkit.losses.homologous_contrastive` (same arguments): for anchor
+    ``i`` and positive ``p in P(i)`` (same label, ``p != i``, both valid), ``-log(exp(s_ip) / sum_{j != i,
+    valid} exp(s_ij))`` with ``s = cos / temperature``. ``sum``: the deck's ``sum_i sum_{p in P(i)}`` per
+    sequence, averaged over the ``N`` sequences. ``mean``: mean over ``P(i)``, then over the anchors of all
+    sequences; equal to :func:`~mimkit.losses.homologous_contrastive`. When every anchor has the same
+    ``|P(i)|`` (equal parts, no padding) ``sum == mean * pairs per sequence``. fp32, autocast off."""
+    n, t, _ = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        z = F.normalize(features.float(), dim=-1)
+        sim = z @ z.transpose(1, 2) / temperature  # (N, T, T)
+    lab = labels.expand(n, t)
+    keys = ~torch.eye(t, dtype=torch.bool, device=features.device)[None]  # (1, T, T): j != i
+    if valid is not None:
+        keys = keys & valid[:, None, :]
+    sim = sim.masked_fill(~keys, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
+    pos = (lab[:, :, None] == lab[:, None, :]) & keys  # (N, T, T)
+    n_pos = pos.sum(-1)
+    anchors = n_pos > 0
+    if valid is not None:
+        anchors = anchors & valid
+    anchors = anchors.float()
+    per_anchor_sum = -log_prob.masked_fill(~pos, 0.0).sum(-1)  # (N, T)
+    total = (per_anchor_sum * anchors).sum() / n
+    mean = (per_anchor_sum / n_pos.clamp(min=1) * anchors).sum() / anchors.sum().clamp(min=1.0)
+    return total, mean
 
 
 @torch.no_grad()
@@ -211,6 +275,9 @@ class MixedAE(Method):
             raise ValueError(f"method.group_size must be in [1, {length}] (images per mixed sequence), got {g}")
         if o.segment_embed not in SEGMENT_EMBEDS:
             raise ValueError(f"method.segment_embed must be one of {', '.join(SEGMENT_EMBEDS)}, got {o.segment_embed!r}")
+        if o.contrastive_reduction not in REDUCTIONS:
+            raise ValueError(f"method.contrastive_reduction must be one of {', '.join(REDUCTIONS)}, "
+                             f"got {o.contrastive_reduction!r}")
         if o.projector not in PROJECTORS:
             raise ValueError(f"method.projector must be one of {', '.join(PROJECTORS)}, got {o.projector!r}")
         if o.temperature <= 0:
@@ -342,8 +409,10 @@ class MixedAE(Method):
         if self.group_size > 1:
             feats = self.projector(z[:, 1:])
             with torch.set_grad_enabled(torch.is_grad_enabled() and o.contrastive_weight > 0):
-                con = homologous_contrastive(feats, member, valid, o.temperature)
+                con_sum, con_mean = homologous_contrastive_sum_mean(feats, member, valid, o.temperature)
+            con = con_sum if o.contrastive_reduction == "sum" else con_mean
             metrics["loss_contrastive"] = con.detach()
+            metrics["loss_contrastive_mean"] = con_mean.detach()
             if o.contrastive_weight > 0:
                 loss = o.contrastive_weight * con
 

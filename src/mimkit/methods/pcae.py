@@ -23,7 +23,23 @@ One step, shapes for B images, L = G*G patches, n visible, m = L - n masked, r r
     z        = encoder(cls + gather(patch_tokens(x), vis))     (B, 1+n, D)
     pred     = decoder([e_cls, e_v + p_v, m + p_ids])[-r:]     (B, r, D)  queries only at retained ids
     loss     = 1 - mean_{b,k} cos(pred, y)
-    after_step: teacher <- m teacher + (1 - m) encoder, m cosine momentum -> momentum_final
+    teacher <- m teacher + (1 - m) encoder after every micro-batch (iteration), m cosine momentum -> momentum_final
+
+EMA timing (``ema_update``). The official loop (``engine_pretrain.py``) updates the teacher after every
+iteration, i.e. every micro-batch under gradient accumulation (``--accum_iter``), with
+``m = momentum_schedule[it]``, ``it`` the 0-based iteration over the whole run and the cosine schedule
+spread over all ``epochs * len(data_loader)`` iterations; an iteration that ends an optimizer step
+updates after ``optimizer.step()``. ``ema_update=micro_batch`` (default) does exactly this through the
+method hooks: with ``k`` micro-batches per step (``Progress.micro_batches``), after micro-batch ``j`` of
+step ``s`` the teacher takes ``m`` at fraction ``(s k + j) / (total_steps k)``, in
+:meth:`PCAE.after_micro_batch` for ``j < k - 1`` (so micro-batch ``j + 1``'s teacher forward sees it) and
+in :meth:`PCAE.after_step` for the last one (after the optimizer step). A loop that never calls
+``after_micro_batch`` (no accumulation) gets the ``k = 1`` rule from ``after_step``.
+``ema_update=step``: once per optimizer step from ``after_step``, ``m`` at the progress after the step
+(``(s + 1) / total_steps``), the rule of Latent MIM and mimkit's earlier PCAE: under accumulation the
+teacher then moves about ``k`` times less per step than in the official loop, and at ``k = 1`` every
+update uses the next iteration's momentum. The logged ``ema_momentum`` is ``m`` at the step's progress
+(``s / total_steps``): under the default, the momentum of the step's first update.
 
 At ViT-B/16, 224, mask 0.75: m = 147 -> 73 -> 36 -> 18 teacher tokens (r = 18); the decoder runs on
 1 + 49 + 18 = 68 tokens (MAE's: 197).
@@ -33,7 +49,8 @@ Options (:class:`PCAEOptions`; defaults = ``main_pretrain.py``'s): ``keep`` (kee
 ablation), the drop schedule (``after_blocks`` explicitly, or ``drop_case`` with ``drop_stages``:
 the code's cases, :func:`drop_schedule`; default case 0 = every ``depth // stages`` blocks starting
 at block 0, stages capped at the depth), ``momentum`` -> ``momentum_final`` (0.9999 -> 1, the code's;
-the Fashion-MNIST preset uses 0.996 for short runs), ``decoder_drop_path`` (the code uses the student's ``--drop_path`` as a
+the Fashion-MNIST preset uses 0.996 for short runs), ``ema_update`` (``micro_batch``, the code's timing, or
+``step``; above), ``decoder_drop_path`` (the code uses the student's ``--drop_path`` as a
 constant rate in every decoder block; ``None`` = ``model.encoder.drop_path_rate``) and ``norm_target``.
 
 Differences from the public code, on purpose:
@@ -87,6 +104,7 @@ from mimkit.targets import DROP_MODES, LatentTarget, MomentumSchedule, TokenDrop
 
 MASKING_KINDS = ("random", "block")
 DROP_CASES = (0, 1, 2, 3)
+EMA_UPDATES = ("micro_batch", "step")
 
 
 def drop_schedule(depth: int, stages: int = 3, case: int = 0) -> tuple[int, ...]:
@@ -132,6 +150,10 @@ class PCAEOptions(MethodOptions):
     * ``after_blocks``: the blocks after which to drop (0-based); ``None`` = :func:`drop_schedule`
       (``drop_stages``, ``drop_case``).
     * ``momentum`` -> ``momentum_final``: EMA momentum along a cosine over training (no warm-up).
+    * ``ema_update``: ``micro_batch`` (default; the official loop: after every iteration, momentum indexed
+      by the iteration) | ``step`` (once per optimizer step, momentum at the progress after it: mimkit's
+      earlier rule). They differ under gradient accumulation (k updates per step vs one) and, by one
+      iteration of the momentum schedule, without (module docstring).
     * ``decoder_drop_path``: constant drop-path rate in the decoder blocks (``None`` = the encoder's
       ``drop_path_rate``, as the code's single ``--drop_path``).
     * ``norm_target``: per-token standardisation of the teacher's final-LN output.
@@ -146,6 +168,7 @@ class PCAEOptions(MethodOptions):
     after_blocks: tuple[int, ...] | None = None
     momentum: float = 0.9999
     momentum_final: float = 1.0
+    ema_update: str = "micro_batch"
     decoder_drop_path: float | None = None
     norm_target: bool = True
     masking: MaskingOptions = field(default_factory=lambda: MaskingOptions(kind="random", ratio=0.75))
@@ -189,6 +212,8 @@ class PCAE(Method):
             raise ValueError(f"pcae takes method.masking.kind in {MASKING_KINDS}, got {o.masking.kind!r}")
         if o.drop not in DROP_MODES:
             raise ValueError(f"unknown method.drop {o.drop!r}; choose one of: {', '.join(DROP_MODES)}")
+        if o.ema_update not in EMA_UPDATES:
+            raise ValueError(f"method.ema_update must be one of {', '.join(EMA_UPDATES)}, got {o.ema_update!r}")
         if not 0.0 < o.keep <= 1.0:
             raise ValueError(f"method.keep must be in (0, 1] (1 = no drop), got {o.keep}")
         depth = model.encoder.depth
@@ -285,9 +310,30 @@ class PCAE(Method):
         )
         return StepOutput(loss, metrics, pred=pred, target=teacher.target, plan=plan.replace(ids_target=teacher.ids))
 
+    @staticmethod
+    def iteration_fraction(step: int, micro_batch: int, progress: Progress) -> float:
+        """The official momentum index as a fraction: iteration ``step * k + micro_batch`` of the run's
+        ``total_steps * k`` iterations (``k = progress.micro_batches``), clamped to [0, 1]."""
+        k = max(1, progress.micro_batches)
+        return min(1.0, max(0.0, (step * k + micro_batch) / (max(1, progress.total_steps) * k)))
+
+    def after_micro_batch(self, progress: Progress) -> None:
+        """``ema_update=micro_batch``: the teacher's EMA step after micro-batch ``j < k - 1`` of the step
+        (``progress.step`` steps done), at the momentum of iteration ``step * k + j``. The last
+        micro-batch's update comes after the optimizer step (:meth:`after_step`), as in the official
+        loop."""
+        if self.options.ema_update == "micro_batch" and progress.micro_batch < progress.micro_batches - 1:
+            self.target.update(progress, fraction=self.iteration_fraction(progress.step, progress.micro_batch,
+                                                                          progress))
+
     def after_step(self, progress: Progress) -> None:
-        """EMA update of the teacher, once per optimizer step (:class:`~mimkit.targets.LatentTarget`)."""
-        self.target.update(progress)
+        """The teacher's EMA step after the optimizer step (``progress.step`` counts it).
+        ``micro_batch``: the update of the step's last micro-batch, iteration ``step * k - 1``; ``step``: the
+        one update of the step at the progress after it (:class:`~mimkit.targets.LatentTarget`)."""
+        if self.options.ema_update == "step":
+            self.target.update(progress)
+        else:
+            self.target.update(progress, fraction=self.iteration_fraction(progress.step, -1, progress))
 
     def target_copies(self) -> tuple[TargetCopy, ...]:
         """The EMA teacher (``target.branch``), a copy of the encoder."""

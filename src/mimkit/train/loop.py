@@ -1,6 +1,7 @@
 """The method-agnostic pretraining loop.
 
-One optimizer step = ``accum_iter`` micro-batches, each ``loss / accum_iter`` back-propagated; the
+One optimizer step = ``accum_iter`` micro-batches, each ``loss / accum_iter`` back-propagated and followed
+by the method's ``after_micro_batch`` hook, then the optimizer step and ``after_step``; the
 lr is set before every step from the fractional epoch (warmup + cosine, MAE). AMP: bf16 autocast on
 GPU by default (fp16 with a grad scaler on request), fp32 on CPU unless ``precision=bf16``.
 Non-finite losses skip the step (all ranks agree), are counted and recorded in ``metrics.jsonl``;
@@ -66,6 +67,7 @@ from mimkit.train.resume import (
     find_resume_point,
     load_dcp_state,
     restore_state,
+    resume_point_exists,
     seed_everything,
 )
 from mimkit.train.signals import EXIT_INTERRUPTED, STOP_SIGNALS, StopSignals, TrainingInterrupted
@@ -141,6 +143,8 @@ class Trainer:
             try:  # option errors of the method become one-line config errors, before the data is loaded
                 model = build_method(cfg)
                 model.check_batch_size(cfg.data.batch_size)
+                # before the run directory is touched: what a fresh run needs (CAE v2's teacher file...)
+                model.preflight(fresh=not cfg.model.init and not resume_point_exists(self.cfg))
             except ConfigError:
                 raise
             except (ValueError, FileNotFoundError) as e:
@@ -155,6 +159,7 @@ class Trainer:
             self.init_report = (apply_init(model, self.cfg, self.out_dir, info.is_main)
                                 if point is None and cfg.model.init else None)
             self.data = build_train_data(cfg, info)
+            model.set_input_normalisation(self.data.mean, self.data.std)
             self.model = model.to(self.device)
             self.method = self.model
             self.precision = Precision(cfg.train.precision, self.device)
@@ -325,7 +330,8 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def progress(self) -> Progress:
-        return Progress(self.step, self.total_steps, self.step / self.steps_per_epoch, self.cfg.train.epochs)
+        return Progress(self.step, self.total_steps, self.step / self.steps_per_epoch, self.cfg.train.epochs,
+                        micro_batches=self.cfg.optim.accum_iter)
 
     def train(self) -> dict:
         """Run the loop to ``train.epochs`` / ``train.max_steps``; releases the run directory at the end."""
@@ -359,7 +365,7 @@ class Trainer:
         accum = cfg.optim.accum_iter
         batches = self.data.batches(self.step * accum, self.steps_per_epoch * accum)
         accumulate = Accumulator(batches, accum, info, self._batch_shape, self.precision,
-                                 lambda: self.signals.received is not None)
+                                 lambda: self.signals.received is not None, unwrap(self.model).after_micro_batch)
         params = [p for p in self.model.parameters() if p.requires_grad]
         every_s = cfg.train.ckpt_every_minutes * 60 if cfg.train.ckpt_every_minutes else None
         log = StepLog(logger, bar, self.eff_batch)
@@ -374,7 +380,9 @@ class Trainer:
         sync_free = self.precision.skips_on_device(self.optimizer)
         flags = HostFlags(info, self.groups.host_flag_group())
         self.skips.tracker = NonFiniteTracker(cfg.train.log_every_steps, self.device) if sync_free else None
-        guard = AfterStepGuard(unwrap(self.model), self.optimizer) if sync_free else None
+        # the guard also keeps the step-boundary state of a method that changes itself between micro-batches
+        # (after_micro_batch: PCAE's teacher) for a skipped or abandoned step, on either path
+        guard = AfterStepGuard(unwrap(self.model), self.optimizer) if sync_free or accum > 1 else None
         return _Run(stop, log, accumulate, params, sync_free, flags, guard, skipped_at_start, every_s, next_knn)
 
     def _train_step(self, run: _Run) -> None:
@@ -385,6 +393,8 @@ class Trainer:
                    cfg.optim.warmup_from_min_lr)
         set_lr(self.optimizer, lr)
         boundary_rng = ckpt.rng_state() if self.data.loader.streaming else None
+        if run.guard is not None:
+            run.guard.begin()  # copies what after_micro_batch will change (nothing for most methods)
         micro = run.accumulate(self.train_model, prog)
         # 1.0 when the loss is not finite on some rank (device value; an async collective on NCCL)
         bad = (~torch.isfinite(micro.loss)).float()  # 0-d, as found_inf must be
@@ -419,6 +429,8 @@ class Trainer:
         """A rank met a corrupt file, or its loader broke under a stop signal: save the state of the last
         step boundary and raise (:class:`DataError` or :class:`TrainingInterrupted`)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if run.guard is not None:
+            run.guard.restore()  # the micro-batches' changes to the method (PCAE's teacher): the boundary state
         run.log.close_bar()
         self._flush_nonfinite(run)
         path = self.save(rng=boundary_rng)
@@ -441,6 +453,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if run.guard is not None:
+            run.guard.restore()  # undo the micro-batches' changes to the method (PCAE's teacher)
         self.skips.skip(self.step, lr, run.log.logger, self.checkpointer.last_good_text)
         self.step += 1  # the step counter advances so the data stream and schedule move past the bad batch
 

@@ -274,3 +274,16 @@ def apply_init(model: nn.Module, cfg: Config, out_dir: Path, is_main: bool):
         print(report.summary(), file=sys.stderr)
         (out_dir / "init.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def resume_point_exists(cfg: Config) -> bool:
+    """Whether ``train.resume`` will load a checkpoint (without reading one): an explicit path, or under
+    ``auto`` any ``checkpoint*.pt`` or sharded directory in the run directory. For the method's preflight
+    before the run directory is claimed (a fresh run must have what only a checkpoint could supply)."""
+    resume = cfg.train.resume
+    if resume in ("none", "", None):
+        return False
+    if resume != "auto":
+        return True
+    out = Path(cfg.train.out_dir)
+    return bool(ckpt.numbered_checkpoints(out)) or (out / ckpt.LATEST).is_file() or bool(ckpt.dcp_checkpoints(out))

@@ -9,15 +9,17 @@ checkpoints; between those the step is queued without waiting:
   ``found_inf`` and leaves parameters, moments and its step counter untouched when it is set (the
   mechanism :class:`torch.amp.GradScaler` uses); :class:`NonFiniteTracker` keeps one flag per step
   of the logging window and the trainer reads them at the next log step or checkpoint.
-* Method state changed after the step (EMA teachers in ``after_step``): :class:`AfterStepGuard`
-  restores it with a device-side select when the step was skipped.
+* Method state changed after the step (EMA teachers in ``after_step``) or after its micro-batches
+  (``after_micro_batch``: PCAE's per-iteration teacher): :class:`AfterStepGuard` restores it with a
+  device-side select when the step was skipped (and restores a step's micro-batch changes when the step
+  is skipped on the host or abandoned).
 * Host-side flags (stop signal, data error, checkpoint due): one process needs no agreement; with
   several processes :class:`HostFlags` sums them with one all-reduce on a CPU (gloo) process group,
   which costs tens of microseconds and never waits for the GPU.
 
 :class:`NonFiniteSteps` owns the run's count of skipped steps and its limits (``train.max_nonfinite``,
 ``train.max_nonfinite_fraction``), whichever path found them; :class:`Accumulator` runs the forward and
-backward passes of one step's micro-batches.
+backward passes of one step's micro-batches and calls the method's ``after_micro_batch`` after each.
 
 :func:`count_host_reads` counts the calls that would wait for the device (a test and debugging aid;
 on CUDA ``torch.cuda.set_sync_debug_mode("warn")`` reports the same from inside torch).
@@ -26,6 +28,7 @@ on CUDA ``torch.cuda.set_sync_debug_mode("warn")`` reports the same from inside 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,17 +150,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class AfterStepGuard:
-    """Undo what ``method.after_step`` did to the method's tensors when the step was skipped.
+    """Undo what ``method.after_step`` (and ``method.after_micro_batch``) did to the method's tensors when
+    the step was skipped.
 
-    Only methods that override ``after_step`` (EMA teachers: Latent MIM, PCAE) pay for it: their
-    floating tensors outside the optimizer (frozen parameters, buffers) are copied before the call
-    and selected back afterwards with ``torch.where(bad, old, new)``, on the device."""
+    Only methods that override ``after_step`` or ``after_micro_batch`` (EMA teachers: Latent MIM, PCAE)
+    pay for it: their floating tensors outside the optimizer (frozen parameters, buffers) are copied
+    before the call and selected back afterwards with ``torch.where(bad, old, new)``, on the device. For
+    a method that overrides ``after_micro_batch`` the trainer calls :meth:`begin` before the step's
+    micro-batches, so the copy is taken there and the select undoes their changes too; :meth:`restore`
+    puts that copy back when the step is skipped on the host or abandoned (the state of the step
+    boundary is what a checkpoint then holds)."""
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer):
         from mimkit.methods import Method
 
         self.method = method
-        self.active = type(method).after_step is not Method.after_step
+        self.micro = type(method).after_micro_batch is not Method.after_micro_batch
+        self.active = self.micro or type(method).after_step is not Method.after_step
+        self.begun = False
         self.tensors: list[torch.Tensor] = []
         if self.active:
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -170,11 +180,7 @@ class AfterStepGuard:
             self.active = bool(self.tensors)
         self.saved: list[torch.Tensor] = [torch.empty_like(_local(t)) for t in self.tensors]
 
-    def __call__(self, progress, bad: torch.Tensor | None) -> None:
-        """Run ``after_step(progress)``; ``bad``: device flag of a skipped step (None = known good)."""
-        if not self.active or bad is None:
-            self.method.after_step(progress)
-            return
+    def _save(self) -> None:
         with torch.no_grad():
             # FSDP shards these tensors (DTensors, for which _foreach_copy_ has no sharding rule):
             # guard each rank's local shard, a view of the same storage
@@ -182,6 +188,33 @@ class AfterStepGuard:
             if not self.saved or self.saved[0].shape != local[0].shape:
                 self.saved = [torch.empty_like(t) for t in local]
             torch._foreach_copy_(self.saved, local)
+
+    def begin(self) -> None:
+        """At the start of a step, before its micro-batches: copy the tensors when the method changes them
+        in ``after_micro_batch`` (nothing otherwise)."""
+        self.begun = False
+        if self.active and self.micro:
+            self._save()
+            self.begun = True
+
+    def restore(self) -> None:
+        """Put back the copy :meth:`begin` took (a step skipped on the host or abandoned); nothing when
+        :meth:`begin` took none."""
+        if self.begun:
+            with torch.no_grad():
+                torch._foreach_copy_([_local(t) for t in self.tensors], self.saved)
+            self.begun = False
+
+    def __call__(self, progress, bad: torch.Tensor | None) -> None:
+        """Run ``after_step(progress)``; ``bad``: device flag of a skipped step (None = known good). A skipped
+        step gets back the tensors of :meth:`begin` when it took a copy, else of just before the call."""
+        begun, self.begun = self.begun, False
+        if not self.active or bad is None:
+            self.method.after_step(progress)
+            return
+        with torch.no_grad():
+            if not begun:
+                self._save()
             self.method.after_step(progress)
             skip = bad.reshape(()) > 0.5
             for t, old in zip(self.tensors, self.saved):
@@ -263,14 +296,18 @@ class StepBatches:
 class Accumulator:
     """Forward and backward of one step's ``accum`` micro-batches from ``batches``: each ``loss / accum``
     back-propagated through ``precision``'s autocast and grad scaler, the gradient sync (``no_sync``)
-    only on the last. A data error, or a loader that breaks while ``signal_pending()``, ends the reading;
-    with several processes the rank goes on with zero batches of ``batch_shape`` to keep the ranks'
+    only on the last, then ``after_micro_batch(progress)`` (the method's hook,
+    :meth:`mimkit.methods.Method.after_micro_batch`) with ``progress.micro_batch`` = the micro-batch's
+    index, before the next micro-batch's forward. A data error, or a loader that breaks while
+    ``signal_pending()``, ends the reading; with several processes the rank goes on with zero batches of
+    ``batch_shape`` (hook included, so the ranks' method state stays equal) to keep the ranks'
     collectives in step until they agree to abandon the step."""
 
     def __init__(self, batches: Iterator, accum: int, info: DistInfo, batch_shape: tuple, precision,
-                 signal_pending: Callable[[], bool]):
+                 signal_pending: Callable[[], bool], after_micro_batch: Callable | None = None):
         self.batches, self.accum, self.info, self.batch_shape = batches, accum, info, batch_shape
         self.precision, self.signal_pending = precision, signal_pending
+        self.after_micro_batch = after_micro_batch
 
     def __call__(self, train_model, progress) -> StepBatches:
         accum, enabled = self.accum, self.info.enabled
@@ -294,6 +331,9 @@ class Accumulator:
                 with self.precision.autocast():
                     out = train_model(images, progress)
                 self.precision.scaler.scale(out.loss / accum).backward()
+            if self.after_micro_batch is not None:
+                self.after_micro_batch(progress if progress is None else
+                                       dataclasses.replace(progress, micro_batch=i, micro_batches=accum))
             m.loss += out.loss.detach().float() / accum
             for k, v in out.metrics.items():
                 if isinstance(v, torch.Tensor):
