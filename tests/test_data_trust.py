@@ -216,7 +216,7 @@ def test_prepare_writes_exactly_what_the_folder_reader_reads(tmp_path: Path, fol
     else:
         assert index["scan"]["skipped_links"] == 4
     assert captured.err == ""
-    assert "wrote 12 images" in captured.out
+    assert "wrote 12 RGB images" in captured.out
 
     # and the loader reads those 12 back in the same order (labels travel with them)
     ld = ShardLoader(out, 4, out_size=6, mean=(0.0,) * 3, std=(1.0,) * 3, augment="none", num_workers=0,
@@ -444,3 +444,49 @@ def test_a_prepared_directory_still_reads(tmp_path: Path) -> None:
     got = [(int(round(float(x[0, 0, 0]) * 255)), int(y)) for xb, yb in ld for x, y in zip(xb, yb)]
     assert got == [(0, 0), (2, 0), (4, 0), (6, 0), (1, 1), (3, 1), (5, 1), (7, 1)]
     assert torch.is_tensor(next(iter(ld))[0])
+
+
+def _grey_png(path: Path, value: int, size: tuple[int, int] = (8, 8)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0]), value, np.uint8), mode="L").save(path)
+    return path
+
+
+@pytest.mark.parametrize("colour_file", [False, True], ids=["all-grey", "one-colour-file"])
+def test_prepare_keeps_a_grey_folder_grey(tmp_path: Path, colour_file: bool, capsys) -> None:
+    """`mimkit data prepare` without --mode stores a folder of grey-scale files as L (one channel), and a
+    folder with a colour file among them as RGB; the index says which, and the message too."""
+    import json
+
+    from mimkit.cli import main
+
+    src = tmp_path / "src"
+    for k in range(5):
+        _grey_png(src / "a" / f"{k}.png", 10 * k)
+    if colour_file:
+        _png(src / "b" / "c.png", 40)
+    out = tmp_path / "shards"
+    assert main(["data", "prepare", str(src), str(out), "--resize", "8", "--quiet"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    want = "RGB" if colour_file else "L"
+    assert index["mode"] == want and f" {want} images" in capsys.readouterr().out
+    from mimkit.data import ShardLoader
+
+    loader = ShardLoader(out, 2, mean=(0.5,) * (3 if colour_file else 1), std=(0.5,) * (3 if colour_file else 1),
+                         out_size=8, augment="none", shuffle=False)
+    images, _ = next(iter(loader))
+    assert images.shape[1] == (3 if colour_file else 1)
+    loader.close()
+
+
+def test_visualize_and_prepare_help_show_defaults(capsys) -> None:
+    from mimkit.cli import build_parser
+
+    for argv in (["visualize", "--help"], ["data", "prepare", "--help"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        text = capsys.readouterr().out
+        assert "(default: " in text, argv
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "prepare", "--help"])
+    assert "(default: auto)" in capsys.readouterr().out

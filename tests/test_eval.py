@@ -466,7 +466,7 @@ def test_cli_eval_knn_end_to_end(tmp_path):
     assert (rep / "training_curves.png").stat().st_size > 1000
     from PIL import Image
 
-    assert Image.open(rep / "training_curves.png").size[0] > 2000  # three panels: accuracy, Sim, effective rank
+    assert Image.open(rep / "training_curves.png").size[1] > 3 * 350  # stacked panels: accuracy, Sim, effective rank
     assert all("sim" in r["metrics"] and "erank_cls" in r["metrics"] for r in report["rows"])
 
 
@@ -482,3 +482,45 @@ def test_logistic_probe_anchor_protocol():
     shuffled = labels[torch.randperm(300, generator=g)]
     chance = logistic_probe(feats[:200], shuffled[:200], feats[200:], shuffled[200:])["top1"]
     assert chance < 60.0
+
+
+def test_training_curves_one_axis_per_quantity_and_a_legend_beside_the_lines(tmp_path):
+    """Top-5 never shares the top-1 axis, every series on an axis is told apart by colour or line style
+    (2 runs x 6 accuracies = 12 series), each axis has a title, and no legend overlaps its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mimkit.eval.report import curve_panels, plot_curves
+
+    metrics = ["knn20_cls", "knn20_mean", "linear_cls", "knn20_top5_cls", "linear_top5_cls", "fewshot2_mean"]
+    rows = [{"run": run, "epoch": e, "metrics": {**{m: 10.0 * e + i for i, m in enumerate(metrics)}, "sim": 0.5,
+                                                 "erank_cls": 3.0}}
+            for run in ("runs/a", "runs/b") for e in (1, 2, 3)]
+    x_key, runs, panels = curve_panels(rows)
+    assert x_key == "epoch" and list(runs) == ["runs/a", "runs/b"]
+    by_title = {t: ms for t, _, ms in panels}
+    top1 = by_title["top-1 accuracy during pretraining"]
+    assert "knn20_top5_cls" not in top1 and by_title["top-5 accuracy during pretraining"] == [
+        "knn20_top5_cls", "linear_top5_cls"]
+    assert by_title["patch similarity (Sim)"] == ["sim"] and by_title["effective rank of the features"] == ["erank_cls"]
+
+    saved = {}
+    real_close = plt.close
+    plt.close = lambda fig=None: saved.setdefault("fig", fig)
+    try:
+        assert plot_curves(rows, tmp_path / "c.png").is_file()
+    finally:
+        plt.close = real_close
+    fig = saved["fig"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        assert ax.get_title()
+        styles = [(matplotlib.colors.to_hex(ln.get_color()), ln.get_linestyle()) for ln in ax.get_lines()]
+        assert len(styles) == len(set(styles)), ax.get_title()
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the axes, not over the lines
+    assert len(fig.axes[0].get_lines()) == 2 * len(top1)
+    real_close(fig)

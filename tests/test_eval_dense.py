@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,57 @@ def test_canvas_set_pastes_garments_with_their_labels():
     c = int(lab[pick[i, 1]])
     s = 6 + c
     assert (m[i, y0 + 2 : y0 + 2 + s, x0 + 3 : x0 + 3 + s] == 2 + c).all()
+
+
+def test_native_canvases_by_hand_and_deterministic():
+    """Canvas = garment size: every garment at the origin; one garment is itself (dim pixels dropped),
+    two overlay (the later one's bright pixels on top). Hand-written 4x4 images and masks."""
+    from mimkit.eval.segmentation import make_canvas_set
+
+    a = torch.tensor([[0, 100, 100, 0], [0, 100, 100, 0], [0, 100, 30, 0], [0, 0, 0, 0]], dtype=torch.uint8)
+    b = torch.tensor([[200, 0, 0, 0], [200, 0, 0, 0], [200, 200, 200, 200], [0, 0, 0, 0]], dtype=torch.uint8)
+    src, lab = torch.stack([a, b])[:, None], torch.tensor([3, 7])  # raw labels: A -> 5, B -> 9, background 1
+    x, m = make_canvas_set(4, canvas=4, objects=1, seed=0, images=src[:1], labels=lab[:1])
+    assert torch.equal(x[:, 0], torch.tensor([[0, 100, 100, 0], [0, 100, 100, 0], [0, 100, 0, 0], [0] * 4],
+                                             dtype=torch.uint8).expand(4, 4, 4))
+    assert torch.equal(m, torch.tensor([[1, 5, 5, 1], [1, 5, 5, 1], [1, 5, 1, 1], [1] * 4]).expand(4, 4, 4))
+    top = [200, 100, 100, 0]
+    expect = {  # (lower, upper) -> (image, mask)
+        "AA": ([[0, 100, 100, 0], [0, 100, 100, 0], [0, 100, 0, 0], [0] * 4],
+               [[1, 5, 5, 1], [1, 5, 5, 1], [1, 5, 1, 1], [1] * 4]),
+        "BB": (b.tolist(), [[9, 1, 1, 1], [9, 1, 1, 1], [9] * 4, [1] * 4]),
+        "AB": ([top, top, [200] * 4, [0] * 4], [[9, 5, 5, 1], [9, 5, 5, 1], [9] * 4, [1] * 4]),
+        "BA": ([top, top, [200, 100, 200, 200], [0] * 4], [[9, 5, 5, 1], [9, 5, 5, 1], [9, 5, 9, 9], [1] * 4]),
+    }
+    x, m = make_canvas_set(16, canvas=4, objects=2, seed=3, images=src, labels=lab)
+    seen = set()
+    for i in range(16):
+        hit = [k for k, (im, mk) in expect.items() if torch.equal(x[i, 0], torch.tensor(im, dtype=torch.uint8))]
+        assert len(hit) == 1, x[i, 0]
+        assert torch.equal(m[i], torch.tensor(expect[hit[0]][1])), (hit, m[i])
+        seen.add(hit[0])
+    assert {"AB", "BA"} <= seen  # both stacking orders occur in this draw
+    x2, m2 = make_canvas_set(16, canvas=4, objects=2, seed=3, images=src, labels=lab)
+    assert torch.equal(x, x2) and torch.equal(m, m2)  # deterministic by seed
+    x3, _ = make_canvas_set(16, canvas=4, objects=2, seed=4, images=src, labels=lab)
+    assert not torch.equal(x, x3)
+
+
+def test_canvas_probe_set_layouts():
+    from mimkit.eval.segmentation import CANVAS_LAYOUTS, canvas_probe_set, make_canvas_set
+
+    src, lab = garments()
+    x, m = canvas_probe_set(6, "train", 2, 28, 1, "native", images=src, labels=lab)
+    rx, rm = make_canvas_set(6, 28, 1, seed=2, images=src, labels=lab)
+    assert torch.equal(x, rx) and torch.equal(m, rm - 1)  # unresized, masks 0 = background, 1 + c = class c
+    assert set(m.unique().tolist()) <= set(range(11)) and (m == 0).any()
+    x, m = canvas_probe_set(6, "train", 2, 14, 3, "scatter", images=src, labels=lab)  # 56 px canvas -> 14 px
+    assert x.shape == (6, 3, 14, 14) and m.shape == (6, 14, 14)
+    _, rm = make_canvas_set(6, 56, 3, seed=2, images=src, labels=lab)
+    assert torch.equal(m, rm[:, ::4, ::4] - 1)  # nearest neighbour
+    assert CANVAS_LAYOUTS["overlap"] == (28, 2)
+    with pytest.raises(ValueError, match="choose one of native"):
+        canvas_probe_set(2, "train", 0, 28, 1, "tiles", images=src, labels=lab)
 
 
 def test_miou_by_hand():
@@ -125,10 +177,19 @@ def test_cli_segmentation_on_generated_canvases(tmp_path):
     assert args.func(args) == 0
     res = json.loads((out / "segmentation.json").read_text())
     assert 0 < res["metrics"]["miou_patches"] <= 100 and res["num_classes"] == 11 and res["grid"] == [7, 7]
-    assert res["data"]["n_train"] == 40
+    assert res["data"]["n_train"] == 40 and res["data"]["n_test"] == 10
+    # the default is the layout that measures something (one garment per 28 px canvas), not the scatter one
+    assert "layout native (28 px, 1 garment, resized to 28)" in res["data"]["source"]
+    args = parser.parse_args(["eval", "segmentation", str(ckpt), "--limit-train", "40", "--limit-test", "10",
+                              "--epochs", "1", "--out", str(out), "--no-progress", "--canvas-layout", "scatter"])
+    assert args.func(args) == 0
+    res = json.loads((out / "segmentation.json").read_text())
+    assert "layout scatter (56 px, 3 garments, resized to 28)" in res["data"]["source"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "segmentation", str(ckpt), "--canvas-layout", "grid"])
 
 
-def test_token_pictures_and_attention_equal_the_blocks_own(tmp_path):
+def test_token_pictures_and_attention_equal_the_blocks_own(tmp_path, monkeypatch):
     from mimkit.eval.pictures import cls_attention, pca_rgb, save_token_pictures
 
     torch.manual_seed(0)
@@ -144,5 +205,17 @@ def test_token_pictures_and_attention_equal_the_blocks_own(tmp_path):
     rgb = pca_rgb(torch.randn(2, 16, 32))
     assert rgb.shape == (2, 4, 4, 3) and rgb.min() == 0 and rgb.max() == 1
     images = (torch.rand(30, 1, 28, 28) * 255).to(torch.uint8)
+    from matplotlib.figure import Figure
+
+    titles, save = {}, Figure.savefig
+
+    def titled_save(fig, path, *a, **k):  # every picture says what it shows
+        sup = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        titles[Path(path).stem] = sup or " ".join(ax.get_title() for ax in fig.axes).strip()
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", titled_save)
     files = save_token_pictures(enc, images, torch.arange(30) % 3, (0.3,), (0.3,), tmp_path, n_show=3)
     assert set(files) == {"pca", "attention", "tsne"} and all(f.stat().st_size > 1000 for f in files.values())
+    assert "principal components" in titles["pca"] and "class-token attention" in titles["attention"]
+    assert titles["tsne"].startswith("t-SNE")

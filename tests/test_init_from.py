@@ -112,6 +112,7 @@ def test_channel_adaptation_rule(tmp_path, src_c, dst_c):
         if src_c == 1 or dst_c % src_c == 0:
             assert torch.allclose(a, b, atol=1e-5)
     assert "decoder.pred.weight" in report.new  # a mimkit export holds no decoder
+    assert report.fresh_head_note() is None  # no loaded decoder under the fresh head
 
 
 def test_pixel_head_of_another_channel_count_starts_fresh(tmp_path):
@@ -124,6 +125,11 @@ def test_pixel_head_of_another_channel_count_starts_fresh(tmp_path):
     assert "decoder.pred.weight" in report.new and "decoder.pred.weight" in report.unused
     assert torch.equal(model.decoder.pred.weight, before)
     assert torch.equal(model.decoder.blocks[0].attn.qkv.weight, src.decoder.blocks[0].attn.qkv.weight)
+    # a fresh head under a loaded decoder is said, with the alternative
+    assert "note: the pixel head decoder.pred starts fresh" in report.summary()
+    assert "model.init_parts=encoder" in report.summary()
+    enc_only = apply_init(mae(chans=1, seed=3), path, parts="encoder")
+    assert enc_only.fresh_head_note() is None  # the whole decoder starts fresh: nothing to warn about
 
 
 def tiny_cfg(method: str, extra=()):

@@ -77,3 +77,34 @@ def test_a_wrong_timm_model_name_is_a_one_line_error():
     sd = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32).state_dict()
     with pytest.raises(InteropError, match=r"w.pth: these weights are not a vit_base_patch16_224 .*pos_embed"):
         load_timm_encoder(sd, "vit_base_patch16_224", path="w.pth")
+
+
+def test_cli_export_is_shareable_prints_a_working_timm_snippet_and_refuses_wrong_heads(tmp_path, capsys):
+    """`mimkit export` writes a file others can read (not safetensors' owner-only 0600), prints the
+    timm lines that load it (run here: same features), and a --num-heads that disagrees with the
+    recorded heads is refused instead of loading weights that would compute something else."""
+    import os
+
+    from mimkit.cli import main
+    from mimkit.train.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    model = MAE(tiny_model_config(in_chans=3, layer_scale=0.1)).eval()
+    enc_cfg = {k: getattr(model.encoder.cfg, k) for k in model.encoder.cfg.__dataclass_fields__}
+    atomic_save({"model": model.state_dict(), "config": {"model": {"encoder": enc_cfg}}, "step": 1},
+                tmp_path / "checkpoint.pt")
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(tmp_path / "checkpoint.pt"), str(out)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask
+    text = capsys.readouterr().out
+    snippet = text.split("load it in timm with:\n", 1)[1]
+    scope: dict = {}
+    exec(snippet, scope)  # the printed lines, as a user pastes them
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(scope["model"].eval().forward_features(x), model.encoder.forward_features(x), atol=1e-5)
+    with pytest.raises(InteropError, match="records 2 attention heads; --num-heads 4 disagrees"):
+        load_encoder(out, num_heads=4)
+    assert load_encoder(out, num_heads=2).cfg.num_heads == 2

@@ -55,19 +55,24 @@ def test_resumed_run_continues_with_identical_losses(tmp_path):
 
 
 def _knn_by_hand(enc, cfg, n_train: int, n_test: int) -> dict:
-    """kNN top-1 (%) of ``enc`` as the trainer should measure it: the first ``n_train`` / ``n_test`` images of
-    the run's data, scaled by the data's mean/std, DINO's vote (k = 20, T = 0.07) over the 10 classes, for the
-    cls token and the mean of the patch tokens."""
+    """kNN top-1 (%) of ``enc`` as the trainer should measure it (``mimkit eval knn --limit-train n_train
+    --limit-test n_test``'s images): a seeded random subset (seed 0) of ``n_train`` / ``n_test`` images of the
+    Fashion-MNIST train / test split, scaled by the run's mean/std, DINO's vote (k = 20, T = 0.07) over the 10
+    classes, for the cls token and the mean of the patch tokens."""
+    from mimkit.data import load_fashion_mnist
     from mimkit.train.data import build_train_data
     from mimkit.train.distributed import DistInfo
     from tests.test_eval_trust import reference_knn
 
     data = build_train_data(cfg, DistInfo())
     m, s = data.mean[0], data.std[0]
+    (xtr, ytr), (xte, yte) = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    itr = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[:n_train].sort().values
+    ite = torch.randperm(len(yte), generator=torch.Generator().manual_seed(0))[:n_test].sort().values
     with torch.no_grad():
-        tr = enc.forward_features((data.train_images[:n_train].float() / 255 - m) / s)
-        te = enc.forward_features((data.test_images[:n_test].float() / 255 - m) / s)
-    labels, test_labels = data.train_labels[:n_train].numpy(), data.test_labels[:n_test].numpy()
+        tr = enc.forward_features((xtr[itr].float() / 255 - m) / s)
+        te = enc.forward_features((xte[ite].float() / 255 - m) / s)
+    labels, test_labels = ytr[itr].numpy(), yte[ite].numpy()
     out = {}
     for pool, a, b in (("cls", tr[:, 0], te[:, 0]), ("mean", tr[:, 1:].mean(1), te[:, 1:].mean(1))):
         out[pool] = 100 * float((reference_knn(a, labels, b, 20, 0.07, 10).argmax(1) == test_labels).mean())

@@ -310,7 +310,7 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("where", ["mimkit.config.load_config", "mimkit.eval.cli._options"])
+@pytest.mark.parametrize("where", ["mimkit.config.load_config", "mimkit.eval.cli.options"])
 def test_keyboard_interrupt_anywhere_outside_the_loop_is_one_line_and_130(monkeypatch, capsys, where, tmp_path):
     import importlib
 
@@ -422,8 +422,9 @@ def test_eval_on_a_one_class_folder_is_refused(tmp_path, capsys, protocol, layou
             "--out", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith(f"mimkit: error: {where}: the training split has 1 class ('cats'); ")
+    errors = [ln for ln in err.splitlines() if not ln.startswith("normalisation: ")]  # the info line eval prints first
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith(f"mimkit: error: {where}: the training split has 1 class ('cats'); ")
     assert "needs at least 2" in err and "one sub-folder of images per class, 2 or more" in err
     assert not (tmp_path / "out").exists()  # no number written
 
@@ -449,3 +450,29 @@ def test_eval_refuses_when_limit_train_keeps_one_class_and_the_api_refuses_too(t
     assert main(["eval", "knn", str(ckpt), "--dataset", str(data), "--device", "cpu", "--no-progress",
                  "--ks", "1,3", "--k", "3", "--pool", "mean"]) == 0
     assert "knn3_mean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_run_directory_is_printed_once_under_torchrun(monkeypatch, capsys, rank):
+    """Every torchrun rank runs the CLI; only rank 0 prints the run directory (it used to print twice)."""
+    import mimkit.config
+    import mimkit.train
+    from mimkit.cli import main
+
+    monkeypatch.setattr(mimkit.config, "load_config", lambda path, overrides: None)
+    monkeypatch.setattr(mimkit.train, "pretrain", lambda cfg: {"out_dir": "runs/x"})
+    monkeypatch.setenv("RANK", rank)
+    assert main(["pretrain", "configs/mae_fashion_mnist.yaml"]) == 0
+    assert capsys.readouterr().out.count("run directory: runs/x") == (1 if rank == "0" else 0)
+
+
+@pytest.mark.parametrize("argv", [["eval", "knn", "x.pt", "--k", "abc"], ["visualize"], ["eval", "linear", "x.pt",
+                                                                                         "--nosuch", "1"]])
+def test_a_flag_error_is_one_line_naming_the_help(capsys, argv):
+    from mimkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "usage:" not in err and err.endswith("--help") and ": error: " in err

@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"kNN top-1 (k={knn['k']}): cls {knn['top1_cls']:.2f} %, mean-pooled {knn['top1_mean']:.2f} %")
     if result.get("picture"):
         print(f"picture: {result['picture']}")
-    print(f"run directory: {result['out_dir']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, by rank 0
+        print(f"run directory: {result['out_dir']}")
     return 0
 
 
@@ -54,6 +56,8 @@ def _load_method(path: str):
         model = build_method(cfg)
         model.load_state_dict(w.state)
         model.eval()
+        if w.input is not None:  # the normalisation the run trained with (recorded since mimkit records it)
+            return model, tuple(w.input["mean"]), tuple(w.input["std"])
         return model, tuple(cfg.data.mean or ()), tuple(cfg.data.std or ())
     if w.format == "official-cae":
         return cae_from_official(w.path).eval(), None, None
@@ -93,19 +97,25 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mimkit.interop import export_encoder, load_encoder
+    from mimkit.interop import export_encoder, load_encoder, timm_load_snippet
+    from mimkit.nn import ViTEncoder
+    from mimkit.weights import read_weights
 
+    w = read_weights(args.checkpoint)  # its input record (normalisation, size) goes into the export
     if getattr(args, "format", "timm") == "hf":
         from mimkit.hf import export_hf
 
         model, _, _ = _load_method(args.checkpoint)
-        path = export_hf(model, args.out)
+        path = export_hf(model, args.out, input=w.input)
         print(f"wrote {path} (transformers ViTMAEForPreTraining; load with ViTMAEForPreTraining.from_pretrained)")
         return 0
 
-    enc = load_encoder(args.checkpoint)  # any format mimkit.weights reads, a sharded directory included
-    path = export_encoder(enc, args.out)
-    print(f"wrote {path} (timm VisionTransformer keys; load with mimkit.interop.timm_model_for + load_state_dict)")
+    enc = load_encoder(w)  # any format mimkit.weights reads, a sharded directory included
+    path = export_encoder(enc, args.out, input=w.input)
+    if isinstance(enc, ViTEncoder):
+        print(f"wrote {path} (timm VisionTransformer keys); load it in timm with:\n{timm_load_snippet(enc.cfg, path)}")
+    else:
+        print(f"wrote {path} (the timm model's own keys)")
     return 0
 
 
@@ -116,14 +126,22 @@ def _data_prepare(args: argparse.Namespace) -> int:
                            skip_corrupt=args.skip_corrupt, workers=args.workers, progress=not args.quiet,
                            follow_links=args.follow_links, max_pixels=args.max_pixels)
     kind = f"uint8 {args.resize}x{args.resize} arrays" if args.resize else "the original files"
-    print(f"wrote {index['num_samples']} images ({kind}) in {len(index['shards'])} shard(s) to {args.out}"
+    print(f"wrote {index['num_samples']} {index['mode']} images ({kind}) in {len(index['shards'])} shard(s) to {args.out}"
           + (f"; skipped {len(index['skipped'])} corrupt file(s) (listed in index.json)" if index["skipped"] else "")
           + f". Train on them with data.dataset={args.out} data.in_memory=false")
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line naming the problem and where the options are listed, not the whole
+    usage first (every sub-command's parser is of this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining of ViTs.")
+    parser = OneLineParser(prog="mimkit", description="Masked-image-modeling pretraining of ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a method from a YAML config with key=value overrides")
@@ -131,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.base_lr=1e-3 train.epochs=1")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("visualize", help="reconstruction, mask-plan or salience picture from a checkpoint")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("visualize", help="reconstruction, mask-plan or salience picture from a checkpoint",
+                       formatter_class=defaults)
     p.add_argument("checkpoint")
-    p.add_argument("--out", default=None, help="PNG file to write (default: <kind>.png)")
+    p.add_argument("--out", default=None, help="PNG file to write (<kind>.png when not given)")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or an image folder")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of the data set")
     p.add_argument("--n", type=int, default=8, help="number of images")
     p.add_argument("--start", type=int, default=0, help="index of the first image")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
@@ -170,20 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="prepare data sets for streaming (tar shards)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("prepare", help="write an image folder as webdataset tar shards (data.dataset=OUT_DIR)")
+    p = data_sub.add_parser("prepare", help="write an image folder as webdataset tar shards (data.dataset=OUT_DIR)",
+                            formatter_class=defaults)
     p.add_argument("src", metavar="SRC_FOLDER", help="image folder (class sub-folders optional)")
     p.add_argument("out", metavar="OUT_DIR", help="new or empty directory for the shards")
     p.add_argument("--resize", type=int, default=None, metavar="N",
                    help="store uint8 NxN images (shorter side resized, center crop): training skips JPEG decoding")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="colour mode (L: grey-scale)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--mode", choices=["auto", "RGB", "L"], default="auto",
+                   help="colour mode: L (grey-scale), RGB, or auto (L when the folder's images are grey-scale files)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable images (listed in index.json)")
     p.add_argument("--follow-links", action="store_true",
                    help="follow symbolic links that stay inside SRC_FOLDER (each real file and folder once); by "
                         "default links are skipped and counted in a warning")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="refuse images over N pixels, from their header (default: $MIMKIT_MAX_PIXELS or 89478485, "
+                   help="refuse images over N pixels, from their header (when not given: $MIMKIT_MAX_PIXELS or 89478485, "
                         "a decompression-bomb guard; 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_data_prepare)

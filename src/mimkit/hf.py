@@ -27,6 +27,7 @@ import torch
 
 from mimkit.errors import ConfigError
 from mimkit.weights import read_weights
+from mimkit.weights.checkpoint import shareable
 
 # per-block names: mimkit (timm) <- Hugging Face, both layouts; q/k/v are fused into qkv
 _BLOCK_V5 = {"attention.o_proj": "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2",
@@ -118,8 +119,11 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], layout: str = "v5") -> dict[st
 # export
 
 
-def hf_config_for(model):
-    """The ``ViTMAEConfig`` of a mimkit MAE-family model (shapes, ``mask_ratio``, ``norm_pix_loss``)."""
+def hf_config_for(model, input: dict | None = None):
+    """The ``ViTMAEConfig`` of a mimkit MAE-family model (shapes, ``mask_ratio``, ``norm_pix_loss``).
+    ``input`` (a checkpoint's record, :attr:`mimkit.weights.Weights.input`): its normalisation is stored
+    as ``image_mean`` / ``image_std`` (one value per channel; what ``ViTImageProcessor`` calls them), which
+    :func:`mimkit.weights.read_weights` reads back as the directory's ``input``."""
     from transformers import ViTMAEConfig
 
     enc = model.encoder
@@ -151,15 +155,27 @@ def hf_config_for(model):
         decoder_hidden_size=dec.decoder_dim, decoder_num_hidden_layers=len(dec.blocks),
         decoder_num_attention_heads=blk.attn.num_heads if blk is not None else 1,
         decoder_intermediate_size=blk.mlp.fc1.out_features if blk is not None else 4 * dec.decoder_dim,
-        mask_ratio=ratio, norm_pix_loss=bool(getattr(opts, "norm_target", True)),
+        mask_ratio=ratio, norm_pix_loss=bool(getattr(opts, "norm_target", True)), **_norm_fields(input, enc.in_chans),
     )
 
 
-def to_hf_model(model):
-    """A ``transformers.ViTMAEForPreTraining`` holding ``model``'s encoder and decoder (eval mode)."""
+def _norm_fields(input: dict | None, in_chans: int) -> dict:
+    """``image_mean`` / ``image_std`` (one value per channel) of a checkpoint's input record, or nothing."""
+    from mimkit.weights.read import input_record
+
+    rec = input_record(input) if input is not None else None
+    if rec is None:
+        return {}
+    per_channel = lambda v: [float(x) for x in (v * in_chans if len(v) == 1 else v)]  # noqa: E731
+    return {"image_mean": per_channel(rec["mean"]), "image_std": per_channel(rec["std"])}
+
+
+def to_hf_model(model, input: dict | None = None):
+    """A ``transformers.ViTMAEForPreTraining`` holding ``model``'s encoder and decoder (eval mode);
+    ``input``: the checkpoint's input record (:func:`hf_config_for`)."""
     from transformers import ViTMAEForPreTraining
 
-    hf = ViTMAEForPreTraining(hf_config_for(model))
+    hf = ViTMAEForPreTraining(hf_config_for(model, input))
     layout = "v5" if any(".attention.q_proj." in k for k in hf.state_dict()) else "v4"
     sd = to_hf_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, layout)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -169,13 +185,16 @@ def to_hf_model(model):
     return hf.eval()
 
 
-def export_hf(model, out_dir: str | Path) -> Path:
-    """Write ``model`` (MAE / EMAE / SBAM) as a ``ViTMAEForPreTraining`` directory."""
+def export_hf(model, out_dir: str | Path, input: dict | None = None) -> Path:
+    """Write ``model`` (MAE / EMAE / SBAM) as a ``ViTMAEForPreTraining`` directory. ``input`` (the
+    checkpoint's record, :attr:`mimkit.weights.Weights.input`): the input normalisation it was trained
+    with goes into ``config.json`` as ``image_mean`` / ``image_std`` (read back by
+    :func:`mimkit.weights.read_weights` and used by ``mimkit eval``)."""
     out = Path(out_dir)
-    hf = to_hf_model(model)
+    hf = to_hf_model(model, input)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
-    return out
+    return shareable(out)  # safetensors creates its files owner-only
 
 
 # --------------------------------------------------------------------------------------------------

@@ -100,7 +100,23 @@ class InitReport:
             lines.append(f"  copied: {few(f'{k} <- {v}' for k, v in self.copied.items())}")
         lines.append(f"  newly initialised ({len(self.new)}): {few(_group(self.new))}")
         lines.append(f"  in the file but not used ({len(self.unused)}): {few(_group(self.unused))}")
+        note = self.fresh_head_note()
+        if note:
+            lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+    def fresh_head_note(self) -> str | None:
+        """A warning when the pixel head starts fresh under a loaded decoder: the trained decoder
+        then feeds a random head, and the first steps can train worse than from scratch (measured on
+        the README walkthrough continued onto RGB 32x48)."""
+        head_new = any(k.startswith("decoder.pred.") for k in self.new)
+        decoder_loaded = any(k.startswith("decoder.") and not k.startswith("decoder.pred.")
+                             for k in [*self.loaded, *self.adapted])
+        if not (head_new and decoder_loaded):
+            return None
+        return ("the pixel head decoder.pred starts fresh (another patch size or channel count) under the loaded "
+                "decoder, so the first steps can train worse than from scratch; model.init_parts=encoder starts the "
+                "whole decoder fresh instead")
 
 
 def _group(keys: list[str]) -> list[str]:

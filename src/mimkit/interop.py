@@ -23,6 +23,7 @@ import torch
 from mimkit.errors import InteropError
 from mimkit.methods.base import DecoderConfig, ModelConfig
 from mimkit.nn.vit import ViTConfig, ViTEncoder
+from mimkit.weights.checkpoint import shareable
 from mimkit.weights.encoders import (  # noqa: F401 - the public API of mimkit.interop
     infer_vit_config,
     load_encoder,
@@ -50,30 +51,54 @@ def _encoder_of(model) -> ViTEncoder:
     return model if isinstance(model, ViTEncoder) else model.encoder
 
 
-def export_encoder(model, path: str | Path) -> Path:
+def export_encoder(model, path: str | Path, input: dict | None = None) -> Path:
     """Write the encoder (``model`` or ``model.encoder``) as timm-keyed safetensors.
 
-    The file's metadata holds ``mimkit_vit_config`` (JSON of :class:`ViTConfig`)."""
+    The file's metadata holds ``mimkit_vit_config`` (JSON of :class:`ViTConfig`) and, given ``input``
+    (the record of a checkpoint, :attr:`mimkit.weights.Weights.input`), ``mimkit_input``: JSON of the
+    input normalisation the encoder was trained with (``mean``, ``std``) and its ``img_size`` /
+    ``in_chans``, which :func:`read_weights` returns as the export's ``input`` and evaluation uses."""
     from safetensors.torch import save_file
+
+    from mimkit.weights.read import input_record
 
     enc = _encoder_of(model)
     sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"mimkit_vit_config": json.dumps(asdict(enc.cfg)), "format": "timm"})
-    return path
+    meta = {"mimkit_vit_config": json.dumps(asdict(enc.cfg)), "format": "timm"}
+    record = input_record({**input, "img_size": [int(v) for v in enc.img_hw], "in_chans": enc.in_chans}) \
+        if isinstance(input, dict) else None
+    if record is not None:
+        meta["mimkit_input"] = json.dumps(record)
+    save_file(sd, str(path), metadata=meta)
+    return shareable(path)  # safetensors creates the file owner-only
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """``timm.create_model`` arguments of a timm ``VisionTransformer`` with the shape of ``cfg``
+    (cls-token pooling, no head); the one place that maps a :class:`ViTConfig` to timm."""
+    kw = dict(pretrained=False, num_classes=0, global_pool="token", img_size=cfg.img_size, patch_size=cfg.patch_size,
+              in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+              mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
+    if cfg.layer_scale is not None:
+        kw["init_values"] = cfg.layer_scale
+    return kw
 
 
 def timm_model_for(cfg: ViTConfig, **kwargs):
     """A timm ``VisionTransformer`` with the same shape (cls-token pooling, no head)."""
     import timm
 
-    return timm.create_model(
-        "vit_base_patch16_224", pretrained=False, num_classes=0, global_pool="token",
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        init_values=cfg.layer_scale, **kwargs,
-    )
+    return timm.create_model("vit_base_patch16_224", **{**timm_kwargs(cfg), **kwargs})
+
+
+def timm_load_snippet(cfg: ViTConfig, path: str | Path) -> str:
+    """Python lines that load an export of an encoder of shape ``cfg`` into timm (printed by
+    ``mimkit export``)."""
+    args = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(cfg).items())
+    return (f'import timm, safetensors.torch\nmodel = timm.create_model("vit_base_patch16_224", {args})\n'
+            f'model.load_state_dict(safetensors.torch.load_file("{path}"))')
 
 
 

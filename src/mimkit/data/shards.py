@@ -150,13 +150,35 @@ def _write_shard(job: tuple[str, list[tuple[int, str, int]], str, int | None, bo
     return {"name": out_p.name, "bytes": out_p.stat().st_size, "samples": len(rows), "bad": bad}
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+"""PIL modes of grey-scale files (palette images count as colour)."""
+
+
+def file_colour_mode(paths: list[str], sample: int = 64) -> Literal["RGB", "L"]:
+    """``L`` when every one of up to ``sample`` files spread evenly over ``paths`` is grey-scale in its
+    header (PIL's mode; nothing is decoded), else ``RGB``; unreadable files are left to the writer."""
+    from PIL import Image
+
+    if not paths:
+        return "RGB"
+    step = max(1, len(paths) // sample)
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as im:
+                if im.mode not in GREY_MODES:
+                    return "RGB"
+        except Exception:  # noqa: BLE001 - reported (or skipped) when the shard writer decodes it
+            continue
+    return "L"
+
+
 def prepare_shards(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     shard_size: int = 1000,
     resize: int | None = None,
-    mode: Literal["RGB", "L"] = "RGB",
+    mode: Literal["RGB", "L", "auto"] = "auto",
     labeled: bool | Literal["auto"] = "auto",
     skip_corrupt: bool = False,
     workers: int = 1,
@@ -176,7 +198,12 @@ def prepare_shards(
     order and labels; ``follow_links`` as there: links are skipped unless it is set, and never leave
     ``src``), so the shards hold exactly the samples :class:`ImageFolder` reads (less the corrupt ones
     with ``skip_corrupt``). ``max_pixels``: the pixel limit (``None``: ``$MIMKIT_MAX_PIXELS`` or
-    :data:`~mimkit.data.folder.MAX_PIXELS`; ``0``: none); a larger image counts as unreadable."""
+    :data:`~mimkit.data.folder.MAX_PIXELS`; ``0``: none); a larger image counts as unreadable.
+    ``mode``: ``RGB``, ``L`` (grey-scale) or ``auto``: ``L`` when every one of up to 64 images spread
+    over the folder is grey-scale in its file (read from the headers), else ``RGB``; the index records
+    the mode used, and training reads it from there."""
+    if mode not in ("RGB", "L", "auto"):
+        raise DataError(f"--mode {mode} is not one of RGB, L, auto")
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
     if resize is not None and resize < 1:
@@ -185,8 +212,10 @@ def prepare_shards(
     if resize is not None and limit and resize * resize > limit:
         raise DataError(f"--resize {resize} makes {resize * resize} pixels per image, over the pixel limit {limit}; "
                         "choose a smaller --resize or raise --max-pixels")
-    folder = ImageFolder(src, labeled=labeled, mode=mode, skip_corrupt=skip_corrupt, follow_links=follow_links,
-                         max_pixels=limit)
+    folder = ImageFolder(src, labeled=labeled, mode="RGB" if mode == "auto" else mode, skip_corrupt=skip_corrupt,
+                         follow_links=follow_links, max_pixels=limit)
+    if mode == "auto":
+        mode = folder.mode = file_colour_mode([p for p, _ in folder.samples])
     out_p = Path(out).expanduser()
     if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):
         raise DataError(f"{out_p} exists and is not an empty directory; choose a new OUT_DIR or delete it")

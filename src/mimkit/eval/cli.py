@@ -82,7 +82,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 PATH_ARGS = ("checkpoint", "checkpoints", "dataset", "test_dataset", "out", "cache_dir")
 
 
-def _expand_paths(args) -> None:
+def expand_paths(args) -> None:
     """``~`` / ``~user`` at the start of path flags (``--out=~/eval`` is not expanded by the shell)."""
     import os
 
@@ -94,6 +94,17 @@ def _expand_paths(args) -> None:
             setattr(args, name, [os.path.expanduser(x) if isinstance(x, str) else x for x in v])
 
 
+def _img_size(text: str) -> int | tuple[int, int]:
+    """``224`` or ``224,160`` / ``224x160`` (H, W)."""
+    try:
+        vals = tuple(int(v) for v in text.lower().replace("x", ",").replace(",", " ").split())
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image size; give a side or H,W, e.g. 224 or 224,160")
+    return vals[0] if len(vals) == 1 or vals[0] == vals[1] else vals
+
+
 def _pool_list(text: str) -> str:
     pools = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in pools if p not in POOL_CHOICES]
@@ -103,7 +114,7 @@ def _pool_list(text: str) -> str:
     return ",".join(pools)
 
 
-def _protocol_list(text: str) -> str:
+def protocol_list(text: str) -> str:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in REPORT_PROTOCOLS]
     if bad or not names:
@@ -139,7 +150,7 @@ def _crop(text: str) -> float:
     return v
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and features")
     g.add_argument("--dataset", default="fashion_mnist",
                    help="'fashion_mnist' or an image folder with class sub-folders (PATH/train + PATH/val|test, "
@@ -158,13 +169,21 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-pct", type=_crop, default=0.875,
                    help="folder images: resize the shorter side to size/crop-pct, centre-crop size (MAE, Latent MIM)")
     g.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. '0.286' or '0.485,0.456,0.406' "
-                                                              "(default: the checkpoint's config)")
-    g.add_argument("--std", type=_floats, default=None, help="normalisation std (default: the checkpoint's config)")
+                                                              "(default: the one the weights were trained with, "
+                                                              "as the file records it)")
+    g.add_argument("--std", type=_floats, default=None, help="normalisation std (default: the one the weights were "
+                                                             "trained with, as the file records it)")
     g.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads, for weight files that do not record them (timm safetensors)")
+                   help="attention heads, for weight files that do not record them (timm safetensors) (default: "
+                        "those of --timm-model at the same width, else of the published size: 192/384/768/1024 wide)")
     g.add_argument("--timm-model", default=None,
-                   help="the timm architecture of a timm state dict, e.g. vit_small_patch14_reg4_dinov2 "
-                        "(default: recognised from the weights' keys)")
+                   help="the timm architecture of a timm state dict, e.g. vit_small_patch14_reg4_dinov2; needed for "
+                        "CLIP-layout weights (norm_pre: QuickGELU or GELU is not in the keys); its pretrained_cfg "
+                        "gives the normalisation (default: recognised from the weights' keys)")
+    g.add_argument("--img-size", type=_img_size, default=None,
+                   help="the input the weights were trained at, a side or H,W: fixes the patch grid of timm state "
+                        "dicts (needed when the position table fits two grids, e.g. register tokens) "
+                        "(default: recorded in the checkpoint, else the one square grid that fits)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                    help="autocast for the encoder and heads: auto = bf16 on CUDA, fp32 on CPU")
@@ -180,7 +199,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="directory for <protocol>.json and <protocol>.md")
 
 
-def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None:
+def add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None:
     """Protocol-specific flags (``protocol=None``: all of them, for ``report``)."""
     want = (lambda name: True) if protocol is None else (lambda name: name == protocol)
     if want("knn") or want("diagnostics"):
@@ -195,8 +214,12 @@ def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None
     if protocol == "segmentation":
         p.add_argument("--num-classes", type=_positive_int, default=None,
                        help="classes after reduce_zero_label (default: the largest mask id + 1; 11 when generated)")
-        p.add_argument("--canvas-objects", type=_positive_int, default=3,
-                       help="garments per generated canvas (--dataset fashion_mnist)")
+        p.add_argument("--canvas-layout", choices=("native", "overlap", "scatter"), default="native",
+                       help="generated canvases (--dataset fashion_mnist): native = one garment per 28 px canvas "
+                            "(the benchmark), overlap = two overlaid, scatter = three on 56 px halved (a plumbing "
+                            "check only: a random encoder scores the same; docs/evaluation.md)")
+        p.add_argument("--canvas-objects", type=_positive_int, default=None,
+                       help="garments per generated canvas (default: the layout's own: 1, 2 or 3)")
     if protocol == "pictures":
         p.add_argument("--n-show", type=_positive_int, default=8, help="images in the PCA / attention pictures")
         p.add_argument("--tsne-n", type=_positive_int, default=1000, help="test images in the t-SNE")
@@ -244,7 +267,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None
         p.add_argument("--C", type=_positive_float, default=1.0, help="inverse L2 strength of the logistic regression")
 
 
-def _options(args):
+def options(args):
     import torch
 
     from mimkit.eval.protocols import EvalOptions
@@ -320,7 +343,8 @@ def protocol_kwargs(protocol: str, args) -> dict:
         cfg = replace(SegProbeConfig(seed=args.seed), **_overrides(args, flags))
         if cfg.epochs <= cfg.warmup_epochs and getattr(args, "warmup_epochs", None) is None:
             cfg = replace(cfg, warmup_epochs=cfg.epochs / 20)
-        return {"cfg": cfg, "num_classes": args.num_classes, "canvas_objects": args.canvas_objects}
+        return {"cfg": cfg, "num_classes": args.num_classes, "canvas_layout": args.canvas_layout,
+                "canvas_objects": args.canvas_objects}
     if protocol == "pictures":
         return {"out_dir": args.out or "pictures", "n_show": args.n_show, "tsne_n": args.tsne_n}
     if protocol == "finetune":
@@ -338,15 +362,16 @@ def protocol_kwargs(protocol: str, args) -> dict:
 
 def run_protocol_command(args) -> int:
     """``mimkit eval <protocol> CHECKPOINT``."""
-    from mimkit.eval.data import load_checkpoint_encoder
+    from mimkit.eval.data import load_checkpoint_encoder, norm_line
     from mimkit.eval.protocols import PROTOCOLS, EvalContext, options_dict
     from mimkit.eval.report import markdown_table, write_json
 
-    _expand_paths(args)
-    opts = _options(args)
+    expand_paths(args)
+    opts = options(args)
     kwargs = protocol_kwargs(args.protocol, args)
     ckpt = load_checkpoint_encoder(args.checkpoint, device=opts.device, **_load_kw(args))
     ctx = EvalContext(ckpt, opts)
+    print(norm_line(ctx.mean, ctx.std, ctx.norm_source), file=sys.stderr)
     check_pools(ctx, args.protocol)
     if args.protocol != "segmentation":
         ctx.check_classes()
@@ -370,6 +395,8 @@ def _load_kw(args) -> dict:
     kw = {"num_heads": args.num_heads} if getattr(args, "num_heads", None) else {}
     if getattr(args, "timm_model", None):
         kw["timm_model"] = args.timm_model
+    if getattr(args, "img_size", None):
+        kw["img_size"] = args.img_size
     return kw
 
 
@@ -401,15 +428,16 @@ def run_report_command(args) -> int:
     from mimkit.eval.report import run_report
 
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    _expand_paths(args)
-    opts = _options(args)
-    kwargs = {p: protocol_kwargs(p, _ReportArgs(args, p)) for p in protocols if p in SUBCOMMANDS}
-    from mimkit.eval.data import load_checkpoint_encoder
+    expand_paths(args)
+    opts = options(args)
+    kwargs = {p: protocol_kwargs(p, ReportArgs(args, p)) for p in protocols if p in SUBCOMMANDS}
+    from mimkit.eval.data import load_checkpoint_encoder, norm_line
 
     def load(path, device):
         return load_checkpoint_encoder(path, device=device, **_load_kw(args))
 
     def check(ctx):
+        print(f"{ctx.ckpt.path}: {norm_line(ctx.mean, ctx.std, ctx.norm_source)}", file=sys.stderr)
         ctx.check_classes()
         for p in protocols:
             if p in ("knn", "linear", "fewshot", "diagnostics"):
@@ -423,7 +451,7 @@ def run_report_command(args) -> int:
     return 0
 
 
-class _ReportArgs:
+class ReportArgs:
     """The report's flags seen as one protocol's flags (missing ones read as None)."""
 
     def __init__(self, args, protocol: str):
@@ -453,8 +481,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         sp = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=fmt)
         sp.add_argument("checkpoint", metavar="CHECKPOINT")
-        _add_data_args(sp)
-        _add_protocol_args(sp, name)
+        add_data_args(sp)
+        add_protocol_args(sp, name)
         sp.set_defaults(func=run_protocol_command, protocol=name)
     return p
 
@@ -467,12 +495,12 @@ def register_report(subparsers) -> argparse.ArgumentParser:
                                           "periodic checkpoints gives the curves).",
                               formatter_class=_DefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    p.add_argument("--protocols", type=_protocol_list, default="knn,linear",
+    p.add_argument("--protocols", type=protocol_list, default="knn,linear",
                    help=f"comma-separated from {', '.join(REPORT_PROTOCOLS)}")
     p.add_argument("--seeds", type=_seed_list, default=None,
                    help="repeat the trained probes (linear, attentive, finetune) with these seeds: mean ± std")
-    _add_data_args(p)
+    add_data_args(p)
     p.set_defaults(out="report")
-    _add_protocol_args(p, None)
+    add_protocol_args(p, None)
     p.set_defaults(func=run_report_command)
     return p

@@ -2,8 +2,13 @@
 
 * :func:`load_checkpoint_encoder` — :func:`mimkit.weights.load_encoder` (mimkit, timm and official-MAE
   checkpoints); plus the checkpoint's resolved config and epoch/step when the file carries them.
-* :func:`resolve_norm` — mean/std: explicit flags > ``config['data']['mean'/'std']`` > defaults by
-  channel count (ImageNet for 3 channels, Fashion-MNIST for 1).
+* :func:`resolve_norm` — mean/std: explicit flags > the normalisation the file records (the run's
+  training normalisation: a mimkit checkpoint's ``input``, an export's ``mimkit_input`` metadata, a
+  Hugging Face config's ``image_mean`` / ``image_std``; :attr:`mimkit.weights.Weights.input`) >
+  ``config['data']['mean'/'std']`` (checkpoints written before the record) > the encoder's
+  ``input_norm`` (a named timm model's ``pretrained_cfg``) > defaults by channel count (ImageNet for 3
+  channels, Fashion-MNIST for 1). The source says which, and a flag that differs from what the file
+  records is a warning naming both. :func:`norm_line` is the line ``mimkit eval`` prints.
 * :func:`load_split` — ``fashion_mnist`` or an image folder, resized to the encoder's input size and
   converted to its channel count, as uint8 ``(N, C, H, W)`` + int64 labels, optionally limited to a
   seeded random subset (drawn from the file list *before* decoding, so ``--limit-train 5000`` on a
@@ -55,6 +60,8 @@ class LoadedCheckpoint:
     step: int | None = None
     epoch: float | None = None
     meta: dict = field(default_factory=dict)
+    input: dict | None = None  # the input record of the file (Weights.input): normalisation, size, channels
+    format: str | None = None  # the file's format (a key of mimkit.weights.FORMATS); None: an in-memory encoder
 
 
 def _sidecar_config(path: Path) -> dict | None:
@@ -77,27 +84,86 @@ def load_checkpoint_encoder(path: str | Path, device: str | torch.device = "cpu"
     Face ``ViTMAEForPreTraining`` directory, e.g. ``mimkit export --format hf``, its encoder)."""
     w = read_weights(path)
     if w.format == "hf":
-        return LoadedCheckpoint(encoder=mae_from_hf(w.path).encoder.to(device).eval(), path=w.path)
+        return LoadedCheckpoint(encoder=mae_from_hf(w.path).encoder.to(device).eval(), path=w.path, input=w.input,
+                                format=w.format)
     encoder = load_encoder(w, **kw)
     config = w.config or _sidecar_config(Path(w.path))
     step = w.step if w.step is not None else step_from_name(w.path)
-    return LoadedCheckpoint(encoder=encoder.to(device).eval(), path=w.path, config=config, step=step, epoch=w.epoch)
+    return LoadedCheckpoint(encoder=encoder.to(device).eval(), path=w.path, config=config, step=step, epoch=w.epoch,
+                            input=w.input, format=w.format)
 
 
-def resolve_norm(config: dict | None, in_chans: int, mean=None, std=None) -> tuple[tuple, tuple, str]:
-    """``(mean, std, source)`` for an encoder with ``in_chans`` input channels."""
+_RECORD_PLACES = {"mimkit-checkpoint": "the checkpoint", "mimkit-dcp": "the checkpoint",
+                  "mimkit-export": "the export's metadata", "hf": "the Hugging Face config"}
+
+
+def _values(v) -> str:
+    return ",".join(f"{float(x):g}" for x in v)
+
+
+def _same(a, b) -> bool:
+    """Equal normalisation values (one value stands for every channel)."""
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) != len(b):
+        if 1 not in (len(a), len(b)):
+            return False
+        a, b = (a * len(b), b) if len(a) == 1 else (a, b * len(a))
+    return all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def resolve_norm(config: dict | None, in_chans: int, mean=None, std=None, *, recorded: dict | None = None,
+                 file_format: str | None = None, encoder=None, warn=_warn) -> tuple[tuple, tuple, str]:
+    """``(mean, std, source)`` for an encoder with ``in_chans`` input channels (module doc for the order).
+
+    ``recorded``: the file's input record (:attr:`mimkit.weights.Weights.input`); ``file_format``: the
+    format of the file the encoder came from (``None``: an in-memory encoder), which names where the record
+    is, or says that the file has none; ``encoder``: its ``input_norm`` (a named timm model's), when set, is
+    used before the defaults. A ``mean`` / ``std`` flag that differs from the file's record (or its
+    config's) is used, with a warning (``warn``) naming both."""
     data = (config or {}).get("data") or {}
-    if data.get("mean") is not None and data.get("std") is not None:
+    place = _RECORD_PLACES.get(file_format or "", "the file")
+    enc_norm = getattr(encoder, "input_norm", None) if encoder is not None else None
+    if recorded is not None and recorded.get("mean") and recorded.get("std"):
+        origin = recorded.get("origin")
+        base = (tuple(recorded["mean"]), tuple(recorded["std"]),
+                f"recorded in {place}: the training normalisation" + (f", {origin}" if origin else ""))
+    elif data.get("mean") is not None and data.get("std") is not None:
         base = tuple(data["mean"]), tuple(data["std"]), "checkpoint config"
-    elif in_chans == 3:
-        base = IMAGENET_MEAN, IMAGENET_STD, "default (ImageNet)"
+    elif enc_norm is not None:
+        base = tuple(enc_norm[0]), tuple(enc_norm[1]), str(enc_norm[2])
     else:
-        base = FMNIST_MEAN * in_chans, FMNIST_STD * in_chans, "default (Fashion-MNIST)"
+        base = ((IMAGENET_MEAN, IMAGENET_STD, "default (ImageNet)") if in_chans == 3 else
+                (FMNIST_MEAN * in_chans, FMNIST_STD * in_chans, "default (Fashion-MNIST)"))
+        if file_format in ("mimkit-checkpoint", "mimkit-dcp", "mimkit-export"):
+            base = (*base[:2], base[2] + f"; {place} records no input normalisation (written before mimkit "
+                                         "recorded it)")
+        elif file_format is not None:
+            base = (*base[:2], base[2] + f"; {place} records no input normalisation")
     if mean is None and std is None:
         return base
+    if base[2] == "checkpoint config" or base[2].startswith("recorded in"):
+        differ = [(flag, given, have) for flag, given, have in (("--mean", mean, base[0]), ("--std", std, base[1]))
+                  if given is not None and not _same(given, have)]
+        if differ:
+            where = place if base[2].startswith("recorded in") else "the checkpoint's config"
+            warn(" and ".join(f"{flag} {_values(given)}" for flag, given, _ in differ)
+                 + f" differ{'s' if len(differ) == 1 else ''} from the normalisation recorded in {where} ("
+                 + ", ".join(f"{flag[2:]} {_values(have)}" for flag, _, have in differ) + "); evaluating with "
+                 + " ".join(f"{flag} {_values(given)}" for flag, given, _ in differ) + " as given")
     # a flag replaces its own value only (--mean alone keeps the std of the config / default)
     source = "flag" if mean is not None and std is not None else f"flag + {base[2]}"
     return (tuple(base[0] if mean is None else mean), tuple(base[1] if std is None else std), source)
+
+
+def norm_line(mean, std, source: str) -> str:
+    """The line ``mimkit eval`` prints: which normalisation it uses and where it comes from."""
+    return f"normalisation: mean {_values(mean)}, std {_values(std)} ({source})"
 
 
 def _hw(size) -> tuple[int, int]:
@@ -134,8 +200,9 @@ def adapt_images(images: torch.Tensor, size: int | tuple[int, int], in_chans: in
     return images
 
 
-def _subset_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
-    """Sorted indices of a seeded random subset of ``limit`` items (``None``: keep everything)."""
+def subset_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a seeded random subset of ``limit`` items (``None``: keep everything): the
+    ``--limit-train`` / ``--limit-test`` rule, also the end-of-run kNN's (``eval.knn_*_limit``)."""
     if limit is None or limit >= n:
         return None
     if limit < 1:
@@ -145,7 +212,7 @@ def _subset_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None
 
 
 def _subset(images, labels, limit: int | None, seed: int):
-    idx = _subset_indices(len(labels), limit, seed)
+    idx = subset_indices(len(labels), limit, seed)
     return (images, labels) if idx is None else (images[idx], labels[idx])
 
 
@@ -239,13 +306,15 @@ def load_split(
     class_names: list[str] | None = None,
     crop_pct: float = 0.875,
     show_progress: bool = False,
+    root: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Labelled images of ``spec`` (``fashion_mnist`` or a folder path), ``split`` ``train``/``test``.
 
     ``split_folder=False`` returns every image of a plain folder (used for ``--test-dataset``).
     ``class_names``: the evaluation's class -> index map (the training split's classes); folder labels
     are mapped into it by name (module doc). ``crop_pct``: MAE's resize-then-centre-crop ratio for folder
-    images. ``img_size``: a side or ``(H, W)``. Returns ``(uint8 (N, in_chans, H, W), int64 (N,), info)``;
+    images. ``img_size``: a side or ``(H, W)``. ``root``: where Fashion-MNIST is (default: its search).
+    Returns ``(uint8 (N, in_chans, H, W), int64 (N,), info)``;
     ``info`` names the source, the classes and the resize rule.
     """
 
@@ -258,7 +327,7 @@ def load_split(
     if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
         from mimkit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
-        images, labels = load_fashion_mnist(split=split)
+        images, labels = load_fashion_mnist(root, split=split)
         classes = list(FASHION_MNIST_CLASSES)
         remap = remap_classes(classes, class_names, f"fashion_mnist {split}")
         if remap is not None:
@@ -288,7 +357,7 @@ def load_split(
             info["split_rule"] = "seeded stratified 80/20 split of one folder"
         elif sub is not None:
             info["folder"] = str(sub)
-        pick = _subset_indices(len(keep), limit, seed)  # before decoding: only these files are read
+        pick = subset_indices(len(keep), limit, seed)  # before decoding: only these files are read
         if pick is not None:
             keep = keep[pick]
         where = str(sub or root) + (f" ({split} part)" if sub is None and split_folder else "")

@@ -22,6 +22,19 @@ import torch.nn.functional as F
 DEFAULT_KS = (10, 20, 100, 200)
 
 
+def bank_ks(k: int, ks: Sequence[int], n_bank: int) -> tuple[int, list[int], list[int]]:
+    """``(k, ks, dropped)``: the headline ``k`` and every ``k`` measured from one pass (``ks`` with ``k``)
+    on a bank of ``n_bank`` items. A ``k`` beyond the bank would measure the bank size again under a
+    false name: such ``k`` are dropped and the headline ``k`` becomes the bank size (``mimkit eval knn``'s
+    and the run's kNN alike)."""
+    ks = sorted({*(int(x) for x in ks), int(k)})
+    dropped = [kk for kk in ks if kk > n_bank]
+    if dropped:
+        k = min(k, n_bank)
+        ks = sorted({kk for kk in ks if kk <= n_bank} | {k})
+    return k, ks, dropped
+
+
 def _check(train_feats, train_labels):
     if train_feats.shape[0] != train_labels.shape[0]:
         raise ValueError("train features and labels differ in length")

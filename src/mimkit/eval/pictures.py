@@ -102,13 +102,14 @@ def save_token_pictures(encoder, images: torch.Tensor, labels: torch.Tensor, mea
     disp = disp[..., 0] if disp.shape[-1] == 1 else disp
     written = {}
 
-    def grid(maps, name, cmap=None):
-        fig, axes = plt.subplots(2, len(show), figsize=(1.6 * len(show), 3.4), squeeze=False)
+    def grid(maps, name, title, cmap=None):
+        fig, axes = plt.subplots(2, len(show), figsize=(1.6 * len(show), 3.8), squeeze=False)
         for i in range(len(show)):
             axes[0][i].imshow(disp[i], cmap="gray" if disp.ndim == 3 else None)
             axes[1][i].imshow(maps[i], cmap=cmap, interpolation="nearest")
             for ax in (axes[0][i], axes[1][i]):
                 ax.axis("off")
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -116,9 +117,11 @@ def save_token_pictures(encoder, images: torch.Tensor, labels: torch.Tensor, mea
 
     from mimkit.nn.adapters import token_grid
 
-    grid(pca_rgb(tokens, token_grid(enc, tokens.shape[1], tuple(show.shape[-2:]))).numpy(), "pca.png")
+    grid(pca_rgb(tokens, token_grid(enc, tokens.shape[1], tuple(show.shape[-2:]))).numpy(), "pca.png",
+         "patch tokens: first three principal components as RGB (fitted on all shown images)")
     if enc.has_class_token and hasattr(enc.blocks[-1], "attn"):
-        grid(cls_attention(enc, x).cpu().numpy(), "attention.png", cmap="inferno")
+        grid(cls_attention(enc, x).cpu().numpy(), "attention.png",
+             "last block: class-token attention to each patch (mean over heads; bright = high)", cmap="inferno")
     feats = tsne_feats if tsne_feats is not None else extract_features(
         enc, images, pool="cls" if enc.has_class_token else "mean", mean=mean, std=std)
     pts = tsne_points(feats, seed)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mimkit.errors import ConfigError, DataError
 from mimkit.eval.data import LoadedCheckpoint, load_split, resolve_norm
@@ -86,7 +85,9 @@ class EvalContext:
         h, w = self.img_hw
         self.img_size = h if h == w else [h, w]  # a side for a square input (as before), else [H, W]
         check_input_size(self.encoder, self.img_hw, self.in_chans)
-        self.mean, self.std, self.norm_source = resolve_norm(ckpt.config, self.in_chans, opts.mean, opts.std)
+        self.mean, self.std, self.norm_source = resolve_norm(ckpt.config, self.in_chans, opts.mean, opts.std,
+                                                             recorded=ckpt.input, file_format=ckpt.format,
+                                                             encoder=self.encoder)
         self._check_options()
         self.autocast = _amp_dtype(opts)
         self._data: dict[str, tuple] = {}
@@ -454,16 +455,20 @@ def run_diagnostics(ctx: EvalContext, k: int = 20, temperature: float = 0.07) ->
     return {"protocol": "diagnostics", "metrics": metrics, **detail}
 
 
-def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None, canvas_objects: int = 3) -> dict:
+def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None, canvas_layout: str = "native",
+                     canvas_objects: int | None = None) -> dict:
     """DINOv2's linear segmentation probe (:mod:`mimkit.eval.segmentation`) on ``--dataset``: an
-    ADE20K-layout folder, or ``fashion_mnist`` for generated canvases (garments pasted on a canvas twice
-    the garment size, resized to the encoder's input; ``--limit-train/--limit-test`` canvases, default
-    1000/250)."""
+    ADE20K-layout folder, or ``fashion_mnist`` for generated canvases of a
+    :data:`~mimkit.eval.segmentation.CANVAS_LAYOUTS` layout (default ``native``: one garment per 28 px
+    canvas, the layout that separates a pretrained encoder from a random one; ``canvas_objects``
+    overrides the layout's garment count), resized to the encoder's input;
+    ``--limit-train/--limit-test`` canvases, default 1000/250."""
     from mimkit.eval.segmentation import (
+        CANVAS_LAYOUTS,
         IGNORE,
         SegProbeConfig,
+        canvas_probe_set,
         load_segmentation_folder,
-        make_canvas_set,
         segmentation_linear_probe,
     )
 
@@ -472,16 +477,14 @@ def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None,
     hw, c = ctx.img_hw, ctx.in_chans
     s = hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
     if o.dataset in ("fashion_mnist", "fashion-mnist", "fmnist"):
-        def canvases(n, split, seed):
-            x, m = make_canvas_set(n, 56, canvas_objects, split, seed)
-            from mimkit.eval.data import adapt_images
-
-            m = F.interpolate(m[:, None].float(), size=hw, mode="nearest")[:, 0].long() - 1  # 1.. -> 0..
-            return adapt_images(x, hw, c), m
-
-        (xtr, mtr), (xte, mte) = canvases(o.limit_train or 1000, "train", o.seed), canvases(o.limit_test or 250,
-                                                                                            "test", o.seed + 1)
-        source = f"generated Fashion-MNIST canvases (56 px, {canvas_objects} garments, resized to {s})"
+        if canvas_layout not in CANVAS_LAYOUTS:
+            raise ConfigError(f"canvas layout {canvas_layout!r} is unknown: choose one of {', '.join(CANVAS_LAYOUTS)}")
+        px, k = CANVAS_LAYOUTS[canvas_layout]
+        k = canvas_objects or k
+        xtr, mtr = canvas_probe_set(o.limit_train or 1000, "train", o.seed, hw, c, canvas_layout, objects=k)
+        xte, mte = canvas_probe_set(o.limit_test or 250, "test", o.seed + 1, hw, c, canvas_layout, objects=k)
+        source = (f"generated Fashion-MNIST canvases, layout {canvas_layout} ({px} px, {k} garment"
+                  f"{'s' if k > 1 else ''}, resized to {s})")
         num_classes = num_classes or 11
     else:
         xtr, mtr = load_segmentation_folder(o.dataset, "train", hw, c, o.limit_train, o.seed)

@@ -110,49 +110,72 @@ def _series(rs: list[dict], metric: str, x_key: str):
     return xs, ys, err
 
 
-def plot_curves(rows: list[dict], path: str | Path) -> Path | None:
-    """Curves over training for every run with ≥ 2 checkpoints: top-1 accuracies (with ± std error bars),
-    and Sim / effective rank when measured; PNG at ``path``. ``None`` when no run has two checkpoints."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curve_panels(rows: list[dict]) -> tuple[str, dict[str, list[dict]], list[tuple[str, str, list[str]]]]:
+    """``(x_key, runs, panels)`` of :func:`plot_curves`: the runs with >= 2 checkpoints (sorted by
+    ``x_key``, ``epoch`` when every row has one, else ``step``) and one panel per quantity
+    ``(title, y label, metric names)``: top-1 accuracies, top-5 accuracies, Sim, effective rank (a
+    panel only when some run measured it)."""
     runs: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("run"):
             runs.setdefault(r["run"], []).append(r)
     runs = {k: v for k, v in runs.items() if len(v) >= 2}
-    if not runs:
-        return None
     use_epoch = all(r.get("epoch") is not None for v in runs.values() for r in v)
     x_key = "epoch" if use_epoch else "step"
-    last = [k for v in runs.values() for k in v[-1]["metrics"]]
-    acc = [m for m in dict.fromkeys(last) if not m.endswith("_std") and not m.startswith(("sim", "erank"))]
-    sims = [m for m in dict.fromkeys(last) if m.startswith("sim")]
-    eranks = [m for m in dict.fromkeys(last) if m.startswith("erank") and not m.endswith("_std")]
-    panels = [("top-1 accuracy (%)", acc)] + ([("Sim (patch similarity)", sims)] if sims else []) + \
-        ([("effective rank", eranks)] if eranks else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (ylabel, names) in zip(axes[0], panels):
-        for run, rs in runs.items():
-            rs = sorted(rs, key=lambda r: r.get(x_key) or 0)
+    runs = {k: sorted(v, key=lambda r: r.get(x_key) or 0) for k, v in runs.items()}
+    names = list(dict.fromkeys(k for v in runs.values() for k in v[-1]["metrics"] if not k.endswith("_std")))
+    sims = [m for m in names if m.startswith("sim")]
+    eranks = [m for m in names if m.startswith("erank")]
+    acc = [m for m in names if m not in sims and m not in eranks]
+    top5 = [m for m in acc if "top5" in m]
+    top1 = [m for m in acc if m not in top5]
+    panels = [(title, ylabel, ms) for title, ylabel, ms in (
+        ("top-1 accuracy during pretraining", "top-1 (%)", top1),
+        ("top-5 accuracy during pretraining", "top-5 (%)", top5),
+        ("patch similarity (Sim)", "Sim", sims),
+        ("effective rank of the features", "effective rank", eranks)) if ms]
+    return x_key, runs, panels
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> Path | None:
+    """Curves over training for every run with >= 2 checkpoints, one axis per quantity, stacked (top-1,
+    top-5, Sim, effective rank; :func:`curve_panels`), each titled; a metric keeps its colour on every axis, a
+    run its line style and marker, and the legend sits beside the axes, not over the lines. PNG at
+    ``path``; ``None`` when no run has two checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, runs, panels = curve_panels(rows)
+    if not runs or not panels:
+        return None
+    metrics = list(dict.fromkeys(m for _, _, ms in panels for m in ms))
+    cmap = plt.get_cmap("tab10" if len(metrics) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(metrics)}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.0, 3.4 * len(panels)), squeeze=False, layout="constrained")
+    for ax, (title, ylabel, names) in zip(axes[:, 0], panels):
+        for j, (run, rs) in enumerate(runs.items()):
+            style = dict(linestyle=_LINESTYLES[j % len(_LINESTYLES)], marker=_MARKERS[j % len(_MARKERS)])
             for m in names:
                 xs, ys, err = _series(rs, m, x_key)
                 label = m if len(runs) == 1 else f"{Path(run).name}: {m}"
                 if any(err):
-                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+                    ax.errorbar(xs, ys, yerr=err, capsize=3, color=colour[m], label=label, **style)
                 else:
-                    ax.plot(xs, ys, marker="o", label=label)
+                    ax.plot(xs, ys, color=colour[m], label=label, **style)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_key)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_title("during pretraining")
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -6,7 +6,9 @@ attributes: ``num_prefix_tokens``, ``has_class_token``, ``embed_dim``, ``num_hea
 (a side, or ``(H, W)`` for a rectangle; ``img_hw`` is always the pair), ``in_chans``, ``patch_size``
 and, for encoders whose last normalisation comes *after* pooling (timm's ``fc_norm``, MAE's fine-tuned
 models), ``pool_norm`` (``None`` otherwise); ``grid_size`` and ``patch_size`` are ``None`` when the
-encoder does not say. :class:`mimkit.nn.ViTEncoder` has them (one class token, final LayerNorm on the
+encoder does not say. The wrappers also carry ``input_norm``: ``(mean, std, source)`` when the
+weights' input normalisation is known (set by :func:`mimkit.weights.load_encoder` from a named timm
+model's ``pretrained_cfg``), else ``None``. :class:`mimkit.nn.ViTEncoder` has them (one class token, final LayerNorm on the
 tokens: ``num_prefix_tokens = 1``, ``has_class_token = True``, ``pool_norm = None``).
 :func:`wrap_encoder` adapts the rest, and evaluation reads these attributes without defaults:
 
@@ -74,6 +76,7 @@ class TimmEncoder(nn.Module):
         fc_norm = getattr(model, "fc_norm", None)
         self.pool_norm = fc_norm if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity) else None
         self.source_config = None
+        self.input_norm = None  # (mean, std, source) when the weights' normalisation is known (load_encoder)
 
     @property
     def blocks(self):
@@ -125,6 +128,7 @@ class ModuleEncoder(nn.Module):
         self.grid_size: tuple[int, int] | None = None  # a module's token grid is not known: from the images
         self.patch_size: int | None = None
         self.source_config = None
+        self.input_norm = None  # (mean, std, source) when known; evaluation's default otherwise
         self._embed_dim = getattr(module, "embed_dim", None)
 
     @property

@@ -2,7 +2,9 @@
 
 Owns: claiming ``train.out_dir`` (create, lock with :class:`~mimkit.train.checkpoint.RunLock`,
 remove temporary files of killed writers, check that a checkpoint fits) and releasing it; what a
-checkpoint holds (:meth:`Checkpointer.state_dict`); writing checkpoints (``checkpoint.pt`` with
+checkpoint holds (:meth:`Checkpointer.state_dict`, with the input record of :func:`training_input`:
+the normalisation the run trains with, its image size and channels, which evaluation and exports
+take from it); writing checkpoints (``checkpoint.pt`` with
 numbered copies and pruning for ``train.strategy=ddp``; DCP directories for ``fsdp``, asynchronously
 on GPUs); the last good checkpoint and the time of the last save; and, at the final save of a
 sharded run, the consolidated model (kept on rank 0 for the end-of-run evaluation, exported as
@@ -24,6 +26,38 @@ from torch import nn
 from mimkit.config import Config, to_dict
 from mimkit.train import checkpoint as ckpt
 from mimkit.train.distributed import DistInfo, all_ok, all_reduce_sum, unwrap
+
+
+def training_input(cfg: Config) -> dict:
+    """The input the run trains on, as every checkpoint and export records it (``input``):
+    ``{"mean": [...], "std": [...], "img_size": [H, W], "in_chans": C, "origin": text}``.
+
+    ``mean`` / ``std`` are those the training data is normalised with (:mod:`mimkit.train.data`):
+    ``data.mean`` / ``data.std`` when set, each else the data set's default: Fashion-MNIST's own
+    statistics for ``fashion_mnist``; for a folder or shards ImageNet's with 3 channels, 0.5 / 0.5 for
+    grey-scale (``tests/test_eval_norm.py`` checks them against the loader's)."""
+    from mimkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+    from mimkit.data.loaders import _FASHION_NAMES  # the names build_dataset takes for Fashion-MNIST
+    from mimkit.data.shards import is_shard_dir
+    from mimkit.nn.vit import image_hw
+
+    d, enc = cfg.data, cfg.model.encoder
+    name = str(d.dataset)
+    if name.lower() in _FASHION_NAMES and not is_shard_dir(name):
+        default, what = (FASHION_MNIST_MEAN, FASHION_MNIST_STD), "Fashion-MNIST statistics"
+    elif enc.in_chans == 3:
+        default, what = (IMAGENET_MEAN, IMAGENET_STD), "ImageNet statistics"
+    else:
+        default, what = ((0.5,), (0.5,)), "grey-scale default 0.5 / 0.5"
+    mean, std = tuple(d.mean or default[0]), tuple(d.std or default[1])
+    if d.mean and d.std:
+        origin = "data.mean / data.std"
+    elif not d.mean and not d.std:
+        origin = f"data.mean / data.std unset: the data set's default ({what})"
+    else:
+        origin = f"{'data.mean' if d.mean else 'data.std'} and the data set's default ({what}) for the other"
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "img_size": list(image_hw(enc.img_size)), "in_chans": int(enc.in_chans), "origin": origin}
 
 
 def _one_line(e: BaseException) -> str:
@@ -122,6 +156,7 @@ class Checkpointer:
             "epoch": step / steps_per_epoch,
             "rng": rngs,
             "config": to_dict(self.cfg),
+            "input": training_input(self.cfg),
             "extra": {"nonfinite": nonfinite, "world_size": self.info.world_size, "strategy": self.cfg.train.strategy},
         }
         if self.dcp:
@@ -266,7 +301,7 @@ class Checkpointer:
         method.load_state_dict(full)
         method.to(self.info.device).eval()
         self.full_method = method
-        return export_encoder(method, self.out_dir / "encoder.safetensors")
+        return export_encoder(method, self.out_dir / "encoder.safetensors", input=training_input(self.cfg))
 
     def seconds_since_save(self) -> float:
         return time.monotonic() - self.last_save_time

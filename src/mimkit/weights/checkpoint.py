@@ -218,6 +218,18 @@ def _write_atomically(path: Path, write: Callable, need: int, what: str) -> Path
     return path
 
 
+def shareable(path: str | Path) -> Path:
+    """Give a file written by a library that creates it owner-only (safetensors writes ``0600``) the
+    mode a plain ``open`` would: ``0666`` less the process umask (``0644`` usually), so an exported
+    file can be read by the tools and people it is exported for. A directory: every file in it."""
+    path = Path(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+        os.chmod(f, 0o666 & ~mask)
+    return path
+
+
 def atomic_save(obj: dict, path: str | Path, checksum: bool = True) -> Path:
     """``torch.save`` to ``path`` atomically (space check, temp file, fsync, rename), with the file
     checksum in the zip comment (see the module docstring; ``checksum=False``: without it, for

@@ -77,7 +77,10 @@ class Weights:
     dict; ``clip``: the ``visual.*`` tensors; ``codebook``: ``centroids``). ``config``: the resolved
     mimkit config of a checkpoint. ``meta``: safetensors metadata, a Hugging Face ``config.json``, a
     codebook's fields. ``raw``: the whole unpickled object when it was a dict (other entries such as
-    an official checkpoint's ``args``)."""
+    an official checkpoint's ``args``). ``input``: the input the weights were trained on, when the
+    file records it (:func:`input_record`: a mimkit checkpoint's ``input``, a mimkit export's
+    ``mimkit_input`` metadata, a Hugging Face ``config.json``'s ``image_mean`` / ``image_std``);
+    ``None`` for files without the record (older checkpoints, timm and official files)."""
 
     path: str
     format: str
@@ -87,10 +90,53 @@ class Weights:
     step: int | None = None
     epoch: float | None = None
     raw: dict | None = None
+    input: dict | None = None
 
     @property
     def description(self) -> str:
         return FORMATS[self.format]
+
+
+def input_record(obj, img_size=None, in_chans=None) -> dict | None:
+    """The input normalisation a file records, as ``{"mean": [...], "std": [...], "img_size": [H, W],
+    "in_chans": C, "origin": text}`` (``img_size`` / ``in_chans`` / ``origin`` when known; the arguments
+    fill what ``obj`` lacks), or ``None`` when ``obj`` holds no usable mean and std (one positive value
+    per channel, or one for all)."""
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except ValueError:
+            return None
+    if not isinstance(obj, dict):
+        return None
+    try:
+        mean = [float(v) for v in obj["mean"]]
+        std = [float(v) for v in obj["std"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not mean or not std or (len(mean) != len(std) and 1 not in (len(mean), len(std))) or min(std) <= 0:
+        return None
+    out: dict = {"mean": mean, "std": std}
+    size = obj.get("img_size", img_size)
+    if isinstance(size, int | float) and not isinstance(size, bool):
+        out["img_size"] = [int(size), int(size)]
+    elif isinstance(size, list | tuple) and len(size) == 2:
+        out["img_size"] = [int(size[0]), int(size[1])]
+    chans = obj.get("in_chans", in_chans)
+    if isinstance(chans, int) and not isinstance(chans, bool):
+        out["in_chans"] = chans
+    if isinstance(obj.get("origin"), str):
+        out["origin"] = obj["origin"]
+    return out
+
+
+def _hf_input(cfg: dict) -> dict | None:
+    """``image_mean`` / ``image_std`` of a Hugging Face ``config.json`` (as ``mimkit export --format hf``
+    writes them) or of the ``preprocessor_config.json`` beside it (passed merged in)."""
+    if "image_mean" not in cfg or "image_std" not in cfg:
+        return None
+    return input_record({"mean": cfg["image_mean"], "std": cfg["image_std"]}, cfg.get("image_size"),
+                        cfg.get("num_channels"))
 
 
 def strip_wrappers(sd: dict) -> dict:
@@ -195,6 +241,8 @@ def _read_hf(p: Path) -> Weights:
     """A ``save_pretrained`` directory (or its safetensors file): HF-keyed tensors + ``config.json``."""
     cfg_path = p / "config.json" if p.is_dir() else p.parent / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    pre_path = cfg_path.parent / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
     files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
     sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -205,7 +253,7 @@ def _read_hf(p: Path) -> Weights:
             if not _tensor_dict(obj):
                 raise InteropError(f"{f} holds no state dict; give a directory written by save_pretrained")
             sd.update(obj)
-    return Weights(str(p), "hf", sd, meta=cfg)
+    return Weights(str(p), "hf", sd, meta=cfg, input=_hf_input(cfg) or _hf_input({**cfg, **pre}))
 
 
 def _from_dict(p: Path, obj: dict) -> Weights:
@@ -214,7 +262,8 @@ def _from_dict(p: Path, obj: dict) -> Weights:
         step, epoch = obj.get("step"), obj.get("epoch")
         return Weights(str(p), "mimkit-checkpoint", strip_wrappers(obj["model"]), config=obj["config"],
                        step=int(step) if isinstance(step, int | float) else None,
-                       epoch=float(epoch) if isinstance(epoch, int | float) else None, raw=obj)
+                       epoch=float(epoch) if isinstance(epoch, int | float) else None, raw=obj,
+                       input=input_record(obj.get("input")))
     if isinstance(obj.get("centroids"), torch.Tensor) and "patch_size" in obj:
         meta = {k: v for k, v in obj.items() if k != "centroids"}
         return Weights(str(p), "codebook", {"centroids": obj["centroids"]}, meta=meta, raw=obj)
@@ -270,7 +319,7 @@ def read_weights(path: str | Path) -> Weights:
         sd, meta = _read_safetensors(p)
         sd = strip_wrappers(sd)
         if "mimkit_vit_config" in meta:
-            return Weights(str(p), "mimkit-export", sd, meta=meta)
+            return Weights(str(p), "mimkit-export", sd, meta=meta, input=input_record(meta.get("mimkit_input")))
         if any(k.startswith(_HF_PREFIXES) for k in sd):
             return _read_hf(p)
         visual = clip_visual(sd)
