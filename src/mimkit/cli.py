@@ -1,4 +1,4 @@
-"""``mimkit`` command line: ``pretrain``, ``eval <protocol>``, ``report``, ``visualize``, ``export``, ``data prepare``.
+"""``mimkit`` command line: ``pretrain``, ``eval <protocol>``, ``report``, ``zoo``, ``visualize``, ``export``, ``data prepare``.
 
 Examples::
 
@@ -11,6 +11,7 @@ Examples::
     mimkit export runs/mae_fashion_mnist/checkpoint.pt hf_mae/ --format hf
     mimkit compare runs/mae_fashion_mnist            # loss vs the preset's reference curves
     mimkit bench --smoke                             # training speed rows at tiny shapes (CPU, seconds)
+    mimkit zoo configs/mae_fashion_mnist.yaml configs/pcae_fashion_mnist.yaml --seeds 0,1,2   # one table
 """
 
 from __future__ import annotations
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mimkit import bench
 
     bench.add_parser(sub)  # mimkit bench [--smoke]: img/s, TFLOP/s, MFU of every method and a peer
+    from mimkit import zoo
+
+    zoo.add_parser(sub)  # mimkit zoo CONFIGS --seeds 0,1,2: train x seeds, evaluate, one table
 
     from mimkit.eval import cli as eval_cli
 
@@ -248,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     command = None  # set once a command runs
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # positional items after flags (mimkit zoo A.yaml --seeds 0 key=value): the zoo takes them
+            if getattr(args, "trailing_items", None) and not any(e.startswith("-") for e in extra):
+                setattr(args, args.trailing_items, getattr(args, args.trailing_items) + extra)
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from mimkit.train.loop import TrainingInterrupted
 
         try:

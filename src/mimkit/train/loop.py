@@ -534,6 +534,8 @@ class Trainer:
                         "nonfinite": self.nonfinite, "knn_history": run.knn_history}
         if skipped:
             result["skipped_files"] = {"count": len(skipped), "files": skipped}
+        if self.device.type == "cuda":  # this process's peak (this attempt's, when the run resumed)
+            result["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.step >= self.total_steps or cfg.train.max_steps is not None:
             if cfg.eval.knn_at_end:
                 result["knn"] = self.evaluate_knn()

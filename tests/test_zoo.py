@@ -1,0 +1,167 @@
+"""``mimkit zoo``: planning, training in children, evaluation on one split, reuse, failures and the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimkit.errors import ConfigError
+from mimkit.zoo import headline_metrics, loaded, plan_runs, split_arguments
+from tests.conftest import TINY_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+MAE, PCAE, CAE_V2 = (ROOT / "configs" / f"{m}_fashion_mnist.yaml" for m in ("mae", "pcae", "cae_v2"))
+TINY = [o for o in TINY_RUN if not o.startswith(("eval.", "train.epochs"))] + ["data.batch_size=64", "train.epochs=2"]
+EVAL = ["--protocols", "knn", "--limit-train", "300", "--limit-test", "120", "--no-progress", "--threads", "1"]
+
+
+def _zoo(out: Path, *items: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mimkit.cli", "zoo", str(MAE), "--seeds", "0,1", "--out", str(out), *EVAL,
+           *extra, *items, *TINY]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+# -- planning (no work) ---------------------------------------------------------------------------
+def test_plan_is_seed_major_with_scoped_and_expanded_overrides(tmp_path):
+    runs = plan_runs([MAE, PCAE], [3, 5], tmp_path, ["train.epochs=1", "pcae_fashion_mnist:optim.base_lr=2e-3",
+                                                      "mae_fashion_mnist:train.log_every_steps={seed}"])
+    assert [(r.name, r.seed) for r in runs] == [("mae_fashion_mnist", 3), ("pcae_fashion_mnist", 3),
+                                               ("mae_fashion_mnist", 5), ("pcae_fashion_mnist", 5)]
+    mae3, pcae3, mae5, _ = runs
+    assert mae3.out_dir == tmp_path / "runs" / "mae_fashion_mnist" / "seed3"
+    assert mae3.overrides[-2:] == [f"train.out_dir={mae3.out_dir}", "train.seed=3"]  # the zoo's keys come last
+    assert "train.log_every_steps=3" in mae3.overrides and "train.log_every_steps=5" in mae5.overrides
+    assert "optim.base_lr=2e-3" in pcae3.overrides and not any("base_lr" in o for o in mae3.overrides)
+    assert all("train.epochs=1" in r.overrides and "eval.knn_at_end=false" in r.overrides for r in runs)
+
+
+@pytest.mark.parametrize("overrides,configs,seeds,match", [
+    (["train.seed=4"], None, [0], r"the zoo sets train.seed for every run"),
+    (["mae_fashion_mnist:train.out_dir=x"], None, [0], r"the zoo sets train.out_dir"),
+    (["vit:optim.lr=1"], None, [0], r"names 'vit', which is not one of the configs \(mae_fashion_mnist\)"),
+    (["model.encoder.depthh=2"], None, [0], r"mae_fashion_mnist.yaml: .*depthh"),
+    ([], [MAE, MAE], [0], r"two configs named mae_fashion_mnist"),
+    ([], [MAE], [0, 0], r"--seeds 0,0 repeats a seed"),
+    ([], [Path("nope.yaml")], [0], r"config file\(s\) not found: nope.yaml"),
+])
+def test_plan_refuses_bad_input_before_any_work(tmp_path, overrides, configs, seeds, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        plan_runs(configs or [MAE], seeds, tmp_path, overrides)
+    assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
+
+
+def test_arguments_split_into_configs_and_overrides():
+    assert split_arguments(["a.yaml", "train.epochs=1", "b.yml", "x:optim.lr=1e-3"]) == (
+        [Path("a.yaml"), Path("b.yml")], ["train.epochs=1", "x:optim.lr=1e-3"])
+
+
+def test_dataset_folder_trains_on_its_train_split(tmp_path):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    runs = plan_runs([MAE], [0], tmp_path / "z", [], dataset=str(tmp_path / "data"))
+    assert f"data.dataset={tmp_path / 'data' / 'train'}" in runs[0].overrides
+    with pytest.raises(ConfigError, match="not a folder"):
+        plan_runs([MAE], [0], tmp_path / "z", [], dataset=str(tmp_path / "missing"))
+
+
+def test_loaded_uses_the_cpu_other_processes_used(monkeypatch):
+    assert not loaded({"other_cpu_cores": [0.05], "threads": 2, "load": [[3.0, 3.0]]})  # measured beats loadavg
+    assert loaded({"other_cpu_cores": [0.05, 0.9], "threads": 1})  # any attempt beside another job
+    monkeypatch.setattr("os.cpu_count", lambda: 4)  # no /proc/stat reading: the load average before the run
+    assert loaded({"other_cpu_cores": [None], "threads": 2, "load": [[2.6, 1.0]]})  # > 4 - 2 + 0.5
+    assert not loaded({"other_cpu_cores": [None], "threads": 2, "load": [[2.4, 4.0]]})
+
+
+def test_headline_metrics_pick_the_headline_k_and_top1():
+    knn = {"k": 20, "metrics": {"knn10_cls": 1, "knn20_cls": 2, "knn20top5_cls": 3, "loo1nn_cls": 4}}
+    assert headline_metrics("knn", knn) == ["knn20_cls"]
+    ft = {"metrics": {"finetune_mean": 1, "finetune_best_mean": 2}}
+    assert headline_metrics("finetune", ft) == ["finetune_mean"]
+
+
+# -- a whole zoo ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """MAE and PCAE x seeds 0, 1 at tiny shapes (knn on 300/120 images), plus CAE v2 without its teacher
+    file: a run that fails, on both seeds."""
+    out = tmp_path_factory.mktemp("zoo")
+    # seed 1 of MAE was interrupted before: two of its steps are done and checkpointed (no zoo record)
+    pre = subprocess.run([sys.executable, "-m", "mimkit.cli", "pretrain", str(MAE), *TINY, "train.max_steps=2",
+                          f"train.out_dir={out}/runs/mae_fashion_mnist/seed1", "train.seed=1",
+                          "eval.knn_at_end=false", "eval.picture_at_end=false"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    proc = _zoo(out, str(PCAE), str(CAE_V2), "cae_v2_fashion_mnist:method.teacher_path={out}/no_teacher.pt")
+    return out, proc
+
+
+def test_zoo_trains_evaluates_and_tables_every_run(zoo):
+    out, proc = zoo
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one config failed on both seeds: the zoo went on
+    err = proc.stderr
+    assert "[zoo 1/6] mae_fashion_mnist seed 0: training" in err and "[zoo 6/6] cae_v2_fashion_mnist seed 1" in err
+    assert err.count("cae_v2_fashion_mnist seed") >= 2 and err.count(": FAILED: ") == 2
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["config"], r["seed"], r["status"][:6]) for r in rows] == [
+        ("mae_fashion_mnist", "0", "done"), ("pcae_fashion_mnist", "0", "done"), ("cae_v2_fashion_mnist", "0", "failed"),
+        ("mae_fashion_mnist", "1", "done"), ("pcae_fashion_mnist", "1", "done"), ("cae_v2_fashion_mnist", "1", "failed")]
+    assert "no_teacher.pt" in rows[2]["status"]
+    # the table is the mean and sample std of the per-run numbers that each run's eval/knn.json holds
+    table = {r["config"]: r for r in csv.DictReader((out / "zoo.csv").open())}
+    for name in ("mae_fashion_mnist", "pcae_fashion_mnist"):
+        vals = [json.loads((out / "runs" / name / f"seed{s}" / "eval" / "knn.json").read_text())["metrics"]["knn20_cls"]
+                for s in (0, 1)]
+        assert float(table[name]["knn20_cls_mean"]) == pytest.approx(statistics.fmean(vals))
+        assert float(table[name]["knn20_cls_std"]) == pytest.approx(statistics.stdev(vals))
+        assert vals[0] != vals[1]  # two seeds, two encoders
+        assert table[name]["n_seeds"] == "2"
+    assert table["cae_v2_fashion_mnist"]["n_seeds"] == "0"
+    md = (out / "zoo.md").read_text()
+    assert "| mae_fashion_mnist | 0,1 |" in md and "**Failed runs**" in md and "**Setup**" in md
+    assert "knn: k = 10, 20, 100, 200 (headline k = 20)" in md and "(120 images)" in md
+    assert (out / "zoo.png").stat().st_size > 5000
+    stdout_table = proc.stdout
+    assert "| pcae_fashion_mnist | 0,1 |" in stdout_table
+
+
+def test_zoo_resumed_the_interrupted_run(zoo):
+    out, _ = zoo
+    run = out / "runs" / "mae_fashion_mnist" / "seed1"
+    rec = json.loads((run / "zoo_train.json").read_text())
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rec["step"] == 8 and steps == list(range(1, 9))  # 2 steps from before + 6 resumed, none twice
+    assert rec["attempts"] == 1 and rec["peak_rss_mb"] > 100 and rec["train_s"] > 0
+
+
+def test_every_run_is_evaluated_on_the_split_mimkit_eval_uses(zoo):
+    out, _ = zoo
+    run = out / "runs" / "pcae_fashion_mnist" / "seed1"
+    ev = run.parent / "by_hand"
+    proc = subprocess.run([sys.executable, "-m", "mimkit.cli", "eval", "knn", str(run), *EVAL[2:], "--out", str(ev)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by_hand = json.loads((ev / "knn.json").read_text())["metrics"]
+    zoo_res = json.loads((run / "eval" / "knn.json").read_text())["metrics"]
+    assert by_hand == pytest.approx(zoo_res)
+
+
+def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
+    out, _ = zoo
+    knn = out / "runs" / "mae_fashion_mnist" / "seed0" / "eval" / "knn.json"
+    attempts = {p: p.read_text() for p in (out / "runs").glob("*/seed*/zoo_attempts.jsonl")}
+    mtime = knn.stat().st_mtime_ns
+    proc = _zoo(out, str(PCAE))  # the same split: nothing to do
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained before (reused)") == 4 and "evaluating" not in proc.stderr
+    assert knn.stat().st_mtime_ns == mtime
+    assert {p: p.read_text() for p in attempts} == attempts  # no child trained again
+    proc = _zoo(out, str(PCAE), extra=("--limit-test", "100"))  # another split: evaluated again, not trained
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("evaluating: knn") == 4 and proc.stderr.count("trained before (reused)") == 4
+    assert json.loads(knn.read_text())["setup"]["n_test"] == 100
