@@ -2,7 +2,8 @@
 # The Fashion-MNIST zoo: every method's preset at its shipped budget (3 epochs on the full 60k training
 # images), seeds 0,1,2, evaluated with kNN + linear + attentive on the full 60k/10k split, one table
 # (BENCHMARKS.md, "Which method? The Fashion-MNIST zoo"). CAE v2's teacher is the zoo's own MAE run of the
-# same seed (its preset's recipe: the MAE Fashion-MNIST encoder), so MAE comes first.
+# same seed (its preset's recipe: the MAE Fashion-MNIST encoder), so MAE comes first. The rows under
+# configs/compose/ are compositions no single paper has (the shared contract's rows).
 #   bash benchmarks/zoo_fashion_mnist.sh                 # -> zoo_fmnist/ (rerun to continue)
 #   OUT=/somewhere bash benchmarks/zoo_fashion_mnist.sh --seeds 0 train.progress_bar=false
 # Hours on 2 CPU cores. Accuracies do not depend on machine load; train times do, and the zoo keeps a
@@ -14,5 +15,7 @@ exec mimkit zoo \
   configs/mae_fashion_mnist.yaml configs/cae_v2_fashion_mnist.yaml configs/latent_mim_fashion_mnist.yaml \
   configs/pcae_fashion_mnist.yaml configs/mixedae_fashion_mnist.yaml configs/cae_fashion_mnist.yaml \
   configs/emae_fashion_mnist.yaml configs/sbam_fashion_mnist.yaml \
+  configs/compose/mae_block_fashion_mnist.yaml configs/compose/latent_mim_sbam_fashion_mnist.yaml \
+  configs/compose/emae_ema_fashion_mnist.yaml \
   --seeds 0,1,2 --protocols knn,linear,attentive --out "$OUT" \
   'cae_v2_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt' "$@"

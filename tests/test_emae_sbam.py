@@ -458,3 +458,80 @@ def test_pictures(tmp_path):
     p4 = save_salience_masks(images, torch.rand(3, 16), plan.mask[::3], tmp_path / "s.png", 4)
     for p in (p1, p2, p3, p4):
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- a latent (EMA) target for MAE and EMAE (configs/compose/) ------------------------------------
+def test_ema_target_is_the_ema_encoders_patch_tokens_and_moves_by_the_momentum_rule():
+    """``target: ema``: the decoder predicts D-dim tokens; the target is the EMA copy's patch tokens of the
+    whole image (final LN, then per-token standardisation), equal to the encoder at the start; the loss is
+    MAE's masked MSE against it, no gradient reaches the copy, and after_step moves the copy to
+    m * copy + (1 - m) * encoder with Latent MIM's cosine momentum."""
+    from mimkit.targets import cosine_momentum
+
+    torch.manual_seed(0)
+    pixel = MAE(tiny_model(), MAEOptions())
+    torch.manual_seed(0)
+    m = MAE(tiny_model(), MAEOptions(target="ema", momentum=0.9))
+    for (name, a), b in zip(pixel.encoder.state_dict().items(), m.encoder.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the pixel model's initialisation is unchanged
+    assert m.decoder.pred.out_features == m.encoder.embed_dim
+    assert [c.prefix for c in m.target_copies()] == ["target.branch"] and pixel.target_copies() == ()
+    assert "reconstruction" not in m.capabilities.pictures and "reconstruction" in pixel.capabilities.pictures
+    x = torch.randn(4, 1, 16, 16)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(1))
+    out = m(x, plan=plan)
+    with torch.no_grad():
+        tok = m.encoder.forward_features(x)[:, 1:]  # the copy equals the encoder at the start
+        want = (tok - tok.mean(-1, keepdim=True)) / torch.sqrt(tok.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    torch.testing.assert_close(out.target, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, masked_mse(out.pred, want, plan.mask), rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    assert all(p.grad is None for p in m.target.branch.parameters())
+    assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    before = {k: v.clone() for k, v in m.target.branch.state_dict().items()}
+    with torch.no_grad():
+        for p in m.encoder.parameters():
+            p.add_(0.1)
+    prog = Progress(step=5, total_steps=10, epoch=0.5, total_epochs=1)
+    m.after_step(prog)
+    mom = cosine_momentum(0.9, 0.5, 1.0)
+    online = m.encoder.state_dict()
+    for k, v in m.target.branch.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, mom * before[k] + (1 - mom) * online[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="method.target must be one of pixel, ema"):
+        MAE(tiny_model(), MAEOptions(target="clip"))
+
+
+def test_emae_views_with_an_ema_target_equal_the_hand_loss():
+    """EMAE's K views on the EMA target: the per-view masked MSE against the same (B, L, D) target,
+    averaged over views, plus the consistency term on the D-dim predictions."""
+    torch.manual_seed(0)
+    m = EMAE(tiny_model(), EMAEOptions(target="ema", masking=MaskingOptions(kind="partition", num_views=4)))
+    x = torch.randn(3, 1, 16, 16)
+    out = m(x, plan=m.make_plan(x, generator=torch.Generator().manual_seed(0)))
+    k, d = 4, m.encoder.embed_dim
+    assert out.pred.shape == (3 * k, 16, d) and out.target.shape == (3, 16, d)
+    pv, mv = out.pred.view(3, k, 16, d), out.plan.mask.view(3, k, 16)
+    whole = torch.stack([masked_mse(pv[:, v], out.target, mv[:, v]) for v in range(k)]).mean()
+    cons = consistency_loss(pv, mv, "mse", "pairwise_sym")
+    torch.testing.assert_close(out.loss, whole + cons, rtol=1e-6, atol=1e-7)
+    assert float(cons.detach()) > 0
+
+
+@pytest.mark.parametrize("name", ["mae_block", "latent_mim_sbam", "emae_ema"])
+def test_compose_configs_build_the_composition_they_name(name):
+    from mimkit.train.loop import build_method
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "compose" / f"{name}_fashion_mnist.yaml")
+    m = build_method(cfg)
+    x = torch.rand(2, 1, 28, 28)
+    plan = m.make_plan(x, generator=torch.Generator().manual_seed(0))
+    if name == "mae_block":
+        assert type(m).__name__ == "MAE" and cfg.method.masking.kind == "block"
+        assert int(plan.mask.sum(1)[0]) == 49 - int(49 * (1 - 0.75))  # MAE's count, placed in blocks
+    elif name == "latent_mim_sbam":
+        assert type(m).__name__ == "LatentMIM" and plan.scores is not None  # SBAM's salience drew the mask
+    else:
+        assert type(m).__name__ == "EMAE" and cfg.method.target == "ema" and plan.num_views == 4
+    assert cfg.train.out_dir == f"runs/compose/{name}_fashion_mnist"

@@ -718,7 +718,7 @@ def test_file_system_errors_are_one_line(monkeypatch, capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["pretrain", "x.yaml"])
     args.func = boom
-    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_known_args": lambda self, a: (args, [])})())
     assert cli.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mimkit: error: No space left on device (runs/x/metrics.jsonl)") and "\n" not in err

@@ -165,3 +165,60 @@ def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("evaluating: knn") == 4 and proc.stderr.count("trained before (reused)") == 4
     assert json.loads(knn.read_text())["setup"]["n_test"] == 100
+
+
+def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch):
+    """CAE v2's teacher from the zoo's own MAE run: MAE must come first, and when MAE's run failed the CAE
+    v2 run fails without training (it would otherwise take a half-trained teacher)."""
+    import mimkit.zoo as zoo
+
+    teacher = "cae_v2_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt"
+    with pytest.raises(ConfigError, match="list mae_fashion_mnist's config before cae_v2_fashion_mnist's"):
+        plan_runs([CAE_V2, MAE], [0], tmp_path, [teacher])
+    runs = plan_runs([MAE, CAE_V2, PCAE], [0], tmp_path, [teacher])
+    assert [r.depends for r in runs] == [[], ["mae_fashion_mnist"], []]
+    assert f"method.teacher_path={tmp_path}/runs/mae_fashion_mnist/seed0/checkpoint.pt" in runs[1].overrides
+    trained = []
+
+    def fake_train(run, log, threads):
+        trained.append(run.name)
+        if run.name == "mae_fashion_mnist":
+            raise RuntimeError("mimkit pretrain exited 2: mimkit: error: the loss is NaN")
+        return {"train_s": 1.0, "attempts": 1, "reused": False, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(zoo, "train_run", fake_train)
+    monkeypatch.setattr(zoo, "evaluate_run", lambda *a, **k: {})
+    zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+    assert trained == ["mae_fashion_mnist", "pcae_fashion_mnist"]  # CAE v2 never started
+    assert runs[1].error == "it needs the finished mae_fashion_mnist seed 0 run, which failed"
+    assert runs[2].error is None and (tmp_path / "zoo.md").is_file()
+
+
+def test_a_stopped_child_stops_the_zoo():
+    """A child stopped by a signal (its checkpoint saved) is not a failed run: the zoo stops there, and the
+    same command continues. The codes are mimkit.cli's."""
+    from mimkit.cli import EXIT_INTERRUPTED, EXIT_KEYBOARD
+    from mimkit.zoo import EXIT_INTERRUPTED_CODES
+
+    assert EXIT_INTERRUPTED in EXIT_INTERRUPTED_CODES and EXIT_KEYBOARD in EXIT_INTERRUPTED_CODES
+    assert 2 not in EXIT_INTERRUPTED_CODES and 1 not in EXIT_INTERRUPTED_CODES  # errors are failures
+
+
+def _opts():
+    from mimkit.eval.protocols import EvalOptions
+
+    return EvalOptions(dataset="fashion_mnist", device="cpu", progress=False)
+
+
+def test_items_after_flags_reach_the_zoo_and_unknown_flags_do_not(capsys):
+    from mimkit.cli import build_parser, main
+
+    args, extra = build_parser().parse_known_args(["zoo", str(MAE), "--seeds", "0", "train.epochs=1"])
+    assert args.items == [str(MAE)] and extra == ["train.epochs=1"] and args.trailing_items == "items"
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", str(MAE), "--seeds", "0", "--bogus", "train.epochs=1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in err and "\n" not in err
+    with pytest.raises(SystemExit):  # other commands keep refusing stray words
+        main(["export", "a.pt", "b.safetensors", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -30,7 +30,9 @@ Then ``OUT/zoo.md`` (mean ± sample std over seeds per config, the setup beside 
 with error bars, one panel per headline metric).
 
 Overrides: ``key=value`` applies to every run; ``NAME:key=value`` only to the runs of the config whose
-file stem is ``NAME``. In values ``{seed}`` is the run's seed and ``{out}`` the zoo's ``--out``.
+file stem is ``NAME``. In values ``{seed}`` is the run's seed and ``{out}`` the zoo's ``--out``; a
+value naming another config's run (``{out}/runs/OTHER/seed{seed}/...``) makes the run wait for that
+one: ``OTHER`` must be listed first, and the run fails (without training) when ``OTHER`` did not finish.
 ``--dataset PATH`` trains on ``PATH/train`` (or ``PATH`` when it has no ``train`` folder) and evaluates
 on ``PATH`` (``mimkit eval``'s folder rules); ``fashion_mnist`` is the default. A run that fails is
 listed as failed and the zoo goes on; the exit status is then 1. Ctrl-C stops the zoo (the child saves
@@ -44,6 +46,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +62,11 @@ ZOO_DEFAULTS = ("eval.knn_at_end=false", "eval.picture_at_end=false")
 """Overrides put before the user's: the zoo evaluates every encoder itself."""
 ZOO_KEYS = ("train.out_dir", "train.seed")
 """Keys the zoo sets per run (refused as overrides)."""
-EXIT_INTERRUPTED_CODES = (130, 3, -2)  # mimkit.cli EXIT_KEYBOARD / EXIT_INTERRUPTED / killed by SIGINT
+EXIT_INTERRUPTED_CODES = (75, 130, -2, -15)
+"""Exit statuses of a child that was stopped, not broken: ``mimkit.cli``'s EXIT_INTERRUPTED (a stop
+signal; the checkpoint is saved) and EXIT_KEYBOARD, or killed by SIGINT / SIGTERM."""
+DEPENDENCY = re.compile(r"\{out\}/runs/([A-Za-z0-9_.-]+)/seed\{seed\}")
+"""An override that points into another config's run of the same seed (CAE v2's teacher = the zoo's MAE)."""
 
 
 class ZooInterrupted(Exception):
@@ -73,6 +80,7 @@ class ZooRun:
     seed: int
     out_dir: Path
     overrides: list[str] = field(default_factory=list)
+    depends: list[str] = field(default_factory=list)
     train: dict | None = None
     evals: dict = field(default_factory=dict)
     error: str | None = None
@@ -124,6 +132,15 @@ def plan_runs(configs: list[Path], seeds: list[int], out: Path, overrides: list[
             raise ConfigError(f"override {ov!r}: the zoo sets {key_part.strip()} for every run "
                               f"({out}/runs/<config>/seed<s>, the seed from --seeds); drop it")
     data = dataset_overrides(dataset)
+    depends: dict[str, list[str]] = {}
+    for i, name in enumerate(names):
+        deps = list(dict.fromkeys(d for ov in (*common, *scoped[name]) for d in DEPENDENCY.findall(ov)))
+        for d in deps:
+            if d not in names or names.index(d) >= i:
+                where = "is not one of the configs" if d not in names else f"comes after {name}"
+                raise ConfigError(f"{name}'s overrides use the run of {d} ({{out}}/runs/{d}/seed{{seed}}), which "
+                                  f"{where}: list {d}'s config before {name}'s")
+        depends[name] = deps
     runs = []
     for seed in seeds:
         for cfg_path, name in zip(configs, names, strict=True):
@@ -134,7 +151,7 @@ def plan_runs(configs: list[Path], seeds: list[int], out: Path, overrides: list[
                 load_config(cfg_path, ovs)
             except (ConfigError, ValueError, TypeError) as e:
                 raise ConfigError(f"{cfg_path}: {' '.join(str(e).split())}") from None
-            runs.append(ZooRun(cfg_path, name, seed, run_dir, ovs))
+            runs.append(ZooRun(cfg_path, name, seed, run_dir, ovs, depends=depends[name]))
     return runs
 
 
@@ -518,6 +535,11 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
     for i, run in enumerate(runs, 1):
         tag = f"[zoo {i}/{n}] {run.name} seed {run.seed}"
         try:
+            for dep in run.depends:  # e.g. CAE v2's teacher: the MAE run of the same seed, finished
+                done = next(r for r in runs if r.name == dep and r.seed == run.seed)
+                if done.train is None or done.error is not None:
+                    raise RuntimeError(f"it needs the finished {dep} seed {run.seed} run, which "
+                                       f"{'failed' if done.error else 'did not finish'}")
             log(f"{tag}: training ({run.out_dir})")
             run.train = train_run(run, log, threads)
             t = run.train
