@@ -16,6 +16,7 @@ exec mimkit zoo \
   configs/pcae_fashion_mnist.yaml configs/mixedae_fashion_mnist.yaml configs/cae_fashion_mnist.yaml \
   configs/emae_fashion_mnist.yaml configs/sbam_fashion_mnist.yaml \
   configs/compose/mae_block_fashion_mnist.yaml configs/compose/latent_mim_sbam_fashion_mnist.yaml \
-  configs/compose/emae_ema_fashion_mnist.yaml \
+  configs/compose/emae_ema_fashion_mnist.yaml configs/compose/cae_v2_pcae_drop_fashion_mnist.yaml \
   --seeds 0,1,2 --protocols knn,linear,attentive --out "$OUT" \
-  'cae_v2_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt' "$@"
+  'cae_v2_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt' \
+  'cae_v2_pcae_drop_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt' "$@"

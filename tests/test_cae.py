@@ -15,6 +15,7 @@ from mimkit.methods import CAE, CAEOptions, CAEv2, CAEv2Options, Progress
 from mimkit.nn import ViTConfig, ViTEncoder
 from mimkit.nn.cae import LatentRegressor, RegressorBlock
 from mimkit.nn.patch import norm_pix, patchify
+from mimkit.nn.vit import gather_tokens
 from mimkit.weights import read_codebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def cae_v2(**kw):
     kw.setdefault("data_mean", (0.2860,))  # the colour jitter (on by default) works in pixel space
     kw.setdefault("data_std", (0.3530,))
     if "teacher_path" not in kw:
-        kw.update(teacher_random_init=True, teacher_vit=TEACHER)
+        kw.setdefault("teacher_vit", TEACHER)
+        kw.update(teacher_random_init=True)
     return CAEv2(tiny_model_config(), CAEv2Options(**kw))
 
 
@@ -610,3 +612,55 @@ def test_a_fresh_cae_v2_run_without_its_teacher_file_stops_before_touching_the_r
     t = Trainer(load_config(root / "configs/cae_v2_fashion_mnist.yaml", [*with_file, "train.max_steps=3"]))
     assert t.step == 2 and t.model._data_norm == ((0.286,), (0.353,))
     t.close()
+
+
+# -- CAE v2 with PCAE's token-dropping teacher (configs/compose/) ----------------------------------
+def test_cae_v2_teacher_token_dropping_supervises_only_what_the_teacher_kept():
+    """``teacher_drop_after=(0,)``, keep 0.5: the teacher runs block 0 on all 49 patches, keeps the 24 least
+    similar to the mean token (PCAE's rule), runs block 1 on those; the targets there are its normalised
+    outputs, the loss is the mean of 1 - cos over the supervised tokens it kept (cls always), and the
+    positions it dropped get no gradient."""
+    from mimkit.targets import TokenDropper
+
+    grid_teacher = ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=24, depth=2, num_heads=2)
+    on = cae_v2(color_jitter=0.0, teacher_vit=grid_teacher, teacher_drop_after=(0,), teacher_drop_keep=0.5)
+    x = images()
+    plan = plan_for(on, x)
+    enc = on.teacher.encoder
+    with torch.no_grad():  # by hand, block by block
+        seq = enc.blocks[0](enc.with_cls(enc.patch_tokens(x)))
+        order = TokenDropper.mean_similarity(seq[:, 1:]).argsort(1)[:, :24]
+        seq = torch.cat([seq[:, :1], torch.gather(seq[:, 1:], 1, order[..., None].expand(-1, -1, 24))], 1)
+        y = F.normalize(enc.norm(enc.blocks[1](seq)), dim=-1)
+    full = torch.zeros(4, 50, 24)
+    full[:, 0] = y[:, 0]
+    full[:, 1:].scatter_(1, order[..., None].expand(-1, -1, 24), y[:, 1:])
+    kept = torch.zeros(4, 49, dtype=torch.bool).scatter_(1, order, True)
+    ids_v, ids_m = plan.ids_keep, plan.ids_masked()
+    want = torch.cat([full[:, :1], gather_tokens(full[:, 1:], ids_v), gather_tokens(full[:, 1:], ids_m)], 1)
+    w = torch.cat([torch.ones(4, 1), torch.gather(kept, 1, ids_v).float(), torch.gather(kept, 1, ids_m).float()], 1)
+    out = on(x, plan=plan)
+    torch.testing.assert_close(out.target, want, rtol=1e-5, atol=1e-6)
+    cos = (out.pred * want).sum(-1)
+    torch.testing.assert_close(out.loss, ((1 - cos) * w).sum() / w.sum(), rtol=1e-6, atol=1e-7)
+    assert float(out.metrics["teacher_kept"]) == pytest.approx(24 / 49)
+    out.pred.retain_grad()
+    out.loss.backward()
+    g = out.pred.grad.abs().sum(-1)  # (B, 1+n+m)
+    assert (g[w == 0] == 0).all() and (g[w == 1] > 0).all() and (w == 0).any()
+    m = ids_m.shape[1]
+    # keep 1.0 drops nothing: CAE v2's loss
+    same = cae_v2(color_jitter=0.0, teacher_vit=grid_teacher, teacher_drop_after=(0,), teacher_drop_keep=1.0)
+    base = cae_v2(color_jitter=0.0, teacher_vit=grid_teacher)
+    torch.testing.assert_close(same(x, plan=plan).loss, base(x, plan=plan).loss, rtol=1e-6, atol=1e-7)
+    assert m == 49 - plan.num_keep
+
+
+def test_cae_v2_teacher_token_dropping_needs_a_vit_teacher_on_the_students_grid():
+    m = cae_v2(color_jitter=0.0, teacher_drop_after=(0,))  # TEACHER: patch 7 -> 4x4, the student 7x7
+    x = images()
+    with pytest.raises(ConfigError, match="teacher_drop_after needs a mimkit ViT teacher on the student's patch "
+                                          r"grid \(7x7\)"):
+        m(x, plan=plan_for(m, x))
+    with pytest.raises(ValueError, match="keep ratio must be in"):
+        cae_v2(teacher_drop_after=(0,), teacher_drop_keep=0.0)

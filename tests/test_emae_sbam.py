@@ -519,11 +519,13 @@ def test_emae_views_with_an_ema_target_equal_the_hand_loss():
     assert float(cons.detach()) > 0
 
 
-@pytest.mark.parametrize("name", ["mae_block", "latent_mim_sbam", "emae_ema"])
+@pytest.mark.parametrize("name", ["mae_block", "latent_mim_sbam", "emae_ema", "cae_v2_pcae_drop"])
 def test_compose_configs_build_the_composition_they_name(name):
     from mimkit.train.loop import build_method
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "compose" / f"{name}_fashion_mnist.yaml")
+    overrides = ["method.teacher_path=null", "method.teacher_random_init=true"] if name.startswith("cae_v2") else []
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "compose" / f"{name}_fashion_mnist.yaml",
+                      overrides)
     m = build_method(cfg)
     x = torch.rand(2, 1, 28, 28)
     plan = m.make_plan(x, generator=torch.Generator().manual_seed(0))
@@ -532,6 +534,10 @@ def test_compose_configs_build_the_composition_they_name(name):
         assert int(plan.mask.sum(1)[0]) == 49 - int(49 * (1 - 0.75))  # MAE's count, placed in blocks
     elif name == "latent_mim_sbam":
         assert type(m).__name__ == "LatentMIM" and plan.scores is not None  # SBAM's salience drew the mask
-    else:
+    elif name == "emae_ema":
         assert type(m).__name__ == "EMAE" and cfg.method.target == "ema" and plan.num_views == 4
+    else:  # the teacher (random here, the MAE encoder in the zoo) keeps 6 of 49 tokens after three drops
+        m.set_input_normalisation((0.286,), (0.353,))
+        out = m(x, plan=plan)
+        assert type(m).__name__ == "CAEv2" and float(out.metrics["teacher_kept"]) == pytest.approx(6 / 49)
     assert cfg.train.out_dir == f"runs/compose/{name}_fashion_mnist"

@@ -76,7 +76,7 @@ from mimkit.methods.cae import (
 from mimkit.nn.cae import CAEv2Head, LatentRegressor
 from mimkit.nn.clip import teacher_encoder_from_spec
 from mimkit.nn.vit import ViTConfig, ViTEncoder, gather_tokens
-from mimkit.targets import FrozenTeacher
+from mimkit.targets import FrozenTeacher, TokenDropper
 
 GROUPS = ("cls", "visible", "masked")
 # masked patches of 196 by model size (CAE v2 scripts: Tiny 30, Small 49, Base 98)
@@ -109,6 +109,12 @@ class CAEv2Options(MethodOptions):
     * ``regressor_depth``: 1 / 1 / 4 for Tiny / Small / Base; its width and heads are
       ``model.decoder.embed_dim`` / ``num_heads`` (``model.decoder.depth`` is not used: the head has no blocks).
     * ``layer_scale``: LayerScale init of the regressor blocks (0.1).
+    * ``teacher_drop_after`` / ``teacher_drop_keep`` / ``teacher_drop_mode``: PCAE's progressive token
+      dropping inside the teacher (not in CAE v2: a composition the shared parts allow). The teacher
+      runs on the whole image and after each listed block (0-based) keeps ``int(n * keep)`` of its ``n``
+      patch tokens (``similarity``: the least similar to the mean token, PCAE's rule; ``random``);
+      only the positions it kept to the end are supervised (the cls token always). Empty
+      ``teacher_drop_after`` (the default) is CAE v2. Needs a mimkit ViT teacher on the student's grid.
     """
 
     name: str = "cae_v2"
@@ -126,6 +132,9 @@ class CAEv2Options(MethodOptions):
     regressor_depth: int = 4
     layer_scale: float | None = 0.1
     masking: MaskingOptions = field(default_factory=cae_masking)
+    teacher_drop_after: tuple[int, ...] = ()
+    teacher_drop_keep: float = 0.5
+    teacher_drop_mode: str = "similarity"
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
@@ -244,6 +253,8 @@ class CAEv2(Method):
                              "normalisation in method.data_mean/data_std")
         if o.color_jitter < 0:
             raise ValueError(f"method.color_jitter must be >= 0 (0 = off), got {o.color_jitter}")
+        if o.teacher_drop_after:
+            TokenDropper(o.teacher_drop_after, o.teacher_drop_keep, o.teacher_drop_mode)  # checks keep and mode
         self.encoder = enc = ViTEncoder(model.encoder)
         size = SIZE_BY_WIDTH.get(enc.embed_dim, "none") if o.size_preset == "auto" else o.size_preset
         self.size = size
@@ -331,11 +342,36 @@ class CAEv2(Method):
 
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor, ids_v: torch.Tensor, ids_m: torch.Tensor) -> torch.Tensor:
-        """``(B, 1+n+m, Dt)`` unit vectors ``[T_cls ; T[ids_v] ; T[ids_m]]`` on the student's grid."""
+        """``(B, 1+n+m, Dt)`` unit vectors ``[T_cls ; T[ids_v] ; T[ids_m]]`` on the student's grid (with
+        teacher token dropping: zero vectors at the positions the teacher dropped)."""
         teacher = self._require_teacher()
-        t = F.normalize(teacher(self.teacher_input(images), grid=self.encoder.grid_size).float(), dim=-1)
+        if self.options.teacher_drop_after:
+            t, _ = self._dropping_teacher(images)
+        else:
+            t = F.normalize(teacher(self.teacher_input(images), grid=self.encoder.grid_size).float(), dim=-1)
         patches = t[:, 1:]
         return torch.cat([t[:, :1], gather_tokens(patches, ids_v), gather_tokens(patches, ids_m)], dim=1)
+
+    @torch.no_grad()
+    def _dropping_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher with PCAE's token dropping (``teacher_drop_*``): ``(B, 1+L, Dt)`` unit vectors, zero at
+        dropped positions, and ``(B, L)`` bool, the positions kept to the end."""
+        o, enc = self.options, self.teacher.encoder
+        if not isinstance(enc, ViTEncoder) or tuple(enc.grid_size) != tuple(self.encoder.grid_size):
+            raise ConfigError("method.teacher_drop_after needs a mimkit ViT teacher on the student's patch grid "
+                              f"({self.encoder.grid_size[0]}x{self.encoder.grid_size[1]}); drop teacher_drop_after "
+                              "or use such a teacher")
+        x = enc.patch_tokens(self.teacher_input(images))
+        b, length = x.shape[:2]
+        ids = torch.arange(length, device=x.device).expand(b, -1)
+        dropper = TokenDropper(o.teacher_drop_after, o.teacher_drop_keep, o.teacher_drop_mode, num_prefix=1)
+        out = enc.run_blocks(enc.with_cls(x), ids=ids, select=dropper)
+        y = F.normalize((enc.norm(out.x) if self.teacher.norm else out.x).float(), dim=-1)
+        full = y.new_zeros(b, 1 + length, y.shape[-1])
+        full[:, 0] = y[:, 0]
+        full[:, 1:].scatter_(1, out.ids[..., None].expand(-1, -1, y.shape[-1]), y[:, 1:])
+        kept = torch.zeros(b, length, dtype=torch.bool, device=x.device).scatter_(1, out.ids, True)
+        return full, kept
 
     def jitter(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The official colour jitter (``color_jitter``; module docstring) on normalised training images,
@@ -391,15 +427,33 @@ class CAEv2(Method):
             plan = self.make_plan(images, progress, generator)
         if self.training and self.options.color_jitter > 0:
             images = self.jitter(images, generator)  # one jittered image for the teacher and the student
-        target = self.teacher_targets(images, plan.ids_keep, plan.ids_masked())
+        ids_v, ids_m = plan.ids_keep, plan.ids_masked()
+        if self.options.teacher_drop_after:  # one teacher pass gives the targets and what it kept
+            t, kept = self._dropping_teacher(images)
+            target = torch.cat([t[:, :1], gather_tokens(t[:, 1:], ids_v), gather_tokens(t[:, 1:], ids_m)], dim=1)
+            keep_w = torch.cat([kept.new_ones(kept.shape[0], 1), torch.gather(kept, 1, ids_v),
+                                torch.gather(kept, 1, ids_m)], dim=1).float()
+        else:
+            target, keep_w = self.teacher_targets(images, ids_v, ids_m), None
         pred = self.predict(images, plan)
         cos = (pred * target).sum(-1)  # (B, 1+n+m)
         n = plan.num_keep
         w = self.token_weights(n, cos.shape[1] - 1 - n, cos.device)
-        loss = ((1 - cos) * w).sum() / (w.sum() * cos.shape[0])
+        if keep_w is None:
+            loss = ((1 - cos) * w).sum() / (w.sum() * cos.shape[0])
+        else:  # mean over the supervised tokens the teacher kept
+            ww = w * keep_w
+            loss = ((1 - cos) * ww).sum() / ww.sum().clamp_min(1.0)
         c = cos.detach()
-        metrics = {"loss_cos": loss.detach(), "cos_cls": c[:, 0].mean(), "cos_visible": c[:, 1 : 1 + n].mean(),
-                   "cos_masked": c[:, 1 + n :].mean(), "mask_ratio": plan.mask.mean().detach()}
+        if keep_w is None:
+            vis, msk = c[:, 1 : 1 + n].mean(), c[:, 1 + n :].mean()
+        else:  # over the tokens the teacher kept
+            vis, msk = ((c * keep_w)[:, s].sum() / keep_w[:, s].sum().clamp_min(1.0)
+                        for s in (slice(1, 1 + n), slice(1 + n, None)))
+        metrics = {"loss_cos": loss.detach(), "cos_cls": c[:, 0].mean(), "cos_visible": vis, "cos_masked": msk,
+                   "mask_ratio": plan.mask.mean().detach()}
+        if keep_w is not None:
+            metrics["teacher_kept"] = keep_w[:, 1:].mean().detach()
         return StepOutput(loss, metrics, pred=pred, target=target, plan=plan)
 
     @torch.no_grad()
