@@ -14,11 +14,19 @@ its patchify requires) under the identical loop. Nothing of it is copied here; i
     python benchmarks/throughput.py --device cuda --batch 512 --compile
     python benchmarks/throughput.py --hooks-peer             # + the same model without the encoder hooks
     python benchmarks/throughput.py --precision bf16 --compile --peer-mae /tmp/mae   # mimkit's fast CPU path
+    python benchmarks/throughput.py --precision bf16 --peer-hf eager --previous-attention  # vs HF, before/after
 
 mimkit's runners use AdamW as the trainer builds it (fused kernel wherever torch has one, CPU included:
 ``--fused off`` for the foreach path); ``--compile`` compiles mimkit's model only. The official model
 runs as its code does (eager, fp32, AdamW's default foreach path), so the ratio compares against the
 code a user would otherwise run.
+
+``--peer-hf eager|sdpa`` adds Hugging Face ``transformers``' ``ViTMAEForPreTraining`` at the same shapes
+(ViT 192/6/3, decoder 128/2/4, MLP 4x, LayerNorm eps 1e-6, mask 0.75, norm-pix, 1 channel) in the same
+precision, with that attention implementation and the same optimizer as mimkit (so the ratio compares
+the models). ``--previous-attention`` adds mimkit's model with the attention path it used before the
+measured rule of ``mimkit.nn.layers.sdpa`` (SDPA, its math kernel for bf16 training on CPU): the
+before/after of that rule in one process.
 
 ``--hooks-peer`` measures what the method-contract hooks cost when unused (token selection, TopK
 attention, attention callbacks in ``ViTEncoder.run_blocks`` / ``Block`` / ``Attention``): a second copy of
@@ -117,10 +125,33 @@ def plain_copy(model):
     return m
 
 
+def hf_model():
+    """Hugging Face ViTMAEForPreTraining at the workload's shape (randomly initialised)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                       image_size=28, patch_size=4, num_channels=1, decoder_hidden_size=128,
+                       decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512,
+                       mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6)
+    return ViTMAEForPreTraining(cfg)
+
+
+def previous_sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
+    """mimkit's attention before the measured rule: SDPA, with its math kernel for bf16/fp16 training on CPU."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class Runner:
-    def __init__(self, name, model, loader, device, dtype, compile_, three_channels, fused=None):
+    def __init__(self, name, model, loader, device, dtype, compile_, three_channels, fused=None, attention=None):
         from mimkit.train.optim import param_groups
 
+        self.attention = attention  # replaces mimkit.nn.layers.sdpa during this runner's steps
         self.name = name
         self.model = model.to(device)
         self.loader = loader
@@ -153,10 +184,17 @@ class Runner:
         x, _ = self._next()
         if self.three:
             x = x.expand(-1, 3, -1, -1)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            out = self.fwd(x) if self.three else self.fwd(x)
-            loss = out[0] if isinstance(out, tuple) else out.loss
-        loss.backward()
+        import mimkit.nn.layers as layers
+
+        current = layers.sdpa
+        layers.sdpa = self.attention or current
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                out = self.fwd(x) if self.three else self.fwd(x)
+                loss = out[0] if isinstance(out, tuple) else out.loss
+            loss.backward()
+        finally:
+            layers.sdpa = current
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync()
@@ -180,6 +218,10 @@ def main() -> None:
                     help="the official code has no CPU bf16 path; fp32 is how it runs there")
     ap.add_argument("--hooks-peer", action="store_true",
                     help="also run the same model with hook-free block/encoder forwards (cost of unused hooks)")
+    ap.add_argument("--peer-hf", default=None, choices=["eager", "sdpa"],
+                    help="also run Hugging Face ViTMAEForPreTraining with this attention implementation")
+    ap.add_argument("--previous-attention", action="store_true",
+                    help="also run mimkit's model with its attention path before the measured rule")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -208,6 +250,16 @@ def main() -> None:
         runners.append(Runner(f"official MAE models_mae.py (3-channel, {args.peer_precision})",
                               official_model(args.peer_mae), loader(0), device, peer_dtype, False, True,
                               official_fused))
+    if args.previous_attention:
+        import copy
+
+        runners.append(Runner(f"mimkit MAE, previous attention path ({tag})", copy.deepcopy(model), loader(0),
+                              device, dtype, args.compile, False, fused, attention=previous_sdpa))
+    if args.peer_hf:
+        hf = hf_model()
+        hf.config._attn_implementation = args.peer_hf
+        runners.append(Runner(f"Hugging Face ViTMAEForPreTraining ({args.peer_hf} attention, {args.precision}, same "
+                              "optimizer)", hf, loader(0), device, dtype, False, False, fused))
     if args.hooks_peer:  # the hook-free copy computes the same numbers
         x = images[:8].float().div(255).sub(FASHION_MNIST_MEAN[0]).div(FASHION_MNIST_STD[0]).to(device)
         noise = torch.rand(8, 49, device=device)
@@ -241,6 +293,12 @@ def main() -> None:
         info["ratio_mimkit_over_official"] = results[0]["img_per_s"] / results[-1]["img_per_s"]
     if args.hooks_peer:
         info["ratio_with_hooks_over_hook_free"] = results[0]["img_per_s"] / results[1]["img_per_s"]
+    by_name = {r["code"]: r["img_per_s"] for r in results}
+    for r in results:
+        if r["code"].startswith("Hugging Face"):
+            info["ratio_mimkit_over_hf"] = results[0]["img_per_s"] / r["img_per_s"]
+        if "previous attention" in r["code"]:
+            info["ratio_mimkit_over_previous_attention"] = results[0]["img_per_s"] / by_name[r["code"]]
     print(json.dumps(info, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -168,3 +168,41 @@ def test_token_selection_hook_and_topk_attention():
     topk = enc.run_blocks(x, topk=3, topk_blocks=[1], attn_callback=lambda i, a: seen.append((i, a)))
     assert [i for i, _ in seen] == [1] and not torch.allclose(topk.x, plain)
     assert bool(((seen[0][1] > 0).sum(-1) <= 3).all())
+
+
+# -- the attention path rule (mimkit.nn.layers.sdpa; benchmarks/attention_paths.py) ----------------
+@pytest.mark.parametrize("n,explicit", [(13, True), (64, True), (65, False), (197, False)])
+def test_attention_takes_the_measured_path_and_computes_the_same(monkeypatch, n, explicit):
+    import torch.nn.functional as F
+
+    from mimkit.nn import layers
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 1, n, generator=g) > 0.3
+    mask[..., 0] = True  # every query attends to at least one key
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for m in (None, mask):
+        out = layers.sdpa(q, k, v, attn_mask=m)
+        torch.testing.assert_close(out, real(q, k, v, attn_mask=m), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, layers.explicit_attention(q, k, v, m), rtol=1e-5, atol=1e-6)
+    assert bool(calls) != explicit  # short CPU sequences never reach SDPA, long ones always do
+    # bf16: the explicit path rounds as Hugging Face's eager attention; close to float64 at bf16 precision
+    ref = layers.explicit_attention(q.double(), k.double(), v.double())
+    low = layers.sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 3e-2
+
+
+def test_explicit_attention_additive_mask_and_dropout():
+    from mimkit.nn.layers import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([True, True, False, True, False])
+    add = torch.zeros(5).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(explicit_attention(q, k, v, add), explicit_attention(q, k, v, keep))
+    torch.manual_seed(1)
+    dropped = explicit_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, explicit_attention(q, k, v))
