@@ -33,3 +33,12 @@ def fmnist_linear_probes(checkpoint: Path, limit_train: int | None, limit_test: 
     kw = dict(pool=["cls", "mean"], mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     ftr, fte = extract_features(enc, trx, **kw), extract_features(enc, tex, **kw)
     return {f"linear_{p}": logistic_probe(ftr[p], try_, fte[p], tey)["top1"] for p in ("cls", "mean")}
+
+
+def write_rows(path: str | None, meta: dict, rows: list[dict]) -> None:
+    """``{"meta": ..., "rows": ...}`` as JSON at ``path`` (nothing when ``path`` is None)."""
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -27,12 +27,12 @@ heads of 64, 50 tokens, batch 64) and unmasked (197 tokens, batch 32: fine-tunin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import write_rows
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = {  # name: (batch scale, heads, tokens, head dim)
@@ -127,9 +127,7 @@ def main(argv=None) -> int:
                 print(f"{dname:5s} {shape:15s} {row['pass']:8s} " + "  ".join(f"{p} {m:7.2f}" for p, m in med.items())
                       + f"   fastest {best}", flush=True)
     meta = {"device": str(device), "threads": args.threads, "torch": torch.__version__, "rounds": args.rounds}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_rows(args.json, meta, rows)
     return 0
 
 

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from mimkit.config import ConfigError, config_from_dict, load_config, save_config, to_dict
+from mimkit.config import ConfigError, config_from_dict, load_config, save_config, to_dict, validate
 
 
 def test_presets_load_and_say_what_they_change():
@@ -34,8 +34,10 @@ def test_unknown_keys_are_rejected_with_a_suggestion():
 def test_type_errors_name_the_key():
     with pytest.raises(ConfigError, match="train.epochs: expected a number"):
         load_config(None, ["train.epochs=abc"])
-    with pytest.raises(ConfigError, match="train.compile: expected true/false"):
-        load_config(None, ["train.compile=3"])
+    with pytest.raises(ConfigError, match="train.progress_bar: expected true/false"):
+        load_config(None, ["train.progress_bar=3"])
+    with pytest.raises(ConfigError, match="train.compile.*is not one of auto, true, false"):  # true, false or auto
+        validate(load_config(None, ["train.compile=3"]), check_environment=False)
     with pytest.raises(ConfigError, match="must look like"):
         load_config(None, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):

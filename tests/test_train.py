@@ -221,3 +221,23 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
     proc = subprocess.run([*base, "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), "optim.base_lrr=1"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2 and "Did you mean 'base_lr'" in proc.stderr
+
+
+def test_compile_auto_rule_and_values():
+    """``train.compile``: auto compiles on a GPU for long runs only, never on CPU; true/false force it;
+    anything else is a one-line config error."""
+    from mimkit.config import ConfigError, load_config, validate
+    from mimkit.train.precision import COMPILE_MIN_STEPS, resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu, 10**6)[0] is False
+    assert resolve_compile("auto", cuda, COMPILE_MIN_STEPS)[0] is True
+    on, why = resolve_compile("auto", cuda, COMPILE_MIN_STEPS - 1)
+    assert on is False and f"{COMPILE_MIN_STEPS - 1} steps left" in why
+    assert resolve_compile(True, cpu, 1) == (True, "train.compile=true")
+    assert resolve_compile(False, cuda, 10**6)[0] is False
+    cfg = ROOT / "configs" / "mae_fashion_mnist.yaml"
+    assert load_config(cfg).train.compile == "auto"
+    assert load_config(cfg, ["train.compile=true"]).train.compile is True
+    with pytest.raises(ConfigError, match=r"train.compile.*is not one of auto, true, false"):
+        validate(load_config(cfg, ["train.compile=sometimes"]), check_environment=False)

@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    compile: bool = False
+    compile: bool | str = "auto"
     out_dir: str = "runs/mae"
     ckpt_every_steps: int = 1000
     keep_checkpoints: int = 0

@@ -186,6 +186,8 @@ def _train(cfg: Config, need):
          f"must be an integer in [0, {MAX_SEED}] (numpy's seed range)", "e.g. train.seed=0")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, "must be >= 1 or null",
          "null keeps torch's default")
+    need(t.compile in (True, False, "auto"), "train.compile", t.compile, "is not one of auto, true, false",
+         "auto (default) compiles on a GPU for long runs")
     need(t.precision in PRECISIONS, "train.precision", t.precision, f"is not one of {', '.join(PRECISIONS)}",
          "e.g. train.precision=auto")
     need(t.resume_changes in RESUME_CHANGES, "train.resume_changes", t.resume_changes,

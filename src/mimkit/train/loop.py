@@ -56,7 +56,7 @@ from mimkit.train.distributed import ProcessGroups, all_reduce_mean, all_reduce_
 from mimkit.train.fsdp import wrap_for_training
 from mimkit.train.logging import MetricLogger, StepLog, make_progress_bar
 from mimkit.train.optim import StepPlan, lr_at, param_groups, set_lr
-from mimkit.train.precision import Precision, autocast_dtype, cpu_has_bf16
+from mimkit.train.precision import Precision, autocast_dtype, cpu_has_bf16, resolve_compile
 from mimkit.train.resume import (
     RESUME_FREE_KEYS,
     RESUME_GUARDED_KEYS,
@@ -189,7 +189,11 @@ class Trainer:
         if self.device.type == "cuda":  # fp32 matmuls left outside autocast use TF32 tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.train.compile:
+        self.compiled, why = resolve_compile(cfg.train.compile, self.device, self.total_steps - self.step)
+        self._compile_timed = not self.compiled
+        if self.compiled and self.info.is_main:
+            print(f"torch.compile: on ({why}); the first step compiles the model (a minute or more)", file=sys.stderr)
+        if self.compiled:
             # automatic dynamic shapes: a size seen to change (SBAM's adaptive visible count, up to ~40
             # values at ViT-B/16) is recompiled once as symbolic, not once per value; the batch is fixed
             # (drop_last), so the masking code keeps concrete sizes
@@ -395,7 +399,16 @@ class Trainer:
         boundary_rng = ckpt.rng_state() if self.data.loader.streaming else None
         if run.guard is not None:
             run.guard.begin()  # copies what after_micro_batch will change (nothing for most methods)
+        first_compiled = not self._compile_timed
+        t0 = time.perf_counter() if first_compiled else 0.0
         micro = run.accumulate(self.train_model, prog)
+        if first_compiled:  # once per run: the compilation's cost, shown (one host sync)
+            self._compile_timed = True
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if info.is_main:
+                print(f"torch.compile: the first step took {time.perf_counter() - t0:.0f} s (compilation included)",
+                      file=sys.stderr)
         # 1.0 when the loss is not finite on some rank (device value; an async collective on NCCL)
         bad = (~torch.isfinite(micro.loss)).float()  # 0-d, as found_inf must be
         if info.enabled:
