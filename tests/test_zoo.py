@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,11 @@ def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("evaluating: knn") == 4 and proc.stderr.count("trained before (reused)") == 4
     assert json.loads(knn.read_text())["setup"]["n_test"] == 100
+    proc = _zoo(out, str(PCAE), "optim.weight_decay=0.01")  # other training settings: not this zoo's runs
+    assert proc.returncode == 1 and "trained before (reused)" not in proc.stderr, proc.stderr[-3000:]
+    assert len(re.findall(r"holds a finished run trained with other settings \(optim\.weight_decay 0\.05 -> 0\.01\)",
+                          proc.stderr)) == 4
+    assert {p: p.read_text() for p in attempts} == attempts  # nothing was trained over them
 
 
 def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch):

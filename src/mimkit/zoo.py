@@ -13,7 +13,8 @@ one-seed table), showing ``[zoo i/N] config seed s: ...``:
 
 1. **Train** ``mimkit pretrain CONFIG`` in a child process with ``train.out_dir=OUT/runs/<config>/seed<s>``
    and ``train.seed=<s>`` (plus ``eval.knn_at_end=false eval.picture_at_end=false``: the zoo evaluates
-   itself), then the ``key=value`` overrides. A run that finished before is reused (``zoo_train.json``);
+   itself), then the ``key=value`` overrides. A run that finished before is reused (``zoo_train.json``)
+   when its ``config.yaml`` has the same training settings (else it is reported as failed, not reused);
    one that was interrupted resumes from its last checkpoint (``train.resume=auto``). Recorded per run:
    wall time of the child (all attempts summed; ``attempts`` says how many), the trainer's median
    img/s over its logging windows after the first, the child's peak resident memory (``wait4``; on a
@@ -207,6 +208,12 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
     record_path = run.out_dir / TRAIN_RECORD
     if record_path.is_file():
         rec = json.loads(record_path.read_text())
+        changed = _changed_settings(run)
+        if changed:  # a finished run of other settings is not this run: never reuse it silently
+            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:4])
+            raise RuntimeError(f"{run.out_dir} holds a finished run trained with other settings ({shown}"
+                               f"{', ...' if len(changed) > 4 else ''}); give the zoo another --out, or delete "
+                               "that directory to train it again")
         return {**rec, "reused": True}
     run.out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -257,6 +264,20 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
     tmp.write_text(json.dumps(rec, indent=2))
     os.replace(tmp, record_path)
     return {**rec, "reused": False}
+
+
+def _changed_settings(run: ZooRun) -> dict:
+    """The settings that alter training (the resume guard's: model, method, data, optim, seed, epochs) in
+    which the run directory's ``config.yaml`` differs from what this zoo would train."""
+    import yaml
+
+    from mimkit.config import load_config, to_dict
+    from mimkit.train.resume import config_changes
+
+    saved = run.out_dir / "config.yaml"
+    if not saved.is_file():
+        return {}
+    return config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(load_config(run.config, run.overrides)))
 
 
 def _forward_stderr(proc: subprocess.Popen, log_path: Path, keep: int = 8192) -> str:
