@@ -35,10 +35,11 @@ def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     The rule, measured with ``benchmarks/attention_paths.py`` (BENCHMARKS.md, "Attention paths"; 2-core
     CPU, torch 2.14): on CPU, sequences of at most :data:`EXPLICIT_MAX_TOKENS` tokens run
     :func:`explicit_attention` -- at the Fashion-MNIST encoder (13 tokens) and decoder (50) and a
-    masked ViT-B/16 encoder (50) it is 1.2-1.5x faster than ``F.scaled_dot_product_attention`` in fp32
-    and 1.5-2.5x faster than SDPA's math kernel (9x than its flash kernel) in bf16 forward + backward,
-    where SDPA's CPU kernels pay a fixed cost per (batch, head) that such short sequences do not
-    amortise. Longer sequences on CPU (197 tokens: SDPA's flash kernel 1.8x faster in fp32) and every
+    masked ViT-B/16 encoder (50) it is 1.5-1.9x faster than ``F.scaled_dot_product_attention`` in fp32
+    and 1.9-2.8x faster than SDPA's math kernel (7-9x than its flash kernel) in bf16 forward +
+    backward (not profiled further; a per-(batch, head) overhead of SDPA's CPU kernels that short
+    sequences do not amortise would explain it). Longer sequences on CPU (197 tokens: SDPA's flash
+    kernel 1.6-1.8x faster in fp32; in bf16 the two are within 10 %) and every
     sequence on GPU (fused flash / memory-efficient kernels) use ``F.scaled_dot_product_attention``
     with PyTorch's kernel choice. Both paths compute the same function: fp32 results differ by
     rounding (~1e-7); under bf16 the explicit path rounds the logits and probabilities to bf16 as
