@@ -165,6 +165,16 @@ def homologous_contrastive(
     from the same sequence; SupCon-"out" mean over positives [PROPOSAL]). Returns the mean of ``l_i``
     over all such anchors of all sequences -> scalar. Computed in fp32 (autocast off).
     """
+    per_anchor_sum, n_pos, anchors = homologous_pair_terms(features, labels, valid, temperature)
+    per_anchor = per_anchor_sum / n_pos.clamp(min=1)
+    return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1.0)
+
+
+def homologous_pair_terms(features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
+                          temperature: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-anchor parts of :func:`homologous_contrastive` (same arguments), for any reduction:
+    ``(sum over P(i) of -log p_ip  (N, T), |P(i)|  (N, T), anchor weights (N, T) float)`` -- an anchor is a
+    valid token with at least one positive. fp32, autocast off."""
     n, t, _ = features.shape
     with torch.autocast(features.device.type, enabled=False):
         z = F.normalize(features.float(), dim=-1)
@@ -177,9 +187,7 @@ def homologous_contrastive(
     log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
     pos = (lab[:, :, None] == lab[:, None, :]) & keys  # (N, T, T)
     n_pos = pos.sum(-1)
-    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
     anchors = n_pos > 0
     if valid is not None:
         anchors = anchors & valid
-    anchors = anchors.float()
-    return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1.0)
+    return -log_prob.masked_fill(~pos, 0.0).sum(-1), n_pos, anchors.float()

@@ -96,10 +96,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mimkit.losses import masked_mse
+from mimkit.losses import homologous_pair_terms, masked_mse
 from mimkit.masking import MaskPlan, PartitionMasking
 from mimkit.methods.base import (
     Capabilities,
@@ -211,23 +210,8 @@ def homologous_contrastive_sum_mean(features: torch.Tensor, labels: torch.Tensor
     sequence, averaged over the ``N`` sequences. ``mean``: mean over ``P(i)``, then over the anchors of all
     sequences; equal to :func:`~mimkit.losses.homologous_contrastive`. When every anchor has the same
     ``|P(i)|`` (equal parts, no padding) ``sum == mean * pairs per sequence``. fp32, autocast off."""
-    n, t, _ = features.shape
-    with torch.autocast(features.device.type, enabled=False):
-        z = F.normalize(features.float(), dim=-1)
-        sim = z @ z.transpose(1, 2) / temperature  # (N, T, T)
-    lab = labels.expand(n, t)
-    keys = ~torch.eye(t, dtype=torch.bool, device=features.device)[None]  # (1, T, T): j != i
-    if valid is not None:
-        keys = keys & valid[:, None, :]
-    sim = sim.masked_fill(~keys, float("-inf"))
-    log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
-    pos = (lab[:, :, None] == lab[:, None, :]) & keys  # (N, T, T)
-    n_pos = pos.sum(-1)
-    anchors = n_pos > 0
-    if valid is not None:
-        anchors = anchors & valid
-    anchors = anchors.float()
-    per_anchor_sum = -log_prob.masked_fill(~pos, 0.0).sum(-1)  # (N, T)
+    per_anchor_sum, n_pos, anchors = homologous_pair_terms(features, labels, valid, temperature)  # (N, T) each
+    n = features.shape[0]
     total = (per_anchor_sum * anchors).sum() / n
     mean = (per_anchor_sum / n_pos.clamp(min=1) * anchors).sum() / anchors.sum().clamp(min=1.0)
     return total, mean
