@@ -173,6 +173,31 @@ def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
     assert {p: p.read_text() for p in attempts} == attempts  # nothing was trained over them
 
 
+def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo):
+    """--val-split: every run evaluated on images held out of the training split, kept in
+    <protocol>.val.json (the test numbers untouched) and equal to mimkit eval with the same flag."""
+    out, _ = zoo
+    knn = out / "runs" / "mae_fashion_mnist" / "seed0" / "eval" / "knn.json"
+    before = knn.read_text()
+    proc = _zoo(out, str(PCAE), extra=("--val-split", "0.2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("evaluating: knn") == 4 and proc.stderr.count("trained before (reused)") == 4
+    assert knn.read_text() == before
+    val = json.loads((knn.parent / "knn.val.json").read_text())
+    assert val["setup"]["test_data"]["split"].startswith("validation") and val["setup"]["n_test"] == 120
+    assert val["metrics"] != json.loads(before)["metrics"]
+    md = (out / "zoo.md").read_text()
+    assert md.startswith("# mimkit zoo (validation: --val-split 0.2; the test split is not read)")
+    assert "validation fashion_mnist (120 images)" in md and "seed 0; the test split is not read" in md
+    run = knn.parent.parent
+    proc = subprocess.run([sys.executable, "-m", "mimkit.cli", "eval", "knn", str(run), *EVAL[2:], "--val-split", "0.2",
+                           "--out", str(run / "by_hand_val")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "by_hand_val" / "knn.json").read_text())["metrics"] == pytest.approx(val["metrics"])
+    proc = _zoo(out, str(PCAE), extra=("--val-split", "0.2"))  # a second time: all reused
+    assert proc.returncode == 0 and "evaluating" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch):
     """CAE v2's teacher from the zoo's own MAE run: MAE must come first, and when MAE's run failed the CAE
     v2 run fails without training (it would otherwise take a half-trained teacher)."""

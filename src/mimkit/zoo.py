@@ -24,7 +24,13 @@ one-seed table), showing ``[zoo i/N] config seed s: ...``:
    measurement (such runs are left out of the time columns, ``loaded`` in ``runs.csv``).
 2. **Evaluate** the run's final checkpoint with each protocol (``mimkit eval`` with the same flags for
    every run, so every encoder sees the same split, limits and probe seed). Each result is kept in
-   ``.../eval/<protocol>.json`` with the options it was computed with, and reused only when they match.
+   ``.../eval/<protocol>.json`` (``<protocol>.val.json`` with ``--val-split``) with the options it was
+   computed with, and reused only when they match.
+
+Choosing settings: ``--val-split 10000`` evaluates on 10,000 images held out of the training split
+(stratified, seeded) instead of the test split, which is then never read; pretraining still sees every
+training image (it uses no labels). Compare variants with one ``--out`` per variant, e.g. ``mimkit zoo
+configs/pcae_fashion_mnist.yaml --seeds 0 --val-split 10000 --out tune/lr3e-3 optim.lr=3e-3``.
 
 Then ``OUT/zoo.md`` (mean ± sample std over seeds per config, the setup beside it), ``OUT/zoo.csv``
 (one line per config), ``OUT/runs.csv`` (one line per run), ``OUT/zoo.json`` and ``OUT/zoo.png`` (bars
@@ -349,7 +355,7 @@ def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict,
     results, todo = {}, []
     for proto in protocols:
         fp = _fingerprint(proto, options_dict(opts), protocol_kwargs.get(proto, {}))
-        path = out / f"{proto}.json"
+        path = out / f"{proto}{'.val' if opts.val_split is not None else ''}.json"  # validation apart from test
         if path.is_file():
             try:
                 prev = json.loads(path.read_text())
@@ -537,7 +543,9 @@ def write_outputs(out: Path, runs: list[ZooRun], protocols: list[str], opts) -> 
     table = markdown(columns, rows)
     setup = setup_lines(runs, protocols, opts)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo.md").write_text("# mimkit zoo\n\n" + table + setup)
+    title = "# mimkit zoo" + (f" (validation: --val-split {opts.val_split:g}; the test split is not read)"
+                              if opts.val_split is not None else "")
+    (out / "zoo.md").write_text(title + "\n\n" + table + setup)
     write_csvs(out, columns, rows, runs)
     png = plot(out, columns, rows)
     from mimkit.eval.report import write_json

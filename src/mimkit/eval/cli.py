@@ -133,6 +133,19 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _val_split(text: str) -> float:
+    """A count of images (an integer >= 1) or a fraction in (0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of training images (e.g. 10000) or a fraction "
+                                         "(e.g. 0.1)") from None
+    if not (0 < v < 1 or (v >= 1 and v == int(v))):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of training images >= 1 (a whole number) or a "
+                                         "fraction in (0, 1)")
+    return int(v) if v >= 1 else v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -166,6 +179,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-train", type=_positive_int, default=None,
                    help="seeded random subset of the train split (only these files are decoded)")
     g.add_argument("--limit-test", type=_positive_int, default=None, help="seeded random subset of the test split")
+    g.add_argument("--val-split", type=_val_split, default=None,
+                   help="report validation accuracy instead of test: hold this many training images (or this "
+                        "fraction, e.g. 0.1) out of the train split, seeded and stratified by class, and evaluate "
+                        "on them; the test split is never read (for choosing settings)")
     g.add_argument("--crop-pct", type=_crop, default=0.875,
                    help="folder images: resize the shorter side to size/crop-pct, centre-crop size (MAE, Latent MIM)")
     g.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. '0.286' or '0.485,0.456,0.406' "
@@ -286,8 +303,12 @@ def options(args):
         if kind == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu "
                               "(or auto)") from None
+    if getattr(args, "val_split", None) is not None and args.test_dataset:
+        raise ConfigError(f"--val-split {args.val_split:g} with --test-dataset {args.test_dataset}: the validation "
+                          "split replaces the test split; give one of them")
     return EvalOptions(dataset=args.dataset, test_dataset=args.test_dataset, pool=args.pool, block=args.block,
                        norm=not args.no_norm, limit_train=args.limit_train, limit_test=args.limit_test,
+                       val_split=getattr(args, "val_split", None),
                        mean=args.mean, std=args.std, device=device, batch_size=args.batch_size, seed=args.seed,
                        crop_pct=args.crop_pct, amp=args.amp, token_cache=args.token_cache,
                        max_cache_gb=args.max_cache_gb, cache_dir=args.cache_dir, progress=not args.no_progress)

@@ -30,6 +30,11 @@ centre-crop that, then centre-crop ``(H, W)``. The built-in Fashion-MNIST is tak
 Folder layouts for ``--dataset PATH``: ``PATH/train/<class>/…`` with ``PATH/val|test/<class>/…`` gives
 the two splits; a plain ``PATH/<class>/…`` folder is split deterministically (80 % train / 20 % test,
 seeded, stratified by class) unless ``--test-dataset`` names a separate folder.
+
+Validation split (``val_split``, ``--val-split``): for choosing settings without looking at the test
+split, the training split is divided once more (seeded, stratified by class): ``train`` is what is left
+and ``test`` is the held-out part, so every protocol reports validation accuracy and the test split is
+never read. A count (``10000``) or a fraction (``0.1``) of the training split.
 """
 
 from __future__ import annotations
@@ -228,6 +233,18 @@ def _split_folder(labels: torch.Tensor, split: str, seed: int = 0, test_fraction
     return torch.cat(keep).sort().values
 
 
+def holdout_fraction(val_split: float | None, n: int, where: str) -> float | None:
+    """``val_split`` (a count >= 1 or a fraction in (0, 1)) as a fraction of the ``n`` training images;
+    a :class:`~mimkit.errors.DataError` when it leaves no image on either side."""
+    if val_split is None:
+        return None
+    frac = val_split / n if val_split >= 1 else float(val_split)
+    if not 0 < frac < 1 or round(frac * n) < 1:
+        raise DataError(f"--val-split {val_split:g}: {where} has {n} training images; hold out between 1 and "
+                        f"{n - 1} of them (a count, or a fraction in (0, 1))")
+    return frac
+
+
 def remap_classes(folder_classes: list[str], class_names: list[str] | None, where: str) -> torch.Tensor | None:
     """Index table ``folder label -> evaluation label`` mapping ``folder_classes`` into ``class_names``
     by name (``None`` when they are identical). A class missing from ``class_names`` is a
@@ -269,6 +286,15 @@ def _check_layout(root: Path, split: str, sub: Path | None) -> None:
         raise DataError(f"{root} has a train/ folder but no val/ or test/ folder; add one, or pass --test-dataset")
 
 
+_VAL_NAMES = {"train": "train (validation held out)", "test": "validation (held out of train)"}
+
+
+def _val_rule(val_split: float, frac: float, seed: int) -> str:
+    given = f"{val_split:g}" if val_split < 1 else f"{int(val_split)} images"
+    return (f"validation split: {given} ({frac:.4g}) of the training split held out, stratified by class, seed "
+            f"{seed}; the test split is not read")
+
+
 def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Centre ``size x size`` (or ``(H, W)``) crop of ``(N, C, H, W)`` images at least that large."""
     oh, ow = _hw(size)
@@ -307,8 +333,13 @@ def load_split(
     crop_pct: float = 0.875,
     show_progress: bool = False,
     root: str | None = None,
+    val_split: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Labelled images of ``spec`` (``fashion_mnist`` or a folder path), ``split`` ``train``/``test``.
+
+    ``val_split``: hold out this many (a count >= 1) or this fraction of the training split, stratified by
+    class with ``seed``: ``train`` is the rest and ``test`` the held-out part; the test split is not read
+    (module doc). ``limit`` then subsets the part asked for.
 
     ``split_folder=False`` returns every image of a plain folder (used for ``--test-dataset``).
     ``class_names``: the evaluation's class -> index map (the training split's classes); folder labels
@@ -324,26 +355,34 @@ def load_split(
         img_size = hw[0]
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct {crop_pct}: must be in (0, 1] (MAE evaluates at 0.875 = 224/256)")
+    source = "train" if val_split is not None else split  # the validation part comes out of the training split
     if spec in ("fashion_mnist", "fashion-mnist", "fmnist"):
         from mimkit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
-        images, labels = load_fashion_mnist(root, split=split)
+        images, labels = load_fashion_mnist(root, split=source)
         classes = list(FASHION_MNIST_CLASSES)
-        remap = remap_classes(classes, class_names, f"fashion_mnist {split}")
+        remap = remap_classes(classes, class_names, f"fashion_mnist {source}")
         if remap is not None:
             labels = remap[labels]
+        frac = holdout_fraction(val_split, len(labels), "fashion_mnist")
+        if frac is not None:
+            part = _split_folder(labels, split, seed, frac)
+            images, labels = images[part], labels[part]
         images, labels = _subset(images, labels, limit, seed)
-        info = {"dataset": "fashion_mnist", "split": split, "classes": list(class_names or classes),
+        info = {"dataset": "fashion_mnist", "split": split if frac is None else _VAL_NAMES[split],
+                "classes": list(class_names or classes),
                 "resize": "whole image (native 28 px)" if img_size == 28 else
                 f"whole image resized to {_size_text(hw)}"}
+        if frac is not None:
+            info["split_rule"] = _val_rule(val_split, frac, seed)
     else:
         from mimkit.data import ImageFolder
 
         root = Path(spec)
-        names = {"train": ("train",), "test": ("test", "val", "validation")}[split]
+        names = {"train": ("train",), "test": ("test", "val", "validation")}[source]
         sub = next((root / n for n in names if (root / n).is_dir()), None)
         if split_folder:
-            _check_layout(root, split, sub)
+            _check_layout(root, source, sub)
         elif not root.is_dir():
             raise DataError(f"--test-dataset {root}: not an existing folder")
         mode = "L" if in_chans == 1 else "RGB"
@@ -353,14 +392,19 @@ def load_split(
         targets = torch.tensor(folder.targets, dtype=torch.int64)
         keep = torch.arange(len(targets))
         if sub is None and split_folder:
-            keep = _split_folder(targets, split, seed)
+            keep = _split_folder(targets, source, seed)
             info["split_rule"] = "seeded stratified 80/20 split of one folder"
         elif sub is not None:
             info["folder"] = str(sub)
+        frac = holdout_fraction(val_split, len(keep), str(sub or root)) if split_folder else None
+        if frac is not None:
+            keep = keep[_split_folder(targets[keep], split, seed, frac)]
+            info["split"] = _VAL_NAMES[split]
+            info["split_rule"] = "; ".join(filter(None, [info.get("split_rule"), _val_rule(val_split, frac, seed)]))
         pick = subset_indices(len(keep), limit, seed)  # before decoding: only these files are read
         if pick is not None:
             keep = keep[pick]
-        where = str(sub or root) + (f" ({split} part)" if sub is None and split_folder else "")
+        where = str(sub or root) + (f" ({source} part)" if sub is None and split_folder else "")
         remap = remap_classes(folder_classes, class_names, where)
         folder.samples = [folder.samples[i] for i in keep.tolist()]
         load_hw = hw if crop_pct >= 1 else (int(round(hw[0] / crop_pct)), int(round(hw[1] / crop_pct)))

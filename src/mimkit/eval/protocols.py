@@ -44,6 +44,7 @@ class EvalOptions:
     norm: bool = True
     limit_train: int | None = None
     limit_test: int | None = None
+    val_split: float | None = None  # hold this many (or this fraction) of train out as the "test" split
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     device: str = "cpu"
@@ -127,7 +128,8 @@ class EvalContext:
                                                o.seed, split_folder=False, **kw)
             else:
                 limit = o.limit_train if split == "train" else o.limit_test
-                self._data[split] = load_split(o.dataset, split, self.img_hw, self.in_chans, limit, o.seed, **kw)
+                self._data[split] = load_split(o.dataset, split, self.img_hw, self.in_chans, limit, o.seed,
+                                               val_split=o.val_split, **kw)
         return self._data[split]
 
     def labels(self, split: str) -> torch.Tensor:
@@ -142,6 +144,8 @@ class EvalContext:
         from mimkit.eval.data import remap_classes, split_classes
 
         o = self.opts
+        if o.val_split is not None:  # the validation part is cut from the training split: its own classes
+            return
         test_spec = o.test_dataset or o.dataset
         remap_classes(split_classes(test_spec, "test"), self.class_names(), test_spec)
 

@@ -217,9 +217,11 @@ def setup_markdown(rows: list[dict], protocols: Sequence[str], seeds: Sequence[i
     st = rows[0]["setup"]
     tr, te = st["train_data"], st["test_data"]
     lines = ["", "**Setup**", "",
-             f"- data: train {tr.get('dataset')} ({st['n_train']} images), test {te.get('dataset')}"
+             f"- data: train {tr.get('dataset')} ({st['n_train']} images), "
+             f"{'validation' if str(te.get('split', '')).startswith('validation') else 'test'} {te.get('dataset')}"
              f"{' (' + te['folder'] + ')' if te.get('folder') else ''} ({st['n_test']} images), "
-             f"{st['num_classes']} classes; {tr.get('resize', '')}",
+             f"{st['num_classes']} classes; {tr.get('resize', '')}"
+             + (f"; {te['split_rule']}" if te.get("split_rule") else ""),
              f"- encoder input {_px(st['img_size'])} px, {st['in_chans']} channel(s), mean {st['mean']} / "
              f"std {st['std']} "
              f"({st['norm_source']}); features: block {'last' if st['block'] is None else st['block']}, final "
