@@ -53,6 +53,7 @@ from torch import nn
 
 from mimkit.errors import CheckpointError, ConfigError, FileRefusedError, InteropError
 from mimkit.hf import from_hf_state_dict
+from mimkit.nn.vit import image_hw
 from mimkit.weights import Weights, read_weights
 from mimkit.weights.official import from_official_cae_state_dict, from_official_state_dict, official_cae_layout
 
@@ -136,16 +137,12 @@ def _group(keys: list[str]) -> list[str]:
 # reading
 
 
-def _hw(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int | float) else (int(v[0]), int(v[1]))
-
-
 def _encoder_only(sd: dict, path: str, kind: str, cfg: dict | None = None) -> InitSource:
     unused = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES)]
     state = {f"encoder.{k}": v for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
     src = InitSource(path, kind, state, unused=unused)
     if cfg:
-        src.img_size, src.patch_size, src.in_chans = _hw(cfg["img_size"]), int(cfg["patch_size"]), int(cfg["in_chans"])
+        src.img_size, src.patch_size, src.in_chans = image_hw(cfg["img_size"]), int(cfg["patch_size"]), int(cfg["in_chans"])
     return src
 
 
@@ -163,7 +160,7 @@ def _from_hf(w: Weights) -> InitSource:
     src = InitSource(w.path, kind, out)
     cfg = w.meta
     if cfg.get("image_size") and cfg.get("patch_size"):
-        src.img_size = _hw(cfg["image_size"])
+        src.img_size = image_hw(cfg["image_size"])
         src.patch_size, src.in_chans = int(cfg["patch_size"]), int(cfg.get("num_channels", 3))
     return src
 
@@ -191,7 +188,7 @@ def read_init_source(path: str | Path) -> InitSource:
         step = w.step if w.step is not None else "?"
         src = InitSource(p, f"mimkit checkpoint ({cfg.get('method', {}).get('name', '?')}, step {step})", w.state)
         if enc:
-            src.img_size, src.patch_size, src.in_chans = _hw(enc["img_size"]), enc["patch_size"], enc["in_chans"]
+            src.img_size, src.patch_size, src.in_chans = image_hw(enc["img_size"]), enc["patch_size"], enc["in_chans"]
         return _check(src, _FIX)
     if w.format == "official-mae":
         return _check(InitSource(p, "official MAE pretraining checkpoint (encoder + decoder)",

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mimkit.nn.vit import image_hw
+
 __all__ = ["flip_only", "normalize", "random_resized_crop_flip", "rrc_params"]
 
 _ATTEMPTS = 10
@@ -33,13 +35,6 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
             f"generator is on {generator.device} but the images are on {device}; create it with "
             f"torch.Generator(device={device.type!r})"
         )
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def rrc_params(
@@ -141,7 +136,7 @@ def random_resized_crop_flip(
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point (got {images.dtype}); see normalize()")
     b, _, height, width = images.shape
-    out_h, out_w = _pair(out_size)
+    out_h, out_w = image_hw(out_size)
     device = images.device
     top, left, h, w = rrc_params(b, height, width, scale, ratio, generator, device)
     flip = torch.rand(b, generator=generator, device=device) < flip_p

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from mimkit.errors import DataError
 from mimkit.hf import mae_from_hf
+from mimkit.nn.vit import image_hw
 from mimkit.weights import load_encoder, read_weights
 from mimkit.weights.read import step_from_name
 
@@ -171,13 +172,6 @@ def norm_line(mean, std, source: str) -> str:
     return f"normalisation: mean {_values(mean)}, std {_values(std)} ({source})"
 
 
-def _hw(size) -> tuple[int, int]:
-    if isinstance(size, int | float):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
-
-
 def _size_text(hw: tuple[int, int]) -> str:
     return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
@@ -185,7 +179,7 @@ def _size_text(hw: tuple[int, int]) -> str:
 def adapt_images(images: torch.Tensor, size: int | tuple[int, int], in_chans: int) -> torch.Tensor:
     """uint8 ``(N, C, h, w)`` -> uint8 ``(N, in_chans, H, W)`` for ``size`` a side ``H = W`` or ``(H, W)``
     (bicubic resize; grey↔RGB)."""
-    oh, ow = _hw(size)
+    oh, ow = image_hw(size)
     c = images.shape[1]
     if c != in_chans:
         if c == 1:
@@ -297,7 +291,7 @@ def _val_rule(val_split: float, frac: float, seed: int) -> str:
 
 def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Centre ``size x size`` (or ``(H, W)``) crop of ``(N, C, H, W)`` images at least that large."""
-    oh, ow = _hw(size)
+    oh, ow = image_hw(size)
     h, w = images.shape[-2:]
     top, left = (h - oh) // 2, (w - ow) // 2
     return images[..., top : top + oh, left : left + ow].contiguous()
@@ -349,7 +343,7 @@ def load_split(
     ``info`` names the source, the classes and the resize rule.
     """
 
-    hw = _hw(img_size)
+    hw = image_hw(img_size)
     square = hw[0] == hw[1]
     if square:
         img_size = hw[0]

@@ -27,16 +27,7 @@ import torch
 from torch import nn
 
 from mimkit.errors import ConfigError
-
-
-def _hw(size) -> tuple[int, int] | None:
-    """``size`` (a side or ``(H, W)``) as ``(H, W)``; ``None`` stays ``None``."""
-    if size is None:
-        return None
-    if isinstance(size, int | float):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
+from mimkit.nn.vit import optional_image_hw
 
 
 def _side_or_pair(hw: tuple[int, int]) -> int | tuple[int, int]:
@@ -68,7 +59,7 @@ class TimmEncoder(nn.Module):
         self.embed_dim = int(model.embed_dim)
         self.num_heads = _num_heads(model.blocks) or 1
         pe = model.patch_embed
-        self.img_hw = _hw(getattr(pe, "img_size", None)) or (224, 224)
+        self.img_hw = optional_image_hw(getattr(pe, "img_size", None)) or (224, 224)
         self.img_size = _side_or_pair(self.img_hw)
         self.patch_size = int(pe.patch_size[0])
         self.in_chans = int(pe.proj.in_channels)
@@ -119,7 +110,7 @@ class ModuleEncoder(nn.Module):
         self.module = module
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.has_class_token = self.num_prefix_tokens > 0 if has_class_token is None else has_class_token
-        self.img_hw = _hw(img_size) or _hw(getattr(module, "img_hw", None) or getattr(module, "img_size", None)) \
+        self.img_hw = optional_image_hw(img_size) or optional_image_hw(getattr(module, "img_hw", None) or getattr(module, "img_size", None)) \
             or (224, 224)
         self.img_size = _side_or_pair(self.img_hw)
         self.in_chans = int(in_chans or getattr(module, "in_chans", 3))
@@ -175,7 +166,7 @@ def wrap_encoder(encoder: nn.Module, **kw) -> nn.Module:
 def encoder_img_hw(encoder: nn.Module) -> tuple[int, int]:
     """The input ``(H, W)`` the encoder expects: its ``img_hw`` (a mimkit ``ViTEncoder``: its patch grid
     times the patch size; a wrapper: the input it was built or told for)."""
-    return _hw(encoder.img_hw)
+    return optional_image_hw(encoder.img_hw)
 
 
 def encoder_img_size(encoder: nn.Module) -> int | tuple[int, int]:

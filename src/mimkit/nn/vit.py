@@ -24,6 +24,11 @@ def image_hw(img_size) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def optional_image_hw(img_size) -> tuple[int, int] | None:
+    """:func:`image_hw`, with ``None`` (a size nobody recorded) kept as ``None``."""
+    return None if img_size is None else image_hw(img_size)
+
+
 def grid_of(img_size, patch_size: int) -> tuple[int, int]:
     """The patch grid ``(H / p, W / p)`` of ``img_size`` (int or ``[H, W]``); ValueError when ``p``
     does not divide both sides."""

@@ -34,7 +34,7 @@ import torch
 
 from mimkit.errors import InteropError
 from mimkit.nn.adapters import TimmEncoder
-from mimkit.nn.vit import ViTConfig, ViTEncoder
+from mimkit.nn.vit import ViTConfig, ViTEncoder, optional_image_hw
 from mimkit.weights.official import official_cae_encoder, official_cae_heads
 from mimkit.weights.read import FORMATS, Weights, read_weights
 
@@ -42,16 +42,6 @@ _ENCODER_FORMATS = ("mimkit-checkpoint", "mimkit-dcp", "mimkit-export", "mimkit-
                     "timm")
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 _CLIP_HINT = "vit_base_patch16_clip_quickgelu_224 (QuickGELU: OpenAI's CLIP) or vit_base_patch16_clip_224 (GELU)"
-
-
-def _hw(size) -> tuple[int, int] | None:
-    """``size`` (a side or ``(H, W)``) as ``(H, W)``; ``None`` stays ``None``."""
-    if size is None:
-        return None
-    if isinstance(size, int | float):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
 
 
 def _size_text(hw: tuple[int, int]) -> str:
@@ -98,7 +88,7 @@ def pos_layout(sd: dict, img_size: int | tuple[int, int] | None = None,
     squares = [(s, p_out) for s, p_out in ((_square_side(n - prefix) if prefix else None, False),
                                            (_square_side(n), prefix > 0)) if s is not None]
     fits = " or ".join(f"{s * ph}" + ("" if ph == pw else f",{s * pw}") for s, _ in squares)
-    hw = _hw(img_size)
+    hw = optional_image_hw(img_size)
     if hw is not None:
         h, wd = hw
         if h < 1 or wd < 1 or h % ph or wd % pw:
@@ -302,9 +292,9 @@ def load_timm_encoder(sd: dict, timm_model: str | None = None, num_heads: int | 
 
 def _recorded_size(config: dict | None, meta: dict) -> tuple[int, int] | None:
     if config is not None and "model" in config:
-        return _hw(config["model"]["encoder"].get("img_size", 224))
+        return optional_image_hw(config["model"]["encoder"].get("img_size", 224))
     if "mimkit_vit_config" in meta:
-        return _hw(json.loads(meta["mimkit_vit_config"]).get("img_size", 224))
+        return optional_image_hw(json.loads(meta["mimkit_vit_config"]).get("img_size", 224))
     return None
 
 
@@ -327,7 +317,7 @@ def load_encoder(source: str | Path | Weights, num_heads: int | None = None, str
     path, config, meta = w.path, w.config, w.meta
     if w.format not in _ENCODER_FORMATS:
         raise InteropError(f"{path} is {w.description}, not an encoder's weights; give {', '.join(FORMATS[f] for f in _ENCODER_FORMATS)}")
-    recorded, given = _recorded_size(config, meta), _hw(img_size)
+    recorded, given = _recorded_size(config, meta), optional_image_hw(img_size)
     if recorded is not None and given is not None and recorded != given:
         raise InteropError(f"{path} records an input of {_size_text(recorded)} px; --img-size {_size_text(given)} "
                            f"disagrees: drop it (or give {_size_text(recorded)})")
