@@ -54,13 +54,39 @@ def test_fashion_mnist_validation_is_a_stratified_part_of_train_and_test_is_neve
     assert torch.equal(tr_y, tr_ids % 10) and torch.equal(va_y, va_ids % 10)  # labels travel with their images
     assert torch.bincount(va_y, minlength=10).tolist() == [n_val // 10] * 10  # stratified
     assert va_info["split"].startswith("validation") and "test split is not read" in va_info["split_rule"]
-    # seeded: the same seed gives the same part, another seed another part
-    again = _ids(load_split("fashion_mnist", "test", 28, 1, val_split=val_split, seed=3)[0])
+    assert f"{n_val} of the 600 training images held out" in va_info["split_rule"]
+    # the held-out images do not move with --seed (probe seeds, subsets): one validation set per data set
     other = _ids(load_split("fashion_mnist", "test", 28, 1, val_split=val_split, seed=4)[0])
-    assert torch.equal(again, va_ids) and not torch.equal(other, va_ids)
-    # --limit-test subsets the validation part, never reaching outside it
+    assert torch.equal(other, va_ids)
+    # --limit-test subsets the validation part (seeded by --seed), never reaching outside it
     lim = _ids(load_split("fashion_mnist", "test", 28, 1, limit=30, val_split=val_split, seed=3)[0])
-    assert len(lim) == 30 and set(lim.tolist()) <= set(va_ids.tolist())
+    lim4 = _ids(load_split("fashion_mnist", "test", 28, 1, limit=30, val_split=val_split, seed=4)[0])
+    assert len(lim) == 30 and set(lim.tolist()) <= set(va_ids.tolist()) and not torch.equal(lim, lim4)
+
+
+def test_a_count_is_held_out_exactly_and_every_class_keeps_an_image(monkeypatch):
+    """Per-class rounding must not change the count, and no class may be emptied from the fitting part."""
+    monkeypatch.setattr(mimkit.data, "load_fashion_mnist", _indexed_fashion(600))  # 60 per class
+    for n in (1, 7, 583, 590):
+        tr_y = load_split("fashion_mnist", "train", 28, 1, val_split=n)[1]
+        va_y = load_split("fashion_mnist", "test", 28, 1, val_split=n)[1]
+        assert len(va_y) == n and len(tr_y) == 600 - n
+        counts = torch.bincount(va_y, minlength=10)
+        assert int(counts.max() - counts.min()) <= 1  # in proportion (equal classes: within one image)
+        assert torch.bincount(tr_y, minlength=10).min() >= 1
+    for bad in (591, 599):  # 600 - 10: every class keeps one
+        with pytest.raises(DataError, match="hold out between 1 and 590"):
+            load_split("fashion_mnist", "test", 28, 1, val_split=bad)
+
+
+def test_uneven_classes_are_held_out_in_proportion(tmp_path):
+    _folder(tmp_path / "train", {"a": 2, "b": 40, "c": 18})
+    spec = str(tmp_path)
+    for val, expect in ((0.75, [1, 30, 14]), (30, [1, 20, 9]), (3, [0, 2, 1])):
+        va = load_split(spec, "test", 12, 1, crop_pct=1.0, val_split=val)[1]
+        tr = load_split(spec, "train", 12, 1, crop_pct=1.0, val_split=val)[1]
+        assert torch.bincount(va, minlength=3).tolist() == expect, val
+        assert torch.bincount(tr, minlength=3).min() >= 1
 
 
 def _folder(root: Path, classes: dict[str, int], start: int = 0) -> None:
@@ -106,13 +132,14 @@ def test_one_folder_validation_is_cut_from_its_80_percent_train_part(tmp_path):
 def test_impossible_validation_sizes_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(mimkit.data, "load_fashion_mnist", _indexed_fashion(600))
     for bad in (600, 5000):
-        with pytest.raises(DataError, match=r"--val-split .*600 training images; hold out between 1 and 599") as e:
+        with pytest.raises(DataError, match=r"--val-split .*600 training images in 10 classes; hold out between 1 "
+                                            r"and 590") as e:
             load_split("fashion_mnist", "test", 28, 1, val_split=bad)
         assert "\n" not in str(e.value)
     from mimkit.eval.cli import _val_split
 
     assert _val_split("10000") == 10000 and isinstance(_val_split("10000"), int) and _val_split("0.1") == 0.1
-    for text in ("0", "1.5", "-3", "ten", "1.0e9x"):
+    for text in ("0", "1.5", "-3", "ten", "1.0e9x", "inf", "1e400", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             _val_split(text)
 
@@ -123,11 +150,37 @@ def test_val_split_and_test_dataset_contradict(tmp_path):
                           timeout=120)
     assert proc.returncode != 0
     assert "--val-split 100 with --test-dataset" in proc.stderr and "give one of them" in proc.stderr
-    from mimkit.eval.cli import options
+    enc = ViTEncoder(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ConfigError, match="give one of them"):  # also through the Python API
+        EvalContext(enc, EvalOptions(val_split=100, test_dataset=str(tmp_path), progress=False))
 
-    ns = argparse.Namespace(val_split=100, test_dataset=str(tmp_path), threads=None, device="cpu")
-    with pytest.raises(ConfigError, match="give one of them"):
-        options(ns)
+
+def test_the_segmentation_probe_refuses_a_validation_split():
+    from mimkit.eval.protocols import run_segmentation
+
+    enc = ViTEncoder(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    ctx = EvalContext(enc, EvalOptions(val_split=0.1, progress=False))
+    with pytest.raises(ConfigError, match="segmentation probe .* drop --val-split"):
+        run_segmentation(ctx)
+
+
+def test_pretraining_reads_no_test_split_when_nothing_measures_on_it(monkeypatch):
+    """The zoo's validation runs: with the end-of-run kNN, periodic kNN and picture off, the trainer does
+    not read the test split at all; with the kNN on it does."""
+    from mimkit.config import load_config
+    from mimkit.train.data import build_train_data
+    from mimkit.train.distributed import DistInfo
+    from tests.conftest import TINY_RUN
+
+    import mimkit.data.loaders
+
+    monkeypatch.setattr(mimkit.data.loaders, "load_fashion_mnist", _indexed_fashion(600))
+    cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", [*TINY_RUN, "data.batch_size=8"])
+    data = build_train_data(cfg, DistInfo())
+    assert data.test_images is None and data.train_images is not None
+    cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", [*TINY_RUN, "data.batch_size=8", "eval.knn_at_end=true"])
+    with pytest.raises(AssertionError, match="the test split was read"):
+        build_train_data(cfg, DistInfo())
 
 
 def test_knn_on_the_validation_split_votes_for_the_held_out_images(monkeypatch):

@@ -58,6 +58,14 @@ def test_plan_refuses_bad_input_before_any_work(tmp_path, overrides, configs, se
     assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
 
 
+def test_a_validation_zoo_refuses_runs_that_measure_on_the_test_split(tmp_path):
+    plan_runs([MAE], [0], tmp_path, [], val_split=0.1)  # the zoo's own defaults measure nothing
+    for ov in ("eval.knn_at_end=true", "eval.knn_every_epochs=1", "eval.picture_at_end=true"):
+        with pytest.raises(ConfigError, match=f"--val-split 0.1 .*{ov.split('=')[0]} would measure on it"):
+            plan_runs([MAE], [0], tmp_path, [ov], val_split=0.1)
+        plan_runs([MAE], [0], tmp_path, [ov])  # without --val-split it is the user's choice
+
+
 def test_arguments_split_into_configs_and_overrides():
     assert split_arguments(["a.yaml", "train.epochs=1", "b.yml", "x:optim.lr=1e-3"]) == (
         [Path("a.yaml"), Path("b.yml")], ["train.epochs=1", "x:optim.lr=1e-3"])
@@ -179,21 +187,25 @@ def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo):
     out, _ = zoo
     knn = out / "runs" / "mae_fashion_mnist" / "seed0" / "eval" / "knn.json"
     before = knn.read_text()
+    tables = {p: p.read_bytes() for p in out.iterdir() if p.is_file()}
     proc = _zoo(out, str(PCAE), extra=("--val-split", "0.2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("evaluating: knn") == 4 and proc.stderr.count("trained before (reused)") == 4
     assert knn.read_text() == before
     val = json.loads((knn.parent / "knn.val.json").read_text())
     assert val["setup"]["test_data"]["split"].startswith("validation") and val["setup"]["n_test"] == 120
-    assert val["metrics"] != json.loads(before)["metrics"]
-    md = (out / "zoo.md").read_text()
+    assert {p: p.read_bytes() for p in tables} == tables  # the test tables are untouched
+    md = (out / "zoo.val.md").read_text()
     assert md.startswith("# mimkit zoo (validation: --val-split 0.2; the test split is not read)")
-    assert "validation fashion_mnist (120 images)" in md and "seed 0; the test split is not read" in md
+    assert "validation fashion_mnist (120 images)" in md and "12000 of the 60000 training images held out" in md
+    assert json.loads((out / "zoo.val.json").read_text())["split"] == "validation"
+    assert (out / "runs.val.csv").is_file() and (out / "zoo.val.csv").is_file() and (out / "zoo.val.png").is_file()
     run = knn.parent.parent
     proc = subprocess.run([sys.executable, "-m", "mimkit.cli", "eval", "knn", str(run), *EVAL[2:], "--val-split", "0.2",
                            "--out", str(run / "by_hand_val")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((run / "by_hand_val" / "knn.json").read_text())["metrics"] == pytest.approx(val["metrics"])
+    assert json.loads((run / "by_hand_val" / "knn.val.json").read_text())["metrics"] == pytest.approx(val["metrics"])
+    assert (run / "by_hand_val" / "knn.val.md").read_text().startswith("validation split")
     proc = _zoo(out, str(PCAE), extra=("--val-split", "0.2"))  # a second time: all reused
     assert proc.returncode == 0 and "evaluating" not in proc.stderr, proc.stderr[-3000:]
 

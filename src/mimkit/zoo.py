@@ -28,8 +28,10 @@ one-seed table), showing ``[zoo i/N] config seed s: ...``:
    computed with, and reused only when they match.
 
 Choosing settings: ``--val-split 10000`` evaluates on 10,000 images held out of the training split
-(stratified, seeded) instead of the test split, which is then never read; pretraining still sees every
-training image (it uses no labels). Compare variants with one ``--out`` per variant, e.g. ``mimkit zoo
+(stratified, the same images whatever ``--seed``) instead of the test split, which is then never read
+(no run may turn on a kNN or picture during pretraining); its tables are ``zoo.val.md``, ``zoo.val.csv``,
+``runs.val.csv``, ``zoo.val.json``, ``zoo.val.png`` beside the test ones. Pretraining still sees every
+training image (it uses no labels), so the held-out images are not unseen as the test images are. Compare variants with one ``--out`` per variant, e.g. ``mimkit zoo
 configs/pcae_fashion_mnist.yaml --seeds 0 --val-split 10000 --out tune/lr3e-3 optim.lr=3e-3``.
 
 Then ``OUT/zoo.md`` (mean ± sample std over seeds per config, the setup beside it), ``OUT/zoo.csv``
@@ -106,9 +108,10 @@ def split_arguments(items: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def plan_runs(configs: list[Path], seeds: list[int], out: Path, overrides: list[str],
-              dataset: str = "fashion_mnist") -> list[ZooRun]:
+              dataset: str = "fashion_mnist", val_split: float | None = None) -> list[ZooRun]:
     """Every (config, seed) pair, seed-major, with its resolved overrides; every config validated here
-    (a ConfigError naming the file) before any run starts."""
+    (a ConfigError naming the file) before any run starts. With ``val_split`` no run may measure on the
+    test split while it trains (``eval.knn_at_end``, ``eval.knn_every_epochs``, ``eval.picture_at_end``)."""
     from mimkit.config import load_config
 
     if not configs:
@@ -155,9 +158,15 @@ def plan_runs(configs: list[Path], seeds: list[int], out: Path, overrides: list[
             ovs = [*ZOO_DEFAULTS, *data, *common, *scoped[name], f"train.out_dir={run_dir}", f"train.seed={seed}"]
             ovs = [o.replace("{seed}", str(seed)).replace("{out}", str(out)) for o in ovs]
             try:
-                load_config(cfg_path, ovs)
+                cfg = load_config(cfg_path, ovs)
             except (ConfigError, ValueError, TypeError) as e:
                 raise ConfigError(f"{cfg_path}: {' '.join(str(e).split())}") from None
+            ev = cfg.eval
+            on = [k for k, v in (("eval.knn_at_end", ev.knn_at_end), ("eval.knn_every_epochs", ev.knn_every_epochs > 0),
+                                 ("eval.picture_at_end", ev.picture_at_end)) if v]
+            if val_split is not None and on:
+                raise ConfigError(f"{cfg_path}: --val-split {val_split:g} chooses settings without the test split, "
+                                  f"but {', '.join(on)} would measure on it during pretraining; drop that override")
             runs.append(ZooRun(cfg_path, name, seed, run_dir, ovs, depends=depends[name]))
     return runs
 
@@ -456,15 +465,15 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + ("\n**Failed runs**\n\n" + "\n".join(failed) + "\n" if failed else "")
 
 
-def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRun]) -> None:
-    with (out / "zoo.csv").open("w", newline="") as f:
+def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRun], tag: str = "") -> None:
+    with (out / f"zoo{tag}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "n_seeds", *(f"{m}_{s}" for m in columns for s in ("mean", "std")),
                     "train_s_mean", "train_s_std", "timed_runs", "img_per_s_mean", "peak_rss_mb", "gpu_peak_gb"])
         for r in rows:
             w.writerow([r["config"], len(r["seeds"]), *(v for m in columns for v in r[m]), *r["train_s"],
                         r["timed_runs"], r["img_per_s"][0], r["peak_rss_mb"], r["gpu_peak_gb"]])
-    with (out / "runs.csv").open("w", newline="") as f:
+    with (out / f"runs{tag}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "seed", "status", *columns, "train_s", "attempts", "loaded", "img_per_s", "peak_rss_mb",
                     "load_before_after", "other_cpu_cores", "run_dir"])
@@ -476,7 +485,7 @@ def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRu
                         json.dumps(t.get("load")), json.dumps(t.get("other_cpu_cores")), str(run.out_dir)])
 
 
-def plot(out: Path, columns: list[str], rows: list[dict]) -> Path | None:
+def plot(out: Path, columns: list[str], rows: list[dict], tag: str = "", split: str = "test") -> Path | None:
     """One panel per headline metric: a bar per config with the std over seeds as error bar."""
     rows = [r for r in rows if r["seeds"]]
     if not columns or not rows:
@@ -501,9 +510,9 @@ def plot(out: Path, columns: list[str], rows: list[dict]) -> Path | None:
         ax.set_title(m, fontsize=9)
         ax.set_ylabel("%")
     seeds = sorted({len(r["seeds"]) for r in rows})
-    fig.suptitle(f"mimkit zoo: mean ± std over {'/'.join(map(str, seeds))} seed(s)", fontsize=10)
+    fig.suptitle(f"mimkit zoo ({split} split): mean ± std over {'/'.join(map(str, seeds))} seed(s)", fontsize=10)
     fig.tight_layout()
-    path = out / "zoo.png"
+    path = out / f"zoo{tag}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -539,18 +548,23 @@ def setup_lines(runs: list[ZooRun], protocols: list[str], opts) -> str:
 
 
 def write_outputs(out: Path, runs: list[ZooRun], protocols: list[str], opts) -> dict:
+    """``zoo.md``, ``zoo.csv``, ``runs.csv``, ``zoo.json``, ``zoo.png`` (``zoo.val.md``, ... with
+    ``--val-split``: validation numbers never overwrite test ones)."""
     columns, rows = summarise(runs, protocols)
     table = markdown(columns, rows)
     setup = setup_lines(runs, protocols, opts)
     out.mkdir(parents=True, exist_ok=True)
+    val = opts.val_split is not None
+    tag = ".val" if val else ""
     title = "# mimkit zoo" + (f" (validation: --val-split {opts.val_split:g}; the test split is not read)"
-                              if opts.val_split is not None else "")
-    (out / "zoo.md").write_text(title + "\n\n" + table + setup)
-    write_csvs(out, columns, rows, runs)
-    png = plot(out, columns, rows)
+                              if val else "")
+    (out / f"zoo{tag}.md").write_text(title + "\n\n" + table + setup)
+    write_csvs(out, columns, rows, runs, tag)
+    png = plot(out, columns, rows, tag, "validation" if val else "test")
     from mimkit.eval.report import write_json
 
-    write_json(out / "zoo.json", {"protocols": protocols, "columns": columns, "rows": rows,
+    write_json(out / f"zoo{tag}.json", {"split": "validation" if val else "test", "val_split": opts.val_split,
+                                        "protocols": protocols, "columns": columns, "rows": rows,
                                   "runs": [{"config": str(r.config), "name": r.name, "seed": r.seed,
                                             "out_dir": str(r.out_dir), "train": r.train, "error": r.error,
                                             "metrics": {m: _metric(r, m) for m in columns}} for r in runs]})
@@ -627,7 +641,7 @@ def main(args: argparse.Namespace) -> int:
     expand_paths(args)
     configs, overrides = split_arguments(args.items)
     out = Path(args.out).expanduser()
-    runs = plan_runs(configs, args.seeds, out, overrides, args.dataset)
+    runs = plan_runs(configs, args.seeds, out, overrides, args.dataset, args.val_split)
     protocols = [p for p in args.protocols.split(",") if p]
     opts = options(args)
     kwargs = {p: protocol_kwargs(p, ReportArgs(args, p)) for p in protocols if p in SUBCOMMANDS}
@@ -643,7 +657,8 @@ def main(args: argparse.Namespace) -> int:
         log(f"mimkit zoo: {e}")
         return 130
     sys.stdout.write(result["table"])
-    log(f"[zoo] wrote {out / 'zoo.md'}, {out / 'zoo.csv'}, {out / 'runs.csv'}, {out / 'zoo.json'}"
+    tag = ".val" if opts.val_split is not None else ""
+    log(f"[zoo] wrote {out / f'zoo{tag}.md'}, {out / f'zoo{tag}.csv'}, {out / f'runs{tag}.csv'}, {out / f'zoo{tag}.json'}"
         + (f", {result['plot']}" if result["plot"] else ""))
     return 1 if any(r.error for r in runs) else 0
 

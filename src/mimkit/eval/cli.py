@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def _val_split(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give a count of training images (e.g. 10000) or a fraction "
                                          "(e.g. 0.1)") from None
-    if not (0 < v < 1 or (v >= 1 and v == int(v))):
+    if not (0 < v < 1 or (v >= 1 and math.isfinite(v) and v == int(v))):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count of training images >= 1 (a whole number) or a "
                                          "fraction in (0, 1)")
     return int(v) if v >= 1 else v
@@ -287,7 +288,7 @@ def add_protocol_args(p: argparse.ArgumentParser, protocol: str | None) -> None:
 def options(args):
     import torch
 
-    from mimkit.eval.protocols import EvalOptions
+    from mimkit.eval.protocols import EvalOptions, check_split_options
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,15 +304,14 @@ def options(args):
         if kind == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu "
                               "(or auto)") from None
-    if getattr(args, "val_split", None) is not None and args.test_dataset:
-        raise ConfigError(f"--val-split {args.val_split:g} with --test-dataset {args.test_dataset}: the validation "
-                          "split replaces the test split; give one of them")
-    return EvalOptions(dataset=args.dataset, test_dataset=args.test_dataset, pool=args.pool, block=args.block,
+    opts = EvalOptions(dataset=args.dataset, test_dataset=args.test_dataset, pool=args.pool, block=args.block,
                        norm=not args.no_norm, limit_train=args.limit_train, limit_test=args.limit_test,
                        val_split=getattr(args, "val_split", None),
                        mean=args.mean, std=args.std, device=device, batch_size=args.batch_size, seed=args.seed,
                        crop_pct=args.crop_pct, amp=args.amp, token_cache=args.token_cache,
                        max_cache_gb=args.max_cache_gb, cache_dir=args.cache_dir, progress=not args.no_progress)
+    check_split_options(opts)  # before any checkpoint is read
+    return opts
 
 
 def _overrides(args, mapping: dict[str, str]) -> dict:
@@ -406,8 +406,10 @@ def run_protocol_command(args) -> int:
     if args.out:
         d = Path(args.out)
         d.mkdir(parents=True, exist_ok=True)
-        write_json(d / f"{args.protocol}.json", out)
-        (d / f"{args.protocol}.md").write_text(table)
+        tag = ".val" if opts.val_split is not None else ""  # validation numbers never overwrite test ones
+        write_json(d / f"{args.protocol}{tag}.json", out)
+        (d / f"{args.protocol}{tag}.md").write_text(("validation split (held out of train; the test split was not "
+                                                     "read)\n\n" if tag else "") + table)
     sys.stdout.write(table)
     return 0
 

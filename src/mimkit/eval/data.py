@@ -34,7 +34,10 @@ seeded, stratified by class) unless ``--test-dataset`` names a separate folder.
 Validation split (``val_split``, ``--val-split``): for choosing settings without looking at the test
 split, the training split is divided once more (seeded, stratified by class): ``train`` is what is left
 and ``test`` is the held-out part, so every protocol reports validation accuracy and the test split is
-never read. A count (``10000``) or a fraction (``0.1``) of the training split.
+never read. A count (``10000``: exactly that many) or a fraction (``0.1``) of the training split, spread
+over the classes in proportion, every class keeping at least one image; the held-out images are the
+same whatever ``--seed`` (:data:`VAL_SEED`). The held-out images may have been seen, without labels, in
+pretraining (the test images never are): validation numbers choose settings, the test split reports.
 """
 
 from __future__ import annotations
@@ -227,16 +230,40 @@ def _split_folder(labels: torch.Tensor, split: str, seed: int = 0, test_fraction
     return torch.cat(keep).sort().values
 
 
-def holdout_fraction(val_split: float | None, n: int, where: str) -> float | None:
-    """``val_split`` (a count >= 1 or a fraction in (0, 1)) as a fraction of the ``n`` training images;
-    a :class:`~mimkit.errors.DataError` when it leaves no image on either side."""
-    if val_split is None:
-        return None
-    frac = val_split / n if val_split >= 1 else float(val_split)
-    if not 0 < frac < 1 or round(frac * n) < 1:
-        raise DataError(f"--val-split {val_split:g}: {where} has {n} training images; hold out between 1 and "
-                        f"{n - 1} of them (a count, or a fraction in (0, 1))")
-    return frac
+VAL_SEED = 0
+"""Seed of the validation hold-out: the same held-out images whatever ``--seed`` (probe seeds, subsets)."""
+
+
+def holdout_part(labels: torch.Tensor, split: str, val_split: float, where: str) -> tuple[torch.Tensor, int]:
+    """Sorted indices of the training split's ``train`` part (fitting) or ``test`` part (held out) for
+    ``val_split`` (a count >= 1, or a fraction of the ``n`` images: ``round(f * n)``), and the held-out
+    count. Exactly that many are held out, spread over the classes in proportion to their size (largest
+    remainder), each class keeping at least one image to fit on; the images are drawn with
+    :data:`VAL_SEED`. A :class:`~mimkit.errors.DataError` when the count leaves nothing on either side."""
+    n = len(labels)
+    want = int(val_split) if val_split >= 1 else round(val_split * n)
+    classes, counts = labels.unique(return_counts=True)
+    room = (counts - 1).clamp(min=0)  # every class keeps one image for the probe to fit on
+    if not 1 <= want <= int(room.sum()):
+        raise DataError(f"--val-split {val_split:g}: {where} has {n} training images in {len(classes)} classes; "
+                        f"hold out between 1 and {int(room.sum())} of them (every class keeps one to fit on): a "
+                        "count, or a fraction in (0, 1)")
+    exact = counts.double() * want / n
+    quota = torch.minimum(exact.floor().long(), room)
+    left = want - int(quota.sum())
+    order = (exact - exact.floor()).argsort(descending=True, stable=True).tolist()
+    while left > 0:  # the remainder, one image per class in order of the largest fractional share
+        for i in order:
+            if left and quota[i] < room[i]:
+                quota[i] += 1
+                left -= 1
+    gen = torch.Generator().manual_seed(VAL_SEED)
+    parts = []
+    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        parts.append(members[:q] if split == "test" else members[q:])
+    return torch.cat(parts).sort().values, want
 
 
 def remap_classes(folder_classes: list[str], class_names: list[str] | None, where: str) -> torch.Tensor | None:
@@ -283,10 +310,9 @@ def _check_layout(root: Path, split: str, sub: Path | None) -> None:
 _VAL_NAMES = {"train": "train (validation held out)", "test": "validation (held out of train)"}
 
 
-def _val_rule(val_split: float, frac: float, seed: int) -> str:
-    given = f"{val_split:g}" if val_split < 1 else f"{int(val_split)} images"
-    return (f"validation split: {given} ({frac:.4g}) of the training split held out, stratified by class, seed "
-            f"{seed}; the test split is not read")
+def _val_rule(held: int, n_all: int) -> str:
+    return (f"validation split: {held} of the {n_all} training images held out (stratified by class, seed "
+            f"{VAL_SEED}); the test split is not read")
 
 
 def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -332,8 +358,8 @@ def load_split(
     """Labelled images of ``spec`` (``fashion_mnist`` or a folder path), ``split`` ``train``/``test``.
 
     ``val_split``: hold out this many (a count >= 1) or this fraction of the training split, stratified by
-    class with ``seed``: ``train`` is the rest and ``test`` the held-out part; the test split is not read
-    (module doc). ``limit`` then subsets the part asked for.
+    class (:func:`holdout_part`): ``train`` is the rest and ``test`` the held-out part; the test split is not
+    read (module doc). ``limit`` then subsets the part asked for.
 
     ``split_folder=False`` returns every image of a plain folder (used for ``--test-dataset``).
     ``class_names``: the evaluation's class -> index map (the training split's classes); folder labels
@@ -358,17 +384,18 @@ def load_split(
         remap = remap_classes(classes, class_names, f"fashion_mnist {source}")
         if remap is not None:
             labels = remap[labels]
-        frac = holdout_fraction(val_split, len(labels), "fashion_mnist")
-        if frac is not None:
-            part = _split_folder(labels, split, seed, frac)
+        held = None
+        if val_split is not None:
+            part, held = holdout_part(labels, split, val_split, "fashion_mnist")
+            n_all = len(labels)
             images, labels = images[part], labels[part]
         images, labels = _subset(images, labels, limit, seed)
-        info = {"dataset": "fashion_mnist", "split": split if frac is None else _VAL_NAMES[split],
+        info = {"dataset": "fashion_mnist", "split": split if held is None else _VAL_NAMES[split],
                 "classes": list(class_names or classes),
                 "resize": "whole image (native 28 px)" if img_size == 28 else
                 f"whole image resized to {_size_text(hw)}"}
-        if frac is not None:
-            info["split_rule"] = _val_rule(val_split, frac, seed)
+        if held is not None:
+            info["split_rule"] = _val_rule(held, n_all)
     else:
         from mimkit.data import ImageFolder
 
@@ -390,11 +417,12 @@ def load_split(
             info["split_rule"] = "seeded stratified 80/20 split of one folder"
         elif sub is not None:
             info["folder"] = str(sub)
-        frac = holdout_fraction(val_split, len(keep), str(sub or root)) if split_folder else None
-        if frac is not None:
-            keep = keep[_split_folder(targets[keep], split, seed, frac)]
+        if val_split is not None and split_folder:
+            part, held = holdout_part(targets[keep], split, val_split, str(sub or root))
+            n_all = len(keep)
+            keep = keep[part]
             info["split"] = _VAL_NAMES[split]
-            info["split_rule"] = "; ".join(filter(None, [info.get("split_rule"), _val_rule(val_split, frac, seed)]))
+            info["split_rule"] = "; ".join(filter(None, [info.get("split_rule"), _val_rule(held, n_all)]))
         pick = subset_indices(len(keep), limit, seed)  # before decoding: only these files are read
         if pick is not None:
             keep = keep[pick]

@@ -59,6 +59,13 @@ class EvalOptions:
     progress: bool = True  # tqdm bars (shown on a terminal only)
 
 
+def check_split_options(opts: EvalOptions) -> None:
+    """``val_split`` and ``test_dataset`` both name what the numbers are measured on: one of them."""
+    if opts.val_split is not None and opts.test_dataset:
+        raise ConfigError(f"--val-split {opts.val_split:g} with --test-dataset {opts.test_dataset}: the validation "
+                          "split replaces the test split; give one of them")
+
+
 def feature_tag(pool: str, norm: bool = True, block: int | None = None) -> str:
     """``cls``, ``mean-b6``, ``cls-noLN``: the pooling, layer and normalisation of a feature."""
     return pool + (f"-b{block}" if block is not None else "") + ("" if norm else "-noLN")
@@ -104,6 +111,7 @@ class EvalContext:
         if block is not None and blocks is not None and not -len(blocks) <= block < len(blocks):
             raise ConfigError(f"--block {block}: the encoder has {len(blocks)} blocks; pass 0..{len(blocks) - 1} "
                               f"(or -1..-{len(blocks)} from the end)")
+        check_split_options(self.opts)
         c = self.in_chans
         for flag, values, given in (("--mean", self.mean, self.opts.mean), ("--std", self.std, self.opts.std)):
             if len(values) not in (1, c):
@@ -477,6 +485,10 @@ def run_segmentation(ctx: EvalContext, cfg=None, num_classes: int | None = None,
     )
 
     o = ctx.opts
+    if o.val_split is not None:
+        raise ConfigError(f"--val-split {o.val_split:g}: the segmentation probe has its own train/test canvases "
+                          "(or the folder's training/validation parts), not a held-out part of a classification "
+                          "split; drop --val-split")
     cfg = cfg or SegProbeConfig(seed=o.seed)
     hw, c = ctx.img_hw, ctx.in_chans
     s = hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"

@@ -247,7 +247,8 @@ def run_report(
     check: Callable | None = None,
     seeds: Sequence[int] | None = None,
 ) -> dict:
-    """Evaluate every checkpoint with every protocol; write ``report.json``, ``report.md`` and
+    """Evaluate every checkpoint with every protocol; write ``report.json``, ``report.md`` (``report.val.*``
+    with ``opts.val_split``) and
     ``training_curves.png`` (when a run has periodic checkpoints) under ``out_dir``. ``seeds``: the
     trained probes (linear, attentive, finetune) run once per seed and report mean ± std. ``notes`` in
     the result says what was written and why a plot is missing."""
@@ -297,9 +298,11 @@ def run_report(
             report["notes"].append(
                 "no training-curve plot: it needs a run directory with at least two periodic checkpoints "
                 "(pretrain with train.keep_checkpoints=N (and train.ckpt_every_steps) so the run keeps checkpoint-<step>.pt files, then pass the run directory)")
-        write_json(out / "report.json", report)
-        (out / "report.md").write_text(table + setup)
-        report["notes"].append(f"wrote {out / 'report.md'}, {out / 'report.json'}" + (f", {plot}" if plot else ""))
+        tag = ".val" if getattr(opts, "val_split", None) is not None else ""  # never over the test numbers
+        write_json(out / f"report{tag}.json", report)
+        (out / f"report{tag}.md").write_text(table + setup)
+        report["notes"].append(f"wrote {out / f'report{tag}.md'}, {out / f'report{tag}.json'}"
+                               + (f", {plot}" if plot else ""))
     return report
 
 

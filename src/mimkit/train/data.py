@@ -116,10 +116,12 @@ def build_train_data(cfg: Config, info: DistInfo) -> TrainData:
     data = TrainData(loader=loader, in_chans=ds.in_chans, mean=ds.mean, std=ds.std, dataset=ds)
     if ds.images is not None:
         data.train_images, data.train_labels = ds.images, ds.labels
-    # evaluation split: the data set's test split (Fashion-MNIST) or data.eval_dataset
-    eval_source = d.eval_dataset
-    if eval_source is None and ds.name == "fashion_mnist":
-        eval_source = "fashion_mnist"
+    # evaluation split: the data set's test split (Fashion-MNIST) or data.eval_dataset; read only when a
+    # kNN or the picture will use it (the zoo's validation runs never touch the test split)
+    e = cfg.eval
+    eval_source = None
+    if e.knn_at_end or e.knn_every_epochs > 0 or e.picture_at_end:
+        eval_source = d.eval_dataset or ("fashion_mnist" if ds.name == "fashion_mnist" else None)
     if eval_source is not None and (ds.images is not None):
         ev = build_dataset(eval_source, "test", root=d.eval_root or d.root, in_memory_size=None
                            if eval_source.lower() in ("fashion_mnist", "fashion-mnist", "fmnist") else enc.img_size,
