@@ -167,12 +167,11 @@ def test_the_segmentation_probe_refuses_a_validation_split():
 def test_pretraining_reads_no_test_split_when_nothing_measures_on_it(monkeypatch):
     """The zoo's validation runs: with the end-of-run kNN, periodic kNN and picture off, the trainer does
     not read the test split at all; with the kNN on it does."""
+    import mimkit.data.loaders
     from mimkit.config import load_config
     from mimkit.train.data import build_train_data
     from mimkit.train.distributed import DistInfo
     from tests.conftest import TINY_RUN
-
-    import mimkit.data.loaders
 
     monkeypatch.setattr(mimkit.data.loaders, "load_fashion_mnist", _indexed_fashion(600))
     cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", [*TINY_RUN, "data.batch_size=8"])
