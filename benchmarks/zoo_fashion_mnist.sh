@@ -14,7 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-zoo_fmnist}
-exec mimkit zoo \
+# MIMKIT: how to call mimkit (default the installed command; e.g. "python3 -m mimkit.cli" from src/)
+# shellcheck disable=SC2086
+exec ${MIMKIT:-mimkit} zoo \
   configs/mae_fashion_mnist.yaml configs/cae_v2_fashion_mnist.yaml configs/latent_mim_fashion_mnist.yaml \
   configs/pcae_fashion_mnist.yaml configs/mixedae_fashion_mnist.yaml configs/cae_fashion_mnist.yaml \
   configs/emae_fashion_mnist.yaml configs/sbam_fashion_mnist.yaml \
