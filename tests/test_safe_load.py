@@ -2,9 +2,10 @@
 
 A pickle whose ``__reduce__`` touches a marker file is shaped like every kind of file mimkit reads (a
 mimkit checkpoint, an official MAE ``.pth``, a sharded checkpoint's ``trainer.pt`` and DCP
-``.metadata``) and fed to every entry point: each refuses it in one line naming the file and the
-opt-in, and the marker is never written. Also: mimkit's file checksum (zip comment) is checked before
-anything is deserialised; the two opt-ins."""
+``.metadata``) and fed to every entry point: each refuses it in one line naming the file, the
+offending globals and what to do instead (mimkit never unpickles such a file, not even with the removed
+``MIMKIT_ALLOW_PICKLE=1`` set), and the marker is never written. Also: mimkit's file checksum (zip
+comment) is checked before anything is deserialised; the one opt-in, ``MIMKIT_ALLOW_UNVERIFIED``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from mimkit.train import checkpoint as ck
 from mimkit.train.checkpoint import atomic_save, dcp_checkpoints, load_checkpoint
 from mimkit.weights import checkpoint as wck
 from mimkit.weights.safe import (
-    ALLOW_PICKLE,
     ALLOW_UNVERIFIED,
     CheckpointError,
     FileRefusedError,
@@ -36,6 +36,9 @@ from mimkit.weights.safe import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_RUN, "data.batch_size=32"]
+ALLOW_PICKLE = "MIMKIT_ALLOW_PICKLE"  # an opt-in to full unpickling that mimkit no longer has: it must change nothing
+NO_PICKLE = ("mimkit never unpickles such files: convert the weights to a plain state dict of tensors or to "
+             "safetensors with code you trust")  # what a refusal of a pickle's globals says to do
 
 
 class Boom:
@@ -97,11 +100,15 @@ def evil_official_mae(path: Path, marker: Path) -> Path:
     return path
 
 
-def assert_refused(text: str, path, opt_in: str) -> None:
+def assert_refused(text: str, path, *needles: str) -> None:
+    """One line naming ``path`` and every needle (the opt-in, or the globals and :data:`NO_PICKLE`),
+    never the removed pickle opt-in."""
     text = text.strip()
     assert "\n" not in text, text
     assert str(path) in text, text
-    assert opt_in in text, text
+    for needle in needles:
+        assert needle in text, text
+    assert ALLOW_PICKLE not in text and "full unpickling" not in text, text
 
 
 def run_cli(argv, capsys) -> str:
@@ -127,8 +134,7 @@ def test_model_init_refuses_a_code_running_mimkit_checkpoint(tmp_path, marker, c
     evil = evil_checkpoint(tmp_path / "evil.pt", marker, checksum)
     with pytest.raises(FileRefusedError, match="^model.init=") as e:
         pretrain(cfg(tmp_path / "run", f"model.init={evil}"))
-    assert_refused(str(e.value), evil, ALLOW_PICKLE)
-    assert "pathlib" in str(e.value)  # the offending globals are named
+    assert_refused(str(e.value), evil, "pathlib", NO_PICKLE)  # the offending globals are named
 
 
 def test_model_init_refuses_a_code_running_official_mae_file(tmp_path, marker):
@@ -137,7 +143,7 @@ def test_model_init_refuses_a_code_running_official_mae_file(tmp_path, marker):
     evil = evil_official_mae(tmp_path / "mae_pretrain.pth", marker)
     with pytest.raises(FileRefusedError, match="^model.init=") as e:
         pretrain(cfg(tmp_path / "run", f"model.init={evil}"))
-    assert_refused(str(e.value), evil, ALLOW_PICKLE)
+    assert_refused(str(e.value), evil, "pathlib", NO_PICKLE)
 
 
 @pytest.mark.parametrize("command", ["eval", "export", "visualize", "report"])
@@ -148,7 +154,7 @@ def test_cli_commands_refuse_code_running_files(tmp_path, marker, capsys, comman
     argv = {"eval": ["eval", "knn", evil], "export": ["export", evil, tmp_path / "e.safetensors"],
             "visualize": ["visualize", evil, "--out", tmp_path / "v.png"],
             "report": ["report", evil, "--protocols", "knn", "--out", tmp_path / "rep"]}[command]
-    assert_refused(run_cli(argv, capsys), evil, ALLOW_PICKLE)
+    assert_refused(run_cli(argv, capsys), evil, "pathlib", NO_PICKLE)
     assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "v.png").exists()
 
 
@@ -160,7 +166,7 @@ def test_explicit_resume_refuses_a_code_running_checkpoint(tmp_path, marker, che
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(tmp_path / "run", f"train.resume={evil}"))
     # no checksum: refused before anything is unpickled; a forged one: the weights-only loader refuses
-    assert_refused(str(e.value), evil, ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED)
+    assert_refused(str(e.value), evil, *(("pathlib", NO_PICKLE) if checksum else (ALLOW_UNVERIFIED,)))
 
 
 @pytest.mark.parametrize("checksum", [False, True], ids=["plain", "forged-checksum"])
@@ -172,7 +178,7 @@ def test_auto_resume_refuses_a_code_running_checkpoint_in_the_run_directory(tmp_
     evil_checkpoint(run / "checkpoint.pt", marker, checksum)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(run))
-    assert_refused(str(e.value), run / "checkpoint.pt", ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED)
+    assert_refused(str(e.value), run / "checkpoint.pt", *(("pathlib", NO_PICKLE) if checksum else (ALLOW_UNVERIFIED,)))
     assert (run / "checkpoint.pt").is_file()  # left as it was
 
 
@@ -186,7 +192,7 @@ def test_cae_v2_teacher_path_refuses_a_code_running_file(tmp_path, marker, kind)
              "method.teacher_vit=null"]
     with pytest.raises((CheckpointError, ConfigError)) as e:
         pretrain(cfg(tmp_path / "run", *extra, config="cae_v2_fashion_mnist.yaml"))
-    assert_refused(str(e.value), evil, ALLOW_PICKLE)
+    assert_refused(str(e.value), evil, "pathlib", NO_PICKLE)
 
 
 @pytest.fixture(scope="module")
@@ -258,25 +264,33 @@ def test_sharded_checkpoint_metadata_that_runs_code_is_refused_everywhere(tmp_pa
     reseal(step_dir)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
-    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    assert "is not plain DCP metadata" in str(e.value) and "getattr" in str(e.value)
+    assert_refused(str(e.value), step_dir, "is not plain DCP metadata", "getattr", NO_PICKLE)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(tmp_path / "other2", "train.max_steps=2", "train.strategy=fsdp", f"train.resume={step_dir}"))
-    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
+    assert_refused(str(e.value), step_dir, "getattr", NO_PICKLE)
     # export, visualize and model.init consolidate the directory through the same reader
-    assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), step_dir, ALLOW_PICKLE)
-    assert_refused(run_cli(["visualize", step_dir, "--out", tmp_path / "v.png"], capsys), step_dir, ALLOW_PICKLE)
+    exported = run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys)
+    assert_refused(exported, step_dir, "getattr", NO_PICKLE)
+    assert_refused(run_cli(["visualize", step_dir, "--out", tmp_path / "v.png"], capsys), step_dir, "getattr", NO_PICKLE)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(tmp_path / "init", f"model.init={step_dir}"))
-    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    # the payload is live: with the opt-in, torch's own DCP reader unpickles it
-    assert not marker.exists()
+    assert_refused(str(e.value), step_dir, "getattr", NO_PICKLE)
+    with pytest.raises(FileRefusedError) as e:
+        ck.consolidate_dcp(step_dir)
+    refused = str(e.value)
+    # the removed opt-in changes nothing: the same refusal, the same reader, no code runs, no warning
     with pytest.MonkeyPatch.context() as m:
         m.setenv(ALLOW_PICKLE, "1")
-        with pytest.raises(CheckpointError, match="could not be read"):
+        with pytest.raises(FileRefusedError) as e:
             ck.consolidate_dcp(step_dir)
-    assert marker.exists() and "FULL UNPICKLING" in capsys.readouterr().err
-    marker.unlink()
+        assert str(e.value) == refused
+        assert run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys) == exported
+        with pytest.raises(CheckpointError) as e:
+            pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
+        assert_refused(str(e.value), step_dir, "getattr", NO_PICKLE)
+    assert not marker.exists()
+    assert "unpickl" not in capsys.readouterr().err.lower()
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 @needs_fmnist
@@ -301,8 +315,12 @@ def test_sharded_checkpoint_byte_items_are_read_weights_only(tmp_path, marker, f
     reseal(step_dir)
     with pytest.raises(CheckpointError) as e:
         ck.consolidate_dcp(step_dir)
-    assert_refused(str(e.value), step_dir, ALLOW_PICKLE)
-    assert "weights-only allowlist" in str(e.value) and "optimizer." in str(e.value)
+    assert_refused(str(e.value), step_dir, "weights-only allowlist", "optimizer.", NO_PICKLE)
+    with pytest.MonkeyPatch.context() as m:  # the removed opt-in changes nothing
+        m.setenv(ALLOW_PICKLE, "1")
+        with pytest.raises(FileRefusedError) as e2:
+            ck.consolidate_dcp(step_dir)
+    assert str(e2.value) == str(e.value)
 
 
 @needs_fmnist
@@ -314,11 +332,11 @@ def test_sharded_checkpoint_trainer_pt_that_runs_code_is_refused(tmp_path, marke
     step_dir = copy_run(fsdp_run, run)
     replace_trainer(step_dir, marker, checksum)
     trainer = step_dir / "trainer.pt"
-    opt_in = ALLOW_PICKLE if checksum else ALLOW_UNVERIFIED
+    needles = ("pathlib", NO_PICKLE) if checksum else (ALLOW_UNVERIFIED,)
     with pytest.raises(CheckpointError) as e:
         pretrain(cfg(run, "train.max_steps=2", "train.strategy=fsdp"))
-    assert_refused(str(e.value), trainer, opt_in)
-    assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), trainer, opt_in)
+    assert_refused(str(e.value), trainer, *needles)
+    assert_refused(run_cli(["export", step_dir, tmp_path / "e.safetensors"], capsys), trainer, *needles)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +420,7 @@ def test_a_mimkit_checkpoint_without_checksum_is_refused_where_foreign_files_are
 
 
 # --------------------------------------------------------------------------------------------------
-# the opt-ins
+# the opt-in (and the removed one)
 
 
 def legacy_state(src: Path) -> dict:
@@ -443,15 +461,57 @@ def test_unverified_opt_in_resumes_a_legacy_checkpoint_with_a_warning(tmp_path, 
         load_checkpoint(tmp_path / "old.pt")
 
 
-def test_pickle_opt_in_loads_with_full_unpickling_and_a_loud_warning(tmp_path, monkeypatch, capsys):
-    m = tmp_path / "marker"
-    evil = evil_official_mae(tmp_path / "mae.pth", m)
+@pytest.mark.parametrize("kind", ["mimkit", "official"])
+def test_the_removed_pickle_opt_in_changes_nothing(tmp_path, marker, monkeypatch, capsys, kind):
+    """``MIMKIT_ALLOW_PICKLE=1`` once loaded such files with full unpickling; now the same file gets
+    the same refusal with it set, and its payload never runs."""
+    from mimkit.interop import read_verified
+    from mimkit.weights import read_weights
+
+    evil = (evil_checkpoint(tmp_path / "evil.pt", marker, checksum=True) if kind == "mimkit"
+            else evil_official_mae(tmp_path / "mae.pth", marker))
+    argv = ["export", evil, tmp_path / "e.safetensors"]
+
+    def refusals() -> list[str]:
+        out = []
+        for load in (safe_load, read_verified, read_weights):
+            with pytest.raises(FileRefusedError) as e:
+                load(evil)
+            out.append(str(e.value))
+        return [*out, run_cli(argv, capsys)]
+
+    without = refusals()
+    for text in without:
+        assert_refused(text, evil, "pathlib", NO_PICKLE)
     monkeypatch.setenv(ALLOW_PICKLE, "1")
-    obj = safe_load(evil)
-    assert m.exists()  # the payload is live: this is what every other test keeps from running
-    assert "model" in obj
-    err = capsys.readouterr().err
-    assert f"WARNING: {ALLOW_PICKLE}=1" in err and "FULL UNPICKLING" in err and "pathlib" in err
+    assert refusals() == without
+    assert not marker.exists()  # also checked by the fixture
+    assert "unpickl" not in capsys.readouterr().err.lower() and not (tmp_path / "e.safetensors").exists()
+
+
+def test_nothing_in_src_unpickles_outside_the_restricted_unpicklers():
+    """Every ``torch.load`` call in src/mimkit passes ``weights_only=True`` literally, nothing calls
+    ``pickle.load``/``loads`` or a plain ``pickle.Unpickler``, and no code reads the removed opt-in."""
+    import ast
+
+    src = ROOT / "src" / "mimkit"
+    offenders = []
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        if ALLOW_PICKLE in text:
+            offenders.append(f"{path.relative_to(src)}: mentions {ALLOW_PICKLE}")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            where = f"{path.relative_to(src)}:{node.lineno}: {func}"
+            if func in ("pickle.load", "pickle.loads", "pickle.Unpickler"):
+                offenders.append(where)
+            elif func.endswith("torch.load"):
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    offenders.append(where + " without weights_only=True")
+    assert not offenders, "\n".join(offenders)
 
 
 def test_sharded_checkpoint_integrity_manifest(tmp_path, monkeypatch, capsys):

@@ -164,14 +164,19 @@ def test_what_is_not_weights_is_one_line_naming_the_formats(tmp_path):
         read_weights(tmp_path / "other.pt")
 
 
-def test_a_pickle_that_runs_code_is_refused_before_classification(tmp_path):
+def test_a_pickle_that_runs_code_is_refused_before_classification(tmp_path, monkeypatch, capsys):
     class Evil:
         def __reduce__(self):
             return (print, ("ran",))
 
     torch.save({"model": {"x": torch.zeros(1)}, "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(FileRefusedError, match="MIMKIT_ALLOW_PICKLE"):
-        read_weights(tmp_path / "evil.pt")
+    for allow_pickle in ("0", "1"):  # the removed opt-in MIMKIT_ALLOW_PICKLE changes nothing
+        monkeypatch.setenv("MIMKIT_ALLOW_PICKLE", allow_pickle)
+        with pytest.raises(FileRefusedError, match="mimkit never unpickles such files: convert the weights to a plain "
+                                                   "state dict of tensors or to safetensors") as e:
+            read_weights(tmp_path / "evil.pt")
+        assert "\n" not in str(e.value) and str(tmp_path / "evil.pt") in str(e.value) and "print" in str(e.value)
+    assert "ran" not in capsys.readouterr().out
 
 
 def test_no_module_outside_weights_deserialises_a_file():

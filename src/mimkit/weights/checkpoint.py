@@ -15,7 +15,8 @@ file, changed or forged, runs code when it is loaded. A checkpoint without a che
 tool's, an older mimkit's) or with a malformed one is refused with a one-line
 :class:`~mimkit.errors.CheckpointError` naming the file and the opt-in ``MIMKIT_ALLOW_UNVERIFIED=1``
 (loads it unverified, still weights only); a file that needs more than the allowlist is refused
-naming the globals and the opt-in ``MIMKIT_ALLOW_PICKLE=1`` (full unpickling, with a loud warning).
+naming the globals, with no opt-in: mimkit never unpickles such a file (the message says to convert
+the weights to a plain state dict of tensors or to safetensors with code the user trusts).
 Checkpoints of older mimkit versions also carry a content checksum (``checksum``,
 ``blake2b-tree-v1``, over the unpickled values); it is still checked when such a file is loaded with
 the opt-in.
@@ -28,12 +29,12 @@ was (:func:`atomic_copy` makes byte copies the same way).
 
 Sharded (DCP) directories: torch's own reader unpickles a DCP directory without restriction
 (``FileSystemReader.read_metadata`` runs ``pickle.load`` on ``.metadata``;
-``DefaultLoadPlanner.load_bytes`` runs ``torch.load(weights_only=False)`` on the non-tensor items of
-the ``*.distcp`` shards, e.g. the optimizer's param groups). mimkit never reads a directory that way:
-:func:`dcp_load` passes DCP a reader whose metadata unpickler accepts only DCP's own metadata
-classes, tensor sizes and dtypes (:class:`_DCPMetadataUnpickler`), and a planner that reads the byte
-items weights only. Integrity is checked as for single files: ``trainer.pt`` (checksummed) holds
-``dcp_manifest``, the size and BLAKE2b digest of every other file of the directory, taken by rank 0
+``DefaultLoadPlanner.load_bytes`` runs ``torch.load`` with full unpickling, not weights only, on the
+non-tensor items of the ``*.distcp`` shards, e.g. the optimizer's param groups). mimkit never reads a
+directory that way: :func:`dcp_load` passes DCP a reader whose metadata unpickler accepts only DCP's
+own metadata classes, tensor sizes and dtypes (:class:`_DCPMetadataUnpickler`), and a planner that
+reads the byte items weights only. Integrity is checked as for single files: ``trainer.pt``
+(checksummed) holds ``dcp_manifest``, the size and BLAKE2b digest of every other file of the directory, taken by rank 0
 when it finalizes the directory; :func:`verify_dcp_files` checks files and sizes (and digests) against
 it. A file that does not match, or that the manifest does not list, is refused; a directory without
 a manifest (another tool's, an older mimkit's) is read only with ``MIMKIT_ALLOW_UNVERIFIED=1`` (and
@@ -50,7 +51,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,8 +59,8 @@ import torch
 
 from mimkit.errors import CheckpointError, DiskFullError, FileRefusedError
 from mimkit.weights.safe import (
-    ALLOW_PICKLE,
     ALLOW_UNVERIFIED,
+    NEVER_UNPICKLED,
     allowed_globals,
     append_checksum,
     bytes_digest,
@@ -416,8 +416,7 @@ def _dcp_reader(path: Path):
                 except pickle.UnpicklingError as e:
                     self.refused = FileRefusedError(
                         f"sharded checkpoint {path} was not read: {meta_path} is not plain DCP metadata ({e}) and "
-                        f"unpickling it could run code; if you trust it, set {ALLOW_PICKLE}=1 to read it with full "
-                        "unpickling")
+                        f"unpickling it could run code; {NEVER_UNPICKLED}")
                     raise self.refused from None
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -442,8 +441,7 @@ def _weights_only_planner(base, path: Path):
                 reason = re.sub(r"\s+", " ", str(e).split("WeightsUnpickler error:")[-1]).strip()[:200]
                 self.refused = FileRefusedError(
                     f"sharded checkpoint {path} was not read: its item {fqn} needs Python objects outside the weights-"
-                    f"only allowlist ({reason}) and unpickling it could run code; if you trust it, set "
-                    f"{ALLOW_PICKLE}=1 to read it with full unpickling")
+                    f"only allowlist ({reason}) and unpickling it could run code; {NEVER_UNPICKLED}")
                 raise self.refused from None
             if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, but weights only
                 from torch.distributed.checkpoint._traverse import set_element
@@ -466,13 +464,7 @@ def dcp_load(state: dict, path: Path, *, rebuild: bool = False, no_dist: bool = 
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 
     base = _EmptyStateDictLoadPlanner if rebuild else DefaultLoadPlanner
-    if env_flag(ALLOW_PICKLE):  # torch's own reader: full unpickling
-        print(f"WARNING: {ALLOW_PICKLE}=1: reading the sharded checkpoint {path} with FULL UNPICKLING (torch's DCP "
-              "reader). A pickle can run any code on this machine with your permissions; do this only for "
-              "checkpoints from a source you trust", file=sys.stderr)
-        reader, planner = dcp.FileSystemReader(str(path)), base()
-    else:
-        reader, planner = _dcp_reader(Path(path)), _weights_only_planner(base, Path(path))
+    reader, planner = _dcp_reader(Path(path)), _weights_only_planner(base, Path(path))
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:

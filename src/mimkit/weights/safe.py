@@ -19,15 +19,14 @@ are read with ``safetensors``, which holds no code):
   containers and plain values, plus the small allowlist of :func:`allowed_globals` (numpy arrays,
   scalars and dtypes, as in old RNG states; ``argparse.Namespace``, the ``args`` of official
   MAE/CAE training checkpoints). A file that needs any other global is refused with the global's
-  name: unpickling it could run code.
+  name: unpickling it could run code. There is no way around this: mimkit never unpickles such a
+  file (nor a sharded checkpoint directory beyond its restricted reader,
+  :func:`mimkit.weights.checkpoint.dcp_load`); its weights have to be converted to a plain state
+  dict of tensors or to safetensors, with code the user trusts.
 
-Two opt-ins, both environment variables, both printing a warning:
-
-* ``MIMKIT_ALLOW_UNVERIFIED=1`` loads a file whose checksum is missing or malformed (still weights
-  only). A checksum that is present and does not match is always refused.
-* ``MIMKIT_ALLOW_PICKLE=1`` loads a file that needs more than the allowlist with full unpickling,
-  which runs whatever code the file holds (:func:`unsafe_full_unpickle`; for a sharded checkpoint
-  directory, torch's own DCP reader: :func:`mimkit.weights.checkpoint.dcp_load`).
+One opt-in, an environment variable that prints a warning: ``MIMKIT_ALLOW_UNVERIFIED=1`` loads a
+file whose checksum is missing or malformed (still weights only). A checksum that is present and
+does not match is always refused.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ import torch
 from mimkit.errors import CheckpointError, FileRefusedError
 
 ALLOW_UNVERIFIED = "MIMKIT_ALLOW_UNVERIFIED"
-ALLOW_PICKLE = "MIMKIT_ALLOW_PICKLE"
 FILE_CHECKSUM_ALGO = "blake2b-file-v2"
 _RECORD_PREFIX = b"mimkit-checksum " + FILE_CHECKSUM_ALGO.encode() + b" "
 _RECORD_RE = re.compile(rb"mimkit-checksum blake2b-file-v2 ([0-9a-f]{64})")
@@ -218,21 +216,19 @@ def _unsafe_globals(path: Path, e: BaseException) -> list[str]:
     return sorted(dict.fromkeys(names))
 
 
+NEVER_UNPICKLED = ("mimkit never unpickles such files: convert the weights to a plain state dict of tensors or to "
+                   "safetensors with code you trust")
+
+
 def _weights_only_reason(e: BaseException) -> str:
     m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
     return m.group(1).strip()[:200] if m else _first_line(e)
 
 
-def unsafe_full_unpickle(path: str | Path, map_location="cpu"):
-    """Full unpickling: runs whatever code the file holds. mimkit calls it only with
-    ``MIMKIT_ALLOW_PICKLE=1`` (see :func:`weights_only_load`)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
 def weights_only_load(path: str | Path, map_location="cpu", what: str = "file", fix: str = ""):
     """``torch.load(weights_only=True)`` with :func:`allowed_globals`; a file needing more is refused
-    (:class:`FileRefusedError` naming the globals) unless ``MIMKIT_ALLOW_PICKLE=1``. Unreadable files
-    raise :class:`CheckpointError` ("unreadable or corrupt")."""
+    (:class:`FileRefusedError` naming the globals; there is no opt-in: mimkit never unpickles such a
+    file). Unreadable files raise :class:`CheckpointError` ("unreadable or corrupt")."""
     path = Path(path)
     with torch.serialization.safe_globals(allowed_globals()):
         try:
@@ -251,14 +247,9 @@ def weights_only_load(path: str | Path, map_location="cpu", what: str = "file", 
         except Exception as e:  # zip / EOF / format errors of a truncated or foreign file
             raise CheckpointError(f"{what} {path} is unreadable or corrupt ({type(e).__name__}: {_first_line(e)})"
                                   f"{fix}") from e
-    listed = ", ".join(names)
-    if env_flag(ALLOW_PICKLE):
-        print(f"WARNING: {ALLOW_PICKLE}=1: loading {path} with FULL UNPICKLING for {listed}. A pickle can run any code "
-              "on this machine with your permissions; do this only for files from a source you trust", file=sys.stderr)
-        return unsafe_full_unpickle(path, map_location)
     raise FileRefusedError(
-        f"{what} {path} was not loaded: it needs Python objects outside mimkit's weights-only allowlist ({listed}), and "
-        f"unpickling them can run code; if you trust the file, set {ALLOW_PICKLE}=1 to load it with full unpickling")
+        f"{what} {path} was not loaded: it needs Python objects outside mimkit's weights-only allowlist "
+        f"({', '.join(names)}), and unpickling them can run code; {NEVER_UNPICKLED}")
 
 
 def safe_load(path: str | Path, map_location="cpu", *, expect_checksum: bool = False, verify: bool = True,
