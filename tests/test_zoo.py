@@ -247,6 +247,45 @@ def test_a_stopped_child_stops_the_zoo():
     assert 2 not in EXIT_INTERRUPTED_CODES and 1 not in EXIT_INTERRUPTED_CODES  # errors are failures
 
 
+def test_sigterm_to_the_zoo_reaches_the_training_child_and_nothing_is_left_running(tmp_path):
+    """``kill ZOO_PID`` while a child trains: the child gets SIGTERM too, saves its checkpoint and exits,
+    the zoo exits 130 naming how to continue, no process of the run is left, and the same command
+    resumes the run from that checkpoint."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "mae_fashion_mnist" / "seed0"
+    cmd = [sys.executable, "-m", "mimkit.cli", "zoo", str(MAE), "--seeds", "0", "--out", str(tmp_path), *EVAL,
+           *TINY, "data.limit=512", "train.epochs=30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    zoo = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and '"loss"' not in ((run / "metrics.jsonl").read_text()
+                                                            if (run / "metrics.jsonl").is_file() else ""):
+        assert zoo.poll() is None, zoo.communicate()[1][-2000:]
+        time.sleep(0.2)
+    zoo.send_signal(signal.SIGTERM)  # to the zoo alone, not its process group
+    _, err = zoo.communicate(timeout=240)
+    assert zoo.returncode == 130, err[-3000:]
+    assert "stopped by SIGTERM" in err and "was interrupted; its checkpoint is saved" in err
+    left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a training child outlived the zoo"
+    ckpt_step = torch_step(run / "checkpoint.pt")
+    assert 0 < ckpt_step < 240
+    again = subprocess.run(cmd[:-1] + ["train.epochs=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1 and "train.epochs" in again.stderr  # other settings are never trained over
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"resumed from {run / 'checkpoint.pt'} at step {ckpt_step}" in again.stderr
+
+
+def torch_step(path: Path) -> int:
+    from mimkit.weights.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["step"])
+
+
 def _opts():
     from mimkit.eval.protocols import EvalOptions
 

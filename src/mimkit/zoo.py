@@ -44,8 +44,8 @@ value naming another config's run (``{out}/runs/OTHER/seed{seed}/...``) makes th
 one: ``OTHER`` must be listed first, and the run fails (without training) when ``OTHER`` did not finish.
 ``--dataset PATH`` trains on ``PATH/train`` (or ``PATH`` when it has no ``train`` folder) and evaluates
 on ``PATH`` (``mimkit eval``'s folder rules); ``fashion_mnist`` is the default. A run that fails is
-listed as failed and the zoo goes on; the exit status is then 1. Ctrl-C stops the zoo (the child saves
-its checkpoint); the same command continues.
+listed as failed and the zoo goes on; the exit status is then 1. Ctrl-C or SIGTERM stops the zoo (a
+training child saves its checkpoint; SIGTERM is passed on to it); the same command continues.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,27 @@ DEPENDENCY = re.compile(r"\{out\}/runs/([A-Za-z0-9_.-]+)/seed\{seed\}")
 
 class ZooInterrupted(Exception):
     """A child training run stopped on Ctrl-C / a signal: the zoo stops (the same command continues)."""
+
+
+_CHILD: subprocess.Popen | None = None
+"""The training child running now (SIGTERM to the zoo is passed on to it)."""
+_TERMINATED = False
+"""SIGTERM arrived: the zoo stops after the child it went to has saved and exited."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM to the zoo (``kill``, a scheduler's stop): a training child gets it too, saves its
+    checkpoint and exits (the zoo then stops as for Ctrl-C); during an evaluation the zoo stops at once
+    (that evaluation is redone next time). Nothing is left running."""
+    global _TERMINATED
+    _TERMINATED = True
+    child = _CHILD
+    if child is None:
+        raise KeyboardInterrupt
+    try:
+        os.kill(child.pid, signal.SIGTERM)  # not send_signal: it would reap the child before wait4 does
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -239,7 +261,9 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
         cmd.append(f"train.num_threads={threads}")
     before, busy0 = _load_1min(), _busy_cpu_s()
     t0 = time.perf_counter()
+    global _CHILD
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    _CHILD = proc
     try:
         tail = _forward_stderr(proc, run.out_dir / "zoo_train.log")
         _, status, usage = os.wait4(proc.pid, 0)
@@ -247,6 +271,8 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
         tail = _forward_stderr(proc, run.out_dir / "zoo_train.log")
         _, status, usage = os.wait4(proc.pid, 0)
         status = 130 << 8
+    finally:
+        _CHILD = None
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     busy1 = _busy_cpu_s()
@@ -585,6 +611,9 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
                                        f"{'failed' if done.error else 'did not finish'}")
             log(f"{tag}: training ({run.out_dir})")
             run.train = train_run(run, log, threads)
+            if _TERMINATED:  # the child had finished as SIGTERM came: kept, and the zoo stops here
+                raise ZooInterrupted(f"stopped by SIGTERM after training {run.name} seed {run.seed}; run the same "
+                                     "mimkit zoo command to continue")
             t = run.train
             log(f"{tag}: {'trained before (reused)' if t['reused'] else 'trained'} in {t['train_s']:.0f} s"
                 + (f", {t['img_per_s']:.0f} img/s" if t.get("img_per_s") else ""))
@@ -651,11 +680,16 @@ def main(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    global _TERMINATED
+    _TERMINATED = False
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = run_zoo(runs, protocols, opts, kwargs, out, log, args.train_threads)
     except ZooInterrupted as e:
         log(f"mimkit zoo: {e}")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(result["table"])
     tag = ".val" if opts.val_split is not None else ""
     log(f"[zoo] wrote {out / f'zoo{tag}.md'}, {out / f'zoo{tag}.csv'}, {out / f'runs{tag}.csv'}, {out / f'zoo{tag}.json'}"
