@@ -180,11 +180,11 @@ def plot_curves(rows: list[dict], path: str | Path) -> Path | None:
     return path
 
 
-def _protocol_setup(proto: str, res: dict) -> str:
-    """One line of a protocol's settings from its result."""
+def _protocol_setup(proto: str, res: dict, query: str = "test") -> str:
+    """One line of a protocol's settings from its result; ``query`` names the evaluated split."""
     if proto == "knn":
         return f"k = {', '.join(map(str, res.get('ks', [res.get('k')])))} (headline k = {res.get('k')}), T = " \
-               f"{res.get('temperature')}; LOO 1-NN on the test set"
+               f"{res.get('temperature')}; LOO 1-NN on the {query} set"
     if proto == "linear":
         d = next(iter(res.get("pools", {}).values()), {})
         c = d.get("config", {})
@@ -206,7 +206,8 @@ def _protocol_setup(proto: str, res: dict) -> str:
         d = next(iter(res.get("pools", {}).values()), {})
         return f"{d.get('shots')} shots x {d.get('draws')} draws, logistic regression; mean ± std over draws"
     if proto == "diagnostics":
-        return "Sim on test patch tokens without the final norm; effective rank of the pooled test features"
+        return (f"Sim on {query} patch tokens without the final norm; effective rank of the pooled {query} "
+                "features")
     return ""
 
 
@@ -216,9 +217,9 @@ def setup_markdown(rows: list[dict], protocols: Sequence[str], seeds: Sequence[i
         return ""
     st = rows[0]["setup"]
     tr, te = st["train_data"], st["test_data"]
+    query = "validation" if str(te.get("split", "")).startswith("validation") else "test"
     lines = ["", "**Setup**", "",
-             f"- data: train {tr.get('dataset')} ({st['n_train']} images), "
-             f"{'validation' if str(te.get('split', '')).startswith('validation') else 'test'} {te.get('dataset')}"
+             f"- data: train {tr.get('dataset')} ({st['n_train']} images), {query} {te.get('dataset')}"
              f"{' (' + te['folder'] + ')' if te.get('folder') else ''} ({st['n_test']} images), "
              f"{st['num_classes']} classes; {tr.get('resize', '')}"
              + (f"; {te['split_rule']}" if te.get("split_rule") else ""),
@@ -231,7 +232,7 @@ def setup_markdown(rows: list[dict], protocols: Sequence[str], seeds: Sequence[i
     for proto in protocols:
         res = rows[0]["results"].get(proto)
         if res:
-            lines.append(f"- {proto}: {_protocol_setup(proto, res)}")
+            lines.append(f"- {proto}: {_protocol_setup(proto, res, query)}")
     lines.append("- columns: `<metric>_<pool>`; `-b<i>` = block i, `-noLN` = without the final LayerNorm")
     return "\n".join(lines) + "\n"
 
