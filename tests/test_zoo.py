@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -306,3 +307,26 @@ def test_items_after_flags_reach_the_zoo_and_unknown_flags_do_not(capsys):
     with pytest.raises(SystemExit):  # other commands keep refusing stray words
         main(["export", "a.pt", "b.safetensors", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is read from Linux's /proc")
+def test_a_childs_peak_memory_is_its_own_not_the_big_zoo_that_started_it():
+    """wait4's ru_maxrss of a child started by a 600 MB process says >= 600 MB on Linux (exec keeps the
+    replaced image's high-water mark); the zoo records the child's own peak: here ~10-200 MB for a child
+    that holds 120 MB at its peak, then frees it before it exits."""
+    from mimkit.zoo import ChildPeakRss
+
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touched: resident in this process
+    child = ("import time; b = bytearray(120 * 2**20); b[::4096] = b'\\1' * len(range(0, len(b), 4096)); "
+             "time.sleep(1.0); del b; time.sleep(0.5)")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    rss = ChildPeakRss(proc.pid, every=0.05)
+    proc_rc = proc.wait(timeout=60)
+    peak = rss.stop()
+    assert proc_rc == 0 and peak is not None
+    assert 120 < peak < 300, peak  # the child's 120 MB (+ the interpreter), not the parent's 600
+    other = subprocess.Popen([sys.executable, "-c", "pass"])
+    _, _, usage = os.wait4(other.pid, 0)
+    assert usage.ru_maxrss / 1024 > 600  # what the zoo recorded before: the parent's size
+    del ballast

@@ -17,7 +17,8 @@ one-seed table), showing ``[zoo i/N] config seed s: ...``:
    when its ``config.yaml`` has the same training settings (else it is reported as failed, not reused);
    one that was interrupted resumes from its last checkpoint (``train.resume=auto``). Recorded per run:
    wall time of the child (all attempts summed; ``attempts`` says how many), the trainer's median
-   img/s over its logging windows after the first, the child's peak resident memory (``wait4``; on a
+   img/s over its logging windows after the first, the child's peak resident memory (its own ``VmHWM``,
+   read while it runs, see :class:`ChildPeakRss`; on a
    GPU also ``torch.cuda.max_memory_allocated`` of the last attempt, from its ``result.json``), and the 1-minute load
    average before and after each attempt with the CPU other processes used meanwhile (``/proc/stat``
    busy time minus the child's own): a time taken while others used more than 0.2 cores is not a
@@ -60,6 +61,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,14 +266,18 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
     global _CHILD
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     _CHILD = proc
+    rss = ChildPeakRss(proc.pid)
     try:
         tail = _forward_stderr(proc, run.out_dir / "zoo_train.log")
+        peak_mb = rss.stop()
         _, status, usage = os.wait4(proc.pid, 0)
     except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save, then stop
         tail = _forward_stderr(proc, run.out_dir / "zoo_train.log")
+        peak_mb = rss.stop()
         _, status, usage = os.wait4(proc.pid, 0)
         status = 130 << 8
     finally:
+        rss.stop()
         _CHILD = None
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -281,7 +287,7 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
         0.0, (busy1 - busy0 - usage.ru_utime - usage.ru_stime) / max(wall, 1e-9))
     attempt = {"wall_s": round(wall, 2), "exit": proc.returncode, "load_before": before, "load_after": _load_1min(),
                "other_cpu_cores": None if other is None else round(other, 3),
-               "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "peak_rss_mb": round(usage.ru_maxrss / 1024 if peak_mb is None else peak_mb, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     with (run.out_dir / ATTEMPTS).open("a") as f:
         f.write(json.dumps(attempt) + "\n")
     if proc.returncode in EXIT_INTERRUPTED_CODES:
@@ -305,6 +311,48 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
     tmp.write_text(json.dumps(rec, indent=2))
     os.replace(tmp, record_path)
     return {**rec, "reused": False}
+
+
+class ChildPeakRss:
+    """A child process's own peak resident memory in MB: ``VmHWM`` of ``/proc/<pid>/status``, read every
+    ``every`` seconds while it runs (the high-water mark only grows, so the last reading is the peak up
+    to then; the child's last ``every`` seconds can be missed).
+
+    Not ``wait4``'s ``ru_maxrss``: on Linux, ``exec`` keeps the high-water mark of the image it replaced,
+    and that image is the parent's (fork/vfork), so every child of a zoo that holds evaluation features
+    would report at least the zoo's own size. Where ``/proc`` is missing (not Linux) ``peak_mb`` is
+    None and the caller uses ``ru_maxrss`` (which there is the child's own)."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        self._path, self._every, self.peak_kb = Path(f"/proc/{pid}/status"), every, None
+        self._stop = threading.Event()
+        self._read()  # Popen returned: the child has already exec'd, so this is its own image
+        self._thread = threading.Thread(target=self._poll, name="zoo-peak-rss", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            text = self._path.read_text()
+        except OSError:  # no /proc, or the child is gone
+            return
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):  # a zombie has no Vm* lines: nothing to read after its exit
+                kb = int(line.split()[1])
+                self.peak_kb = kb if self.peak_kb is None else max(self.peak_kb, kb)
+                return
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._every):
+            self._read()
+
+    def stop(self) -> float | None:
+        """Stop reading (before the child is reaped, so that its pid cannot be reused meanwhile); a second
+        call reads nothing more."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self._read()
+        return None if self.peak_kb is None else self.peak_kb / 1024
 
 
 def _changed_settings(run: ZooRun) -> dict:
