@@ -320,8 +320,8 @@ class ChildPeakRss:
 
     Not ``wait4``'s ``ru_maxrss``: on Linux, ``exec`` keeps the high-water mark of the image it replaced,
     and that image is the parent's (fork/vfork), so every child of a zoo that holds evaluation features
-    would report at least the zoo's own size. Where ``/proc`` is missing (not Linux) ``peak_mb`` is
-    None and the caller uses ``ru_maxrss`` (which there is the child's own)."""
+    would report at least the zoo's own size. Where ``/proc`` is missing (not Linux) :meth:`stop`
+    returns None and the caller uses ``ru_maxrss`` (which there is the child's own)."""
 
     def __init__(self, pid: int, every: float = 0.2):
         self._path, self._every, self.peak_kb = Path(f"/proc/{pid}/status"), every, None
