@@ -229,6 +229,43 @@ def test_attentive_probe_small_data_defaults():
     assert res["top1"] > 85
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_attentive_probe_normalized_once_is_bitwise_the_per_batch_probe(amp):
+    """Under a 16-bit autocast the cache is normalised once into a copy of that dtype: every epoch's
+    loss, every weight and the test accuracy are bitwise those of normalising each batch in float32,
+    the cache itself is left as it was, and that path is the default for 16-bit autocast only."""
+    from mimkit.eval import attentive
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (300,))
+    x = torch.randn(300, 1 + 9, 16) * 3 + 1  # far from normalised: a skipped or doubled LayerNorm shows
+    x[torch.arange(300), torch.randint(1, 10, (300,))] += 4 * torch.randn(3, 16)[y]
+    x = x.half()
+    before = x.clone()
+    cfg = AttentiveProbeConfig(epochs=10, warmup_epochs=1, batch_size=32, base_lr=1.0)
+    per_batch, once = (train_attentive_probe(x[:200], y[:200], x[200:], y[200:], num_heads=2, cfg=cfg,
+                                             autocast_dtype=amp, normalize_once=flag) for flag in (False, True))
+    assert per_batch["top1"] > 60 and per_batch["history"][-1] < per_batch["history"][0]  # it learns
+    assert once["history"] == per_batch["history"] and once["top1"] == per_batch["top1"]
+    for (name, a), b in zip(per_batch["model"].state_dict().items(), once["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(x, before)
+    copy = attentive.normalized_copy(once["model"].block, x, "cpu", amp, chunk=7)  # chunks of any size
+    assert copy.dtype == amp and torch.equal(copy, F.layer_norm(x.float(), (16,), eps=1e-6).to(amp))
+
+    calls = []
+    real = attentive.normalized_copy
+    try:
+        attentive.normalized_copy = lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+        for dtype in (amp, None):
+            default = train_attentive_probe(x[:200], y[:200], x[200:], y[200:], num_heads=2, cfg=cfg,
+                                            autocast_dtype=dtype)
+            assert default["history"] == (once["history"] if dtype else default["history"])
+    finally:
+        attentive.normalized_copy = real
+    assert calls == [amp, amp]  # train and test caches under the 16-bit autocast, none in float32
+
+
 def test_attentive_block_folds_layernorm_affines_exactly():
     torch.manual_seed(0)
     probe = AttentiveProbe(8, 2, num_classes=3)

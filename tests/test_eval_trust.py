@@ -377,8 +377,27 @@ def test_token_cache_goes_to_a_memory_mapped_file_when_large():
         next(ctx._cache_dir.iterdir()).stat().st_size == tok.numel() * 2  # the file holds the tokens
     ref = ctx.encoder.forward_features(((ctx.data("train")[0][:4].float() / 255) - 0.2860) / 0.3530)
     torch.testing.assert_close(tok[:4].float(), ref, rtol=2e-3, atol=2e-3)  # float16 cache
+    assert not ctx.tokens_in_memory("train")
     res = run_attentive(ctx, AttentiveProbeConfig(epochs=1, warmup_epochs=0.5))
     assert res["token_cache"]["train/all"]["where"] == "memory-mapped file"
+
+
+def test_attentive_probe_reads_a_memory_mapped_cache_batch_by_batch_even_under_bf16(monkeypatch):
+    """The once-normalised copy is for in-memory caches: a memory-mapped one is never copied whole."""
+    from mimkit.eval import attentive
+    from mimkit.eval.attentive import AttentiveProbeConfig
+    from mimkit.eval.protocols import EvalContext, EvalOptions, run_attentive
+
+    copied = []
+    real = attentive.normalized_copy
+    monkeypatch.setattr(attentive, "normalized_copy", lambda *a, **k: copied.append(tuple(a[1].shape)) or real(*a, **k))
+    cfg = AttentiveProbeConfig(epochs=1, warmup_epochs=0.5)
+    for max_gb, expect in ((1e-6, []), (4.0, [(64, 50, 32), (32, 50, 32)])):
+        ctx = EvalContext(tiny_encoder(), EvalOptions(limit_train=64, limit_test=32, progress=False, amp="bf16",
+                                                      max_cache_gb=max_gb))
+        run_attentive(ctx, cfg)
+        assert ctx.tokens_in_memory("train") == (max_gb > 1) and copied == expect
+        copied.clear()
 
 
 def test_fewshot_encodes_only_the_drawn_images(monkeypatch):

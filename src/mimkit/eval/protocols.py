@@ -258,6 +258,12 @@ class EvalContext:
         self._feats[key] = out
         return out
 
+    def tokens_in_memory(self, split: str, norm: bool | None = None, block: int | None = -999) -> bool:
+        """Whether the :meth:`tokens` cache of ``split`` is held in RAM (``False``: a memory-mapped file)."""
+        norm = self.opts.norm if norm is None else norm
+        block = self.opts.block if block == -999 else block
+        return (split, "all", norm, block) not in self._mapped
+
     def _cache_file(self, name: str) -> str:
         if self._cache_dir is None:
             base = self.opts.cache_dir
@@ -378,7 +384,8 @@ def run_attentive(ctx: EvalContext, cfg=None) -> dict:
     tr, te = ctx.tokens("train"), ctx.tokens("test")
     res = train_attentive_probe(tr, ctx.labels("train"), te, ctx.labels("test"), ctx.encoder.num_heads, cfg,
                                 num_classes=ctx.num_classes(), device=o.device, autocast_dtype=ctx.autocast,
-                                show_progress=o.progress)
+                                show_progress=o.progress,
+                                normalize_once=None if all(map(ctx.tokens_in_memory, ("train", "test"))) else False)
     res.pop("model")
     tag = feature_tag("all", o.norm, o.block)
     return {"protocol": "attentive", "metrics": {f"attentive_{tag}": res["top1"]}, **res,
