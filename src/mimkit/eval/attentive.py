@@ -199,8 +199,9 @@ def train_attentive_probe(
     ``normalize_once``: normalise each cache once into a copy of the autocast dtype on ``device``
     (:func:`normalized_copy`) instead of every batch of every epoch. ``None`` = when the autocast dtype
     is bfloat16 or float16: the probe's matmuls then see bitwise the inputs of the per-batch path (which
-    casts the same float32 LayerNorm to that dtype), so results are unchanged and a CPU step is ~1.6x
-    faster (Fashion-MNIST tokens, batch 256; BENCHMARKS.md). Never by default in float32 (the copy would
+    casts the same float32 LayerNorm to that dtype), so results are unchanged and CPU training is
+    1.26x (1 thread) to 1.35x (2 threads) faster, the copy included (Fashion-MNIST zoo shapes, 10
+    epochs: ``benchmarks/attentive_speed.py``, BENCHMARKS.md). Never by default in float32 (the copy would
     be twice a float16 cache); pass ``False`` for a memory-mapped cache too large to hold in memory."""
     from mimkit.eval.features import default_autocast, progress
 
