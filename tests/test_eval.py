@@ -253,17 +253,20 @@ def test_attentive_probe_normalized_once_is_bitwise_the_per_batch_probe(amp):
     copy = attentive.normalized_copy(once["model"].block, x, "cpu", amp, chunk=7)  # chunks of any size
     assert copy.dtype == amp and torch.equal(copy, F.layer_norm(x.float(), (16,), eps=1e-6).to(amp))
 
+    fp32_per_batch = train_attentive_probe(x[:200], y[:200], x[200:], y[200:], num_heads=2, cfg=cfg,
+                                           autocast_dtype=None, normalize_once=False)
     calls = []
     real = attentive.normalized_copy
     try:
         attentive.normalized_copy = lambda *a, **k: calls.append(a[3]) or real(*a, **k)
-        for dtype in (amp, None):
+        for dtype, expect in ((amp, once), (None, fp32_per_batch)):
             default = train_attentive_probe(x[:200], y[:200], x[200:], y[200:], num_heads=2, cfg=cfg,
                                             autocast_dtype=dtype)
-            assert default["history"] == (once["history"] if dtype else default["history"])
+            assert default["history"] == expect["history"] and default["top1"] == expect["top1"]
     finally:
         attentive.normalized_copy = real
     assert calls == [amp, amp]  # train and test caches under the 16-bit autocast, none in float32
+    assert fp32_per_batch["history"] != once["history"]  # the two precisions differ: the checks above can fail
 
 
 def test_attentive_block_folds_layernorm_affines_exactly():
