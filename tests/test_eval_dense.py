@@ -160,6 +160,32 @@ def test_linear_segmentation_probe_learns_from_informative_tokens():
         segmentation_linear_probe(Oracle(), images[:8], masks[:8], images[:8], masks[:8], 2, SegProbeConfig(epochs=1))
 
 
+def test_reported_miou_is_the_returned_heads_iou_counted_by_hand():
+    """The mIoU, per-class IoU and pixel accuracy the probe reports are those of its returned head's
+    predictions on the test grids, counted here pixel by pixel (ignored pixels left out)."""
+    from mimkit.eval.segmentation import SegProbeConfig, probe_grids
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 3, (50, 4, 4), generator=g)
+    masks = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (50, 8, 8): 2x2 pixels per token
+    masks[45:, 0] = 255  # an ignored row in some test masks
+    grids = torch.nn.functional.one_hot(coarse, 4).permute(0, 3, 1, 2).float()
+    grids = grids + 0.9 * torch.randn(grids.shape, generator=g)  # noisy tokens: an imperfect probe
+    res = probe_grids(grids[:40], masks[:40], grids[40:], masks[40:], 3, SegProbeConfig(epochs=3, batch_size=8,
+                                                                                         lr=5e-2))
+    with torch.no_grad():
+        pred = res["head"](grids[40:], (8, 8)).argmax(1)
+    target, valid = masks[40:], masks[40:] != 255
+    ious = []
+    for c in range(3):
+        inter = int(((pred == c) & (target == c) & valid).sum())
+        union = int((((pred == c) | (target == c)) & valid).sum())
+        ious.append(100.0 * inter / union)
+    assert res["per_class_iou"] == pytest.approx(ious) and res["miou"] == pytest.approx(sum(ious) / 3)
+    assert res["pixel_acc"] == pytest.approx(100.0 * int(((pred == target) & valid).sum()) / int(valid.sum()))
+    assert 30 < res["miou"] < 99  # learned something, and not a foregone number
+
+
 def test_cli_segmentation_on_generated_canvases(tmp_path):
     from mimkit.eval.cli import register
 

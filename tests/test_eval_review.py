@@ -49,9 +49,34 @@ def test_normalisation_with_the_wrong_channel_count_is_an_error(flag, kw):
         EvalContext(tiny_encoder(), EvalOptions(**kw))
 
 
-def test_one_normalisation_value_is_repeated_for_every_channel():
-    ctx = EvalContext(tiny_encoder(), EvalOptions(mean=(0.5,), std=(0.25,)))
-    assert ctx.mean == (0.5,) and ctx.std == (0.25,)
+def test_one_normalisation_value_is_repeated_for_every_channel(tmp_path):
+    """A 3-channel encoder given one --mean / --std value: every channel is normalised with it (the
+    features equal the encoder run by hand on (x/255 - 0.5)/0.25, and a run given the value 3 times)."""
+    import numpy as np
+
+    from mimkit.nn import ViTConfig, ViTEncoder
+    from tests.test_eval_trust import TINY, _save_png
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            for i in range(3):  # colour images whose three channels differ
+                _save_png(tmp_path / "rgb" / split / f"c{c}" / f"{i}.png", rng.integers(0, 256, (28, 28, 3), np.uint8))
+    torch.manual_seed(0)
+    enc = ViTEncoder(ViTConfig(**{**TINY, "in_chans": 3})).eval()
+    feats = {}
+    for mean, std in (((0.5,), (0.25,)), ((0.5,) * 3, (0.25,) * 3)):
+        ctx = EvalContext(enc, EvalOptions(dataset=str(tmp_path / "rgb"), mean=mean, std=std, progress=False))
+        feats[len(mean)] = ctx.features("train", "cls")
+    images = ctx.data("train")[0]
+    assert images.shape == (6, 3, 28, 28) and not torch.equal(images[:, 0], images[:, 1])
+    with torch.no_grad():
+        h = enc.with_cls(enc.patch_tokens((images.float() / 255 - 0.5) / 0.25))
+        for blk in enc.blocks:
+            h = blk(h)
+        ref = enc.norm(h)[:, 0]
+    torch.testing.assert_close(feats[1], ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(feats[1], feats[3])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -44,21 +44,24 @@ def test_import_graph_has_no_upward_arrow_and_no_cycle():
     assert "upward arrows: 0; cycles: 0; rooms on no floor: none" in res.stdout
 
 
-def test_the_graph_script_sees_function_level_and_submodule_imports(tmp_path):
+def test_the_graph_script_sees_function_level_and_submodule_imports(tmp_path, monkeypatch):
     """The checker itself can fail: an upward import hidden in a function and a `from mimkit import x`
-    of a module are both counted."""
+    of a module are both counted (on a copy of the package: the source tree is never written)."""
+    import shutil
+
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import import_graph
     finally:
         sys.path.pop(0)
-    probe = SRC / "nn" / "_layers_probe.py"
+    copy = tmp_path / "src" / "mimkit"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(import_graph, "ROOT", copy)
+    probe = copy / "nn" / "_layers_probe.py"
     probe.write_text("def f():\n    from mimkit.train import loop\n    from mimkit import cli\n")
-    try:
-        found = import_graph.imports(probe)
-    finally:
-        probe.unlink()
+    found = import_graph.imports(probe)
     assert ("mimkit.train.loop", 2, True) in found and ("mimkit.cli", 3, True) in found
+    assert not (SRC / "nn" / "_layers_probe.py").exists()
 
 
 def test_long_files_say_why():

@@ -91,7 +91,13 @@ def test_official_key_mapping_round_trip():
               "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.norm1.weight", "decoder_norm.bias",
               "decoder_pred.weight"]:
         assert k in sd
-    assert set(from_official_state_dict(sd)) == set(model.state_dict())
+    back = from_official_state_dict(sd)
+    assert set(back) == set(model.state_dict())
+    with torch.no_grad():  # every tensor distinct, so a swapped or transposed pair would not round-trip
+        for i, p in enumerate(model.parameters()):
+            p.copy_(torch.randn_like(p) + i)
+    back = from_official_state_dict(to_official_state_dict(model))
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_param_groups_follow_mae_pretraining():

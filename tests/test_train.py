@@ -161,7 +161,9 @@ def _env():
 
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: torchrun's store on a free port (a fixed port held by anything else would leave both
+    # ranks waiting until the timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mimkit.cli", "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), *TINY,
            "data.batch_size=32", "train.epochs=1", f"train.out_dir={out}", "eval.knn_at_end=true",
            "eval.knn_train_limit=256", "eval.knn_test_limit=128", "train.num_threads=1"]
@@ -217,7 +219,10 @@ def test_cli_pretrain_visualize_export_eval(tmp_path):
                            "256", "--out", str(ev)], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((ev / "knn.json").read_text())
-    assert "knn" in json.dumps(res) and (ev / "knn.md").is_file()
+    # the same 512/256 images as the end-of-run kNN (eval's default batch and precision may move one image)
+    assert res["metrics"]["knn20_cls"] == pytest.approx(knn["top1_cls"], abs=100 / 256 + 1e-9)
+    assert res["metrics"]["knn20_mean"] == pytest.approx(knn["top1_mean"], abs=100 / 256 + 1e-9)
+    assert (res["setup"]["n_train"], res["setup"]["n_test"]) == (512, 256) and (ev / "knn.md").is_file()
     proc = subprocess.run([*base, "pretrain", str(ROOT / "configs/mae_fashion_mnist.yaml"), "optim.base_lrr=1"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2 and "Did you mean 'base_lr'" in proc.stderr

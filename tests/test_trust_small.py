@@ -446,10 +446,15 @@ def test_eval_refuses_when_limit_train_keeps_one_class_and_the_api_refuses_too(t
     enc = ViTEncoder(ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2))
     with pytest.raises(DataError, match="the training split has 1 class"):
         evaluate(enc, ["linear"], EvalOptions(dataset=str(one), progress=False))
-    # two classes still evaluate (and the number is measured, not a foregone 100)
+    # two classes still evaluate, and the number is measured: _class_folder draws the same images for 'a'
+    # and 'b' (its seed depends on the name's length), so each held-out image has an exact copy of the
+    # other class in the bank and 1-NN is exactly 0 %, which no label leak or shuffled bank could give
     assert main(["eval", "knn", str(ckpt), "--dataset", str(data), "--device", "cpu", "--no-progress",
-                 "--ks", "1,3", "--k", "3", "--pool", "mean"]) == 0
+                 "--ks", "1,3", "--k", "3", "--pool", "mean", "--out", str(tmp_path / "knn")]) == 0
     assert "knn3_mean" in capsys.readouterr().out
+    res = json.loads((tmp_path / "knn" / "knn.json").read_text())
+    assert (res["setup"]["n_train"], res["setup"]["n_test"]) == (16, 4)
+    assert res["metrics"]["knn1_mean"] == 0.0 and res["metrics"]["knn3top5_mean"] == 100.0  # top-5 of 2 classes
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

@@ -111,6 +111,15 @@ def zoo(tmp_path_factory):
     return out, proc
 
 
+def _own_copy(zoo, tmp_path: Path) -> Path:
+    """A copy of the module's zoo for a test that runs more zoos over it: the shared one stays as the
+    fixture made it, whatever order the tests run in (a run's own out_dir is not a training setting,
+    so the copy's runs are reused as the original's)."""
+    import shutil
+
+    return Path(shutil.copytree(zoo[0], tmp_path / "zoo"))
+
+
 def test_zoo_trains_evaluates_and_tables_every_run(zoo):
     out, proc = zoo
     assert proc.returncode == 1, proc.stderr[-3000:]  # one config failed on both seeds: the zoo went on
@@ -149,10 +158,10 @@ def test_zoo_resumed_the_interrupted_run(zoo):
     assert rec["attempts"] == 1 and rec["peak_rss_mb"] > 100 and rec["train_s"] > 0
 
 
-def test_every_run_is_evaluated_on_the_split_mimkit_eval_uses(zoo):
+def test_every_run_is_evaluated_on_the_split_mimkit_eval_uses(zoo, tmp_path):
     out, _ = zoo
     run = out / "runs" / "pcae_fashion_mnist" / "seed1"
-    ev = run.parent / "by_hand"
+    ev = tmp_path / "by_hand"
     proc = subprocess.run([sys.executable, "-m", "mimkit.cli", "eval", "knn", str(run), *EVAL[2:], "--out", str(ev)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -161,8 +170,8 @@ def test_every_run_is_evaluated_on_the_split_mimkit_eval_uses(zoo):
     assert by_hand == pytest.approx(zoo_res)
 
 
-def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
-    out, _ = zoo
+def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo, tmp_path):
+    out = _own_copy(zoo, tmp_path)
     knn = out / "runs" / "mae_fashion_mnist" / "seed0" / "eval" / "knn.json"
     attempts = {p: p.read_text() for p in (out / "runs").glob("*/seed*/zoo_attempts.jsonl")}
     mtime = knn.stat().st_mtime_ns
@@ -182,10 +191,10 @@ def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo):
     assert {p: p.read_text() for p in attempts} == attempts  # nothing was trained over them
 
 
-def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo):
+def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo, tmp_path):
     """--val-split: every run evaluated on images held out of the training split, kept in
     <protocol>.val.json (the test numbers untouched) and equal to mimkit eval with the same flag."""
-    out, _ = zoo
+    out = _own_copy(zoo, tmp_path)
     knn = out / "runs" / "mae_fashion_mnist" / "seed0" / "eval" / "knn.json"
     before = knn.read_text()
     tables = {p: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -239,14 +248,36 @@ def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch)
     assert runs[2].error is None and (tmp_path / "zoo.md").is_file()
 
 
-def test_a_stopped_child_stops_the_zoo():
-    """A child stopped by a signal (its checkpoint saved) is not a failed run: the zoo stops there, and the
-    same command continues. The codes are mimkit.cli's."""
+@pytest.mark.parametrize("code", [75, 130, 2])
+def test_a_stopped_child_stops_the_zoo_and_a_failed_one_does_not(tmp_path, monkeypatch, code):
+    """A child stopped by a signal (its checkpoint saved; mimkit.cli exits 75, or 130 on Ctrl-C) is not a
+    failed run: the zoo stops there and trains nothing more, and the same command continues. A child
+    that exits with an error (2) is a failed run: the zoo records it and goes on to the next run."""
+    import mimkit.zoo as zoo
     from mimkit.cli import EXIT_INTERRUPTED, EXIT_KEYBOARD
-    from mimkit.zoo import EXIT_INTERRUPTED_CODES
 
-    assert EXIT_INTERRUPTED in EXIT_INTERRUPTED_CODES and EXIT_KEYBOARD in EXIT_INTERRUPTED_CODES
-    assert 2 not in EXIT_INTERRUPTED_CODES and 1 not in EXIT_INTERRUPTED_CODES  # errors are failures
+    assert {EXIT_INTERRUPTED, EXIT_KEYBOARD} == {75, 130}
+    real_popen = subprocess.Popen
+    started = []
+
+    def child(cmd, **kw):  # the real train_run around a child that exits as a stopped/failed pretrain does
+        started.append(cmd[cmd.index("pretrain") + 1])
+        return real_popen([sys.executable, "-c", f"import sys; sys.stderr.write('mimkit: error: boom\\n'); "
+                           f"sys.exit({code})"], **kw)
+
+    monkeypatch.setattr(zoo.subprocess, "Popen", child)
+    monkeypatch.setattr(zoo, "evaluate_run", lambda *a, **k: {})
+    runs = plan_runs([MAE, PCAE], [0], tmp_path, [])
+    if code == 2:
+        zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+        assert started == [str(MAE), str(PCAE)]  # the zoo went on after the failed run
+        assert runs[0].error.startswith("mimkit pretrain exited 2: mimkit: error: boom")
+    else:
+        with pytest.raises(zoo.ZooInterrupted, match="mae_fashion_mnist seed 0 was interrupted; its checkpoint is "
+                                                     "saved: run the same mimkit zoo command to continue"):
+            zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+        assert started == [str(MAE)] and runs[0].error is None  # stopped, not failed; PCAE never started
+    assert (tmp_path / "runs.csv").is_file()  # the table so far is written either way
 
 
 def test_sigterm_to_the_zoo_reaches_the_training_child_and_nothing_is_left_running(tmp_path):
