@@ -13,7 +13,7 @@ from mimkit.interop import export_encoder, to_official_state_dict
 from mimkit.methods import MAE
 from mimkit.nn import ViTConfig, ViTEncoder
 from mimkit.nn.codebook import Codebook
-from mimkit.weights import FORMATS, load_encoder, read_codebook, read_weights
+from mimkit.weights import FORMATS, holds_weights, load_encoder, read_codebook, read_weights
 from mimkit.weights.checkpoint import atomic_save
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mimkit"
@@ -38,6 +38,13 @@ def test_mimkit_checkpoint_file_and_run_directory(tmp_path):
         assert w.format == "mimkit-checkpoint" and w.step == 7 and w.epoch == 0.5 and w.config == config
         assert same_tensors(w.state, model.state_dict())
         assert w.path == str(tmp_path / "run" / "checkpoint.pt")
+        assert holds_weights(where)
+    # a run directory kept without its weights (a zoo's records in git) holds none: read_weights refuses it
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    (tmp_path / "run" / "config.yaml").write_text("train: {}\n")
+    assert not holds_weights(tmp_path / "run") and not holds_weights(tmp_path / "missing.pt")
+    with pytest.raises(InteropError, match="directory without checkpoint.pt"):
+        read_weights(tmp_path / "run")
 
 
 def test_export_state_dict_official_mae_and_timm_are_told_apart(tmp_path):
@@ -111,6 +118,7 @@ def test_hugging_face_directory_and_file(tmp_path):
     for where in (d, d / "model.safetensors"):
         w = read_weights(where)
         assert w.format == "hf" and w.meta["hidden_size"] == 8 and same_tensors(w.state, sd)
+        assert holds_weights(where)
 
 
 def test_clip_tower_in_every_layout(tmp_path):

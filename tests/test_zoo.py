@@ -191,6 +191,57 @@ def test_a_second_zoo_reuses_runs_and_recomputes_only_changed_evaluations(zoo, t
     assert {p: p.read_text() for p in attempts} == attempts  # nothing was trained over them
 
 
+def test_records_kept_without_weights_are_reused_and_a_missing_protocol_is_listed_not_failed(zoo, tmp_path):
+    """A zoo kept in git without checkpoints (benchmarks/results/): its runs are reused as finished,
+    their kept evaluations too (also one written while --amp still counted, and under another --amp),
+    and a protocol they never had is listed as not evaluated -- its cells say over how many seeds --
+    instead of failing the run or dropping its other numbers."""
+    from mimkit.zoo import _same_fingerprint
+
+    out = _own_copy(zoo, tmp_path)
+    gone = out / "runs" / "mae_fashion_mnist" / "seed1"
+    weights = list(gone.glob("*.pt"))
+    assert weights
+    for f in weights:
+        f.unlink()
+    knn = gone / "eval" / "knn.json"
+    rec = json.loads(knn.read_text())
+    fp = json.loads(rec["zoo_fingerprint"])
+    assert "amp" not in fp["options"]
+    fp["options"]["amp"] = "bf16"  # as the zoo wrote it before the evaluation's autocast stopped counting
+    rec["zoo_fingerprint"] = json.dumps(fp, sort_keys=True)
+    knn.write_text(json.dumps(rec))
+    before = knn.read_text()
+    proc = _zoo(out, str(PCAE), extra=("--protocols", "knn,linear", "--amp", "off"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.count("trained before (reused)") == 4 and "FAILED" not in err
+    assert "evaluating: knn" not in err and err.count("evaluating: linear") == 3
+    said = [ln for ln in err.splitlines() if "not evaluated" in ln]
+    assert len(said) == 1 and "linear" in said[0] and str(gone) in said[0], said
+    assert knn.read_text() == before
+    rows = {(r["config"], r["seed"]): r for r in csv.DictReader((out / "runs.csv").open())}
+    lin = next(c for c in rows[("mae_fashion_mnist", "0")] if c.startswith("linear") and c.endswith("_cls"))
+    kept = rows[("mae_fashion_mnist", "1")]
+    assert kept["status"] == "done" and kept["not_evaluated"] == "linear" and kept[lin] == ""
+    assert float(kept["knn20_cls"]) == json.loads(before)["metrics"]["knn20_cls"]
+    # each result's own options say how it ran: the kept kNN under the fixture's default, seed 0's new linear off
+    assert kept["eval_amp"] == "auto" and rows[("mae_fashion_mnist", "0")]["eval_amp"] == "auto,off"
+    assert all(r["precision"] == "fp32" and "cores" in r["machine"] for r in rows.values() if r["status"] == "done")
+    table = {r["config"]: r for r in csv.DictReader((out / "zoo.csv").open())}
+    mae0 = float(rows[("mae_fashion_mnist", "0")][lin])
+    assert table["mae_fashion_mnist"]["n_seeds"] == "2" and float(table["mae_fashion_mnist"][f"{lin}_mean"]) == mae0
+    assert table["mae_fashion_mnist"]["not_evaluated"] == "linear seed 1" and table["mae_fashion_mnist"]["precision"] == "fp32"
+    md = (out / "zoo.md").read_text()
+    mae_row = next(ln for ln in md.splitlines() if ln.startswith("| mae_fashion_mnist |"))
+    assert f"{mae0:.2f} ± 0.00 (n=1)" in mae_row and mae_row.endswith("| fp32 |")
+    assert "(n=" not in next(ln for ln in md.splitlines() if ln.startswith("| pcae_fashion_mnist |"))
+    assert "**Not evaluated** (runs kept without their weights)" in md and "- mae_fashion_mnist: linear seed 1" in md
+    # malformed kept fingerprints are never taken for a match
+    for bad in (None, "", "{not json", json.dumps({"protocol": "knn"}), json.dumps({"options": 3})):
+        assert not _same_fingerprint(bad, rec["zoo_fingerprint"])
+
+
 def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo, tmp_path):
     """--val-split: every run evaluated on images held out of the training split, kept in
     <protocol>.val.json (the test numbers untouched) and equal to mimkit eval with the same flag."""
@@ -360,3 +411,27 @@ def test_a_childs_peak_memory_is_its_own_not_the_big_zoo_that_started_it():
     _, _, usage = os.wait4(other.pid, 0)
     assert usage.ru_maxrss / 1024 > 600  # what the zoo recorded before: the parent's size
     del ballast
+
+
+@pytest.mark.parametrize("prec,amp", [("fp32", "off"), ("bf16", "bf16"), (None, None), ("fp16", None)])
+def test_the_published_zoo_script_picks_its_precision_by_the_cpu(prec, amp, tmp_path):
+    """benchmarks/zoo_fashion_mnist.sh: bf16 where the CPU has bf16 instructions (else fp32, where bf16 is
+    emulated and ~20x slower), PREC to choose, training and evaluation always in the same precision, and
+    an unknown PREC refused before anything runs. MIMKIT=echo shows the command it would run."""
+    from mimkit.train.precision import cpu_has_bf16
+
+    env = {k: v for k, v in os.environ.items() if k != "PREC"}
+    env.update(MIMKIT="echo", OUT=str(tmp_path / "z"), **({"PREC": prec} if prec else {}))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "zoo_fashion_mnist.sh"), "--seeds", "0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    if prec == "fp16":
+        assert proc.returncode == 2 and "PREC=fp16: choose bf16 or fp32" in proc.stderr and not proc.stdout
+        return
+    assert proc.returncode == 0, proc.stderr
+    if prec is None:
+        gpu = subprocess.run("nvidia-smi -L", shell=True, capture_output=True).returncode == 0
+        prec, amp = ("bf16", "bf16") if cpu_has_bf16() or gpu else ("fp32", "off")
+    words = proc.stdout.split()
+    assert words[:1] == ["zoo"] and words[-2:] == ["--seeds", "0"]
+    assert words[words.index("--amp") + 1] == amp and f"train.precision={prec}" in words
+    assert words[words.index("--out") + 1] == str(tmp_path / "z") and f"precision {prec}" in proc.stderr

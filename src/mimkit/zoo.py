@@ -26,7 +26,15 @@ one-seed table), showing ``[zoo i/N] config seed s: ...``:
 2. **Evaluate** the run's final checkpoint with each protocol (``mimkit eval`` with the same flags for
    every run, so every encoder sees the same split, limits and probe seed). Each result is kept in
    ``.../eval/<protocol>.json`` (``<protocol>.val.json`` with ``--val-split``) with the options it was
-   computed with, and reused only when they match.
+   computed with, and reused only when they match (how it was computed -- ``--amp``, batch size, device,
+   caches -- does not count: :data:`EXECUTION_OPTIONS`).
+
+Keeping a zoo without its weights: the records (``zoo_train.json``, ``config.yaml``, ``metrics.jsonl``,
+``eval/*.json``) are a few kB per run and are all the table needs; a zoo spread over machines keeps them
+(e.g. in git, as ``benchmarks/results/zoo_fmnist/`` does) and drops the checkpoints. Such a run is
+reused as finished; a protocol it was never evaluated with is listed as not evaluated (its cells say
+over how many seeds they are, ``(n=2)``) instead of failing the run. The table has a ``precision``
+column (each run's ``train.precision``; ``runs.csv`` adds the evaluation's autocast and the machine).
 
 Choosing settings: ``--val-split 10000`` evaluates on 10,000 images held out of the training split
 (stratified, the same images whatever ``--seed``) instead of the test split, which is then never read
@@ -117,6 +125,8 @@ class ZooRun:
     train: dict | None = None
     evals: dict = field(default_factory=dict)
     error: str | None = None
+    missing: list[str] = field(default_factory=list)
+    """Protocols a finished run kept without its weights could not be evaluated with."""
 
 
 # -- planning -----------------------------------------------------------------------------------------
@@ -306,7 +316,8 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
            "img_per_s": _median_img_per_s(run.out_dir), "peak_rss_mb": max(a["peak_rss_mb"] for a in attempts),
            "gpu_peak_gb": result.get("gpu_peak_gb"),
            "load": [[a["load_before"], a["load_after"]] for a in attempts],
-           "other_cpu_cores": [a.get("other_cpu_cores") for a in attempts], "threads": threads or _threads_of(run)}
+           "other_cpu_cores": [a.get("other_cpu_cores") for a in attempts], "threads": threads or _threads_of(run),
+           "precision": run_precision(run), "machine": machine()}
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=2))
     os.replace(tmp, record_path)
@@ -392,6 +403,46 @@ def _forward_stderr(proc: subprocess.Popen, log_path: Path, keep: int = 8192) ->
     return tail.decode(errors="replace")
 
 
+def machine() -> str:
+    """What a run trained on, for its record: the CPU's model name, its cores and whether it has bf16
+    instructions (bf16 autocast is emulated, ~20x slower, on one without), and the GPU if any."""
+    import platform
+
+    import torch
+
+    from mimkit.train.precision import cpu_has_bf16
+
+    name = platform.machine()
+    try:
+        name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    text = f"{name}, {os.cpu_count()} cores, {'bf16 instructions' if cpu_has_bf16() else 'no bf16 instructions'}"
+    return text + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+
+
+def run_precision(run: ZooRun) -> str | None:
+    """``train.precision`` the run trained with (``auto`` resolved: bf16 on a GPU, fp32 on CPU): its kept
+    ``config.yaml`` (the record of a run kept from elsewhere), else what this zoo would train."""
+    import torch
+    import yaml
+
+    from mimkit.config import load_config
+
+    saved = run.out_dir / "config.yaml"
+    if saved.is_file():
+        train = (yaml.safe_load(saved.read_text()) or {}).get("train") or {}
+    else:
+        cfg = load_config(run.config, run.overrides).train
+        train = {"precision": cfg.precision, "device": cfg.device}
+    precision, device = train.get("precision"), str(train.get("device", "auto"))
+    if precision == "auto":
+        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return "bf16" if gpu else "fp32"
+    return precision
+
+
 def _threads_of(run: ZooRun) -> int:
     """Threads the child's torch used: train.num_threads, else OMP_NUM_THREADS, else the cores."""
     from mimkit.config import load_config
@@ -418,13 +469,32 @@ def loaded(rec: dict) -> bool:
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
+EXECUTION_OPTIONS = ("progress", "device", "cache_dir", "token_cache", "max_cache_gb", "batch_size", "amp")
+"""Evaluation options that say how a result is computed, not what: a kept result computed with others
+is reused. ``amp`` among them: evaluating one encoder in bf16 instead of fp32 moved its kNN by <= 0.09
+points (BENCHMARKS.md, the zoo's precision check), and a zoo continued on a CPU without bf16
+instructions must keep the evaluations of its bf16 runs. Each result records the options it ran with."""
+
+
 def _fingerprint(protocol: str, opts_dict: dict, kwargs: dict) -> str:
     from mimkit.eval.report import sanitize
 
-    keep = {k: v for k, v in opts_dict.items() if k not in ("progress", "device", "cache_dir", "token_cache",
-                                                             "max_cache_gb", "batch_size")}
+    keep = {k: v for k, v in opts_dict.items() if k not in EXECUTION_OPTIONS}
     return json.dumps(sanitize({"protocol": protocol, "options": keep, "kwargs": kwargs}), sort_keys=True,
                       default=str)
+
+
+def _same_fingerprint(kept: object, fp: str) -> bool:
+    """Whether a kept result's fingerprint is ``fp`` once execution options are dropped from it (records
+    written before ``amp`` became one still carry it)."""
+    if not isinstance(kept, str):
+        return False
+    try:
+        old = json.loads(kept)
+        old["options"] = {k: v for k, v in old["options"].items() if k not in EXECUTION_OPTIONS}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False
+    return json.dumps(old, sort_keys=True) == fp
 
 
 def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict, log=print) -> dict:
@@ -433,6 +503,7 @@ def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict,
     from mimkit.eval.data import load_checkpoint_encoder, norm_line
     from mimkit.eval.protocols import PROTOCOLS, EvalContext, options_dict
     from mimkit.eval.report import write_json
+    from mimkit.weights import holds_weights
 
     out = run.out_dir / "eval"
     results, todo = {}, []
@@ -444,11 +515,16 @@ def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict,
                 prev = json.loads(path.read_text())
             except json.JSONDecodeError:
                 prev = {}
-            if prev.get("zoo_fingerprint") == fp:
+            if _same_fingerprint(prev.get("zoo_fingerprint"), fp):
                 results[proto] = prev
                 continue
         todo.append((proto, fp, path))
     if not todo:
+        return results
+    if not holds_weights(run.out_dir):  # records kept without weights (benchmarks/results/): nothing to evaluate
+        run.missing = [proto for proto, _, _ in todo]
+        log(f"    not evaluated: {', '.join(run.missing)} (the run's weights are not in {run.out_dir}: its records were "
+            "kept without them; delete that directory to train the run again)")
         return results
     ckpt = load_checkpoint_encoder(run.out_dir, device=opts.device)
     ctx = EvalContext(ckpt, opts)
@@ -501,6 +577,11 @@ def summarise(runs: list[ZooRun], protocols: list[str]) -> tuple[list[str], list
                                                                           if r.error is not None]}
         for m in columns:
             row[m] = _mean_std([_metric(r, m) for r in done])
+            row[f"{m}_n"] = sum(_metric(r, m) is not None for r in done)
+        precisions = [r.train.get("precision") or run_precision(r) or "?" for r in done]
+        row["precision"] = ", ".join(f"{p} x{precisions.count(p)}" if len(set(precisions)) > 1 else p
+                                     for p in dict.fromkeys(precisions))
+        row["missing"] = [f"{p} seed {r.seed}" for r in done for p in r.missing]
         timed = [r.train for r in done if r.train.get("attempts") == 1 and not loaded(r.train)]
         row["train_s"] = _mean_std([t["train_s"] for t in timed])
         row["img_per_s"] = _mean_std([t["img_per_s"] for t in timed if t.get("img_per_s")])
@@ -527,36 +608,49 @@ def _pm(ms: tuple[float, float], digits: int = 2) -> str:
 
 
 def markdown(columns: list[str], rows: list[dict]) -> str:
-    head = ["config", "seeds", *columns, "train s", "img/s", "peak RSS MB"]
+    """The table; a cell over fewer seeds than its row's says how many (``(n=2)``: a protocol missing on a
+    run kept without its weights), and the training precision is a column of its own."""
+    head = ["config", "seeds", *columns, "train s", "img/s", "peak RSS MB", "precision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         seeds = ",".join(map(str, r["seeds"])) or "—"
         timed = "" if r["timed_runs"] == len(r["seeds"]) else f" ({r['timed_runs']} timed)"
-        cells = [r["config"], seeds, *(_pm(r[m]) for m in columns), _pm(r["train_s"], 0) + timed,
-                 _pm(r["img_per_s"], 0), "—" if not math.isfinite(r["peak_rss_mb"]) else f"{r['peak_rss_mb']:.0f}"]
+        cells = [r["config"], seeds,
+                 *(_pm(r[m]) + (f" (n={r[m + '_n']})" if 0 < r[m + "_n"] < len(r["seeds"]) else "") for m in columns),
+                 _pm(r["train_s"], 0) + timed, _pm(r["img_per_s"], 0),
+                 "—" if not math.isfinite(r["peak_rss_mb"]) else f"{r['peak_rss_mb']:.0f}", r["precision"] or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [f"- {r['config']} {f}" for r in rows for f in r["failed"]]
-    return "\n".join(lines) + "\n" + ("\n**Failed runs**\n\n" + "\n".join(failed) + "\n" if failed else "")
+    missing = [f"- {r['config']}: {m}" for r in rows for m in r["missing"]]
+    return ("\n".join(lines) + "\n" + ("\n**Failed runs**\n\n" + "\n".join(failed) + "\n" if failed else "")
+            + ("\n**Not evaluated** (runs kept without their weights)\n\n" + "\n".join(missing) + "\n"
+               if missing else ""))
 
 
 def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRun], tag: str = "") -> None:
     with (out / f"zoo{tag}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "n_seeds", *(f"{m}_{s}" for m in columns for s in ("mean", "std")),
-                    "train_s_mean", "train_s_std", "timed_runs", "img_per_s_mean", "peak_rss_mb", "gpu_peak_gb"])
+                    "train_s_mean", "train_s_std", "timed_runs", "img_per_s_mean", "peak_rss_mb", "gpu_peak_gb",
+                    "precision", "not_evaluated"])
         for r in rows:
             w.writerow([r["config"], len(r["seeds"]), *(v for m in columns for v in r[m]), *r["train_s"],
-                        r["timed_runs"], r["img_per_s"][0], r["peak_rss_mb"], r["gpu_peak_gb"]])
+                        r["timed_runs"], r["img_per_s"][0], r["peak_rss_mb"], r["gpu_peak_gb"], r["precision"],
+                        "; ".join(r["missing"])])
     with (out / f"runs{tag}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "seed", "status", *columns, "train_s", "attempts", "loaded", "img_per_s", "peak_rss_mb",
-                    "load_before_after", "other_cpu_cores", "run_dir"])
+                    "load_before_after", "other_cpu_cores", "run_dir", "precision", "eval_amp", "machine",
+                    "not_evaluated"])
         for run in runs:
             t = run.train or {}
+            amps = sorted({str(res.get("options", {}).get("amp")) for res in run.evals.values()})
             w.writerow([run.name, run.seed, "failed: " + run.error if run.error else ("done" if run.train else "not run"),
                         *(_metric(run, m) for m in columns), t.get("train_s"), t.get("attempts"),
                         loaded(t) if t else None, t.get("img_per_s"), t.get("peak_rss_mb"),
-                        json.dumps(t.get("load")), json.dumps(t.get("other_cpu_cores")), str(run.out_dir)])
+                        json.dumps(t.get("load")), json.dumps(t.get("other_cpu_cores")), str(run.out_dir),
+                        (t.get("precision") or run_precision(run)) if t else None, ",".join(amps) or None,
+                        t.get("machine"), ",".join(run.missing)])
 
 
 def plot(out: Path, columns: list[str], rows: list[dict], tag: str = "", split: str = "test") -> Path | None:

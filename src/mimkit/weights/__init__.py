@@ -14,7 +14,15 @@ from pathlib import Path
 from mimkit.errors import InteropError
 from mimkit.nn.codebook import FIT_COMMAND, Codebook
 from mimkit.weights.encoders import load_encoder
-from mimkit.weights.read import FORMATS, Weights, read_clip_visual, read_verified, read_weights, strip_wrappers
+from mimkit.weights.read import (
+    FORMATS,
+    Weights,
+    holds_weights,
+    read_clip_visual,
+    read_verified,
+    read_weights,
+    strip_wrappers,
+)
 
 
 def read_codebook(path: str | Path) -> Codebook:
@@ -30,5 +38,5 @@ def read_codebook(path: str | Path) -> Codebook:
     return Codebook(w.state["centroids"], int(w.meta["patch_size"]))
 
 
-__all__ = ["FORMATS", "Weights", "load_encoder", "read_clip_visual", "read_codebook", "read_verified", "read_weights",
-           "strip_wrappers"]
+__all__ = ["FORMATS", "Weights", "holds_weights", "load_encoder", "read_clip_visual", "read_codebook", "read_verified",
+           "read_weights", "strip_wrappers"]

@@ -297,6 +297,16 @@ def _state_format(p: Path, sd: dict) -> str:
                        f"{SUPPORTED}")
 
 
+def holds_weights(path: str | Path) -> bool:
+    """Whether ``path`` is something :func:`read_weights` would read rather than refuse as missing: a
+    file, or a directory holding a sharded (DCP) checkpoint, a Hugging Face ViTMAE export or a run's
+    ``checkpoint.pt``. A run directory whose weights were removed (records kept without them) is not."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return True
+    return p.is_dir() and (is_dcp_checkpoint(p) or _hf_dir(p) or any((p / n).is_file() for n in _RUN_DIR_FILES))
+
+
 def read_weights(path: str | Path) -> Weights:
     """Read ``path`` (see the module docstring for the formats and how each is recognised)."""
     p = Path(path).expanduser()
@@ -311,7 +321,7 @@ def read_weights(path: str | Path) -> Weights:
         if _hf_dir(p):
             return _read_hf(p)
         latest = [p / n for n in _RUN_DIR_FILES if (p / n).is_file()]
-        if not latest:
+        if not latest:  # not holds_weights(p)
             raise InteropError(f"{p} is a directory without checkpoint.pt, a sharded checkpoint or a Hugging Face "
                                "config.json; give a checkpoint file, a run directory or a ViTMAE directory")
         p = latest[0]
