@@ -677,8 +677,9 @@ def _stopped_rank(rank, port, result):
 
     from mimkit.train.distributed import init_distributed
 
+    # the ranks are clients of the store the test holds (as under torchrun's agent): no port to race for
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+                      WORLD_SIZE="2", TORCHELASTIC_USE_AGENT_STORE="True")
     init_distributed("cpu", timeout_minutes=0.05)  # 3 s
     if rank == 1:
         time.sleep(120)  # a stopped rank
@@ -693,9 +694,12 @@ def _stopped_rank(rank, port, result):
 def test_a_stopped_rank_makes_the_others_fail_after_the_timeout():
     import multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    import torch.distributed as dist
+
+    # the store is bound here, on a port the OS picks, and held for the whole test: a port found free and
+    # released before the ranks bind it could be taken by another process meanwhile
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     result = mp.get_context("fork").Queue()
     procs = [_fork(_stopped_rank, rank, port, result) for rank in (0, 1)]
     try:
