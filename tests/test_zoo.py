@@ -297,6 +297,20 @@ def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch)
     assert trained == ["mae_fashion_mnist", "pcae_fashion_mnist"]  # CAE v2 never started
     assert runs[1].error == "it needs the finished mae_fashion_mnist seed 0 run, which failed"
     assert runs[2].error is None and (tmp_path / "zoo.md").is_file()
+    # MAE finished, but its run was kept without weights (benchmarks/results/): CAE v2 is refused before training
+    trained.clear()
+    runs = plan_runs([MAE, CAE_V2], [0], tmp_path, [teacher])
+    (tmp_path / "runs" / "mae_fashion_mnist" / "seed0").mkdir(parents=True)
+    monkeypatch.setattr(zoo, "train_run", lambda run, log, threads: trained.append(run.name) or
+                        {"train_s": 1.0, "attempts": 1, "reused": True, "peak_rss_mb": 1.0})
+    zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+    assert trained == ["mae_fashion_mnist"] and runs[0].error is None
+    assert runs[1].error.startswith("it needs the weights of the mae_fashion_mnist seed 0 run, which was kept without")
+    (tmp_path / "runs" / "mae_fashion_mnist" / "seed0" / "checkpoint.pt").write_bytes(b"x")  # weights there: it trains
+    trained.clear()
+    runs = plan_runs([MAE, CAE_V2], [0], tmp_path, [teacher])
+    zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+    assert trained == ["mae_fashion_mnist", "cae_v2_fashion_mnist"] and runs[1].error is None
 
 
 @pytest.mark.parametrize("code", [75, 130, 2])

@@ -742,6 +742,8 @@ def write_outputs(out: Path, runs: list[ZooRun], protocols: list[str], opts) -> 
 # -- the command --------------------------------------------------------------------------------------
 def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dict, out: Path, log=print,
             threads: int | None = None) -> dict:
+    from mimkit.weights import holds_weights
+
     n = len(runs)
     for i, run in enumerate(runs, 1):
         tag = f"[zoo {i}/{n}] {run.name} seed {run.seed}"
@@ -751,6 +753,10 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
                 if done.train is None or done.error is not None:
                     raise RuntimeError(f"it needs the finished {dep} seed {run.seed} run, which "
                                        f"{'failed' if done.error else 'did not finish'}")
+                if not holds_weights(done.out_dir):
+                    raise RuntimeError(f"it needs the weights of the {dep} seed {run.seed} run, which was kept "
+                                       f"without them ({done.out_dir}); delete that directory and run the zoo again: "
+                                       f"{dep} trains first")
             log(f"{tag}: training ({run.out_dir})")
             run.train = train_run(run, log, threads)
             if _TERMINATED:  # the child had finished as SIGTERM came: kept, and the zoo stops here
