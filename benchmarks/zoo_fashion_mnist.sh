@@ -21,7 +21,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-zoo_fmnist}
 if [ -z "${PREC:-}" ]; then
   PREC=fp32
-  if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || nvidia-smi -L >/dev/null 2>&1; then PREC=bf16; fi
+  # a GPU counts only where the installed torch can use it (a CPU-only torch would emulate bf16)
+  if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || { nvidia-smi -L >/dev/null 2>&1 &&
+     ${PYTHON:-python3} -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }; then
+    PREC=bf16
+  fi
 fi
 case "$PREC" in
   bf16) AMP=bf16 ;;

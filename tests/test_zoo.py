@@ -231,10 +231,12 @@ def test_records_kept_without_weights_are_reused_and_a_missing_protocol_is_liste
     table = {r["config"]: r for r in csv.DictReader((out / "zoo.csv").open())}
     mae0 = float(rows[("mae_fashion_mnist", "0")][lin])
     assert table["mae_fashion_mnist"]["n_seeds"] == "2" and float(table["mae_fashion_mnist"][f"{lin}_mean"]) == mae0
-    assert table["mae_fashion_mnist"]["not_evaluated"] == "linear seed 1" and table["mae_fashion_mnist"]["precision"] == "fp32"
+    mixed = "fp32 (eval auto/off) x1; fp32 (eval auto) x1"  # training precision and each run's evaluation autocast
+    assert table["mae_fashion_mnist"]["not_evaluated"] == "linear seed 1" and table["mae_fashion_mnist"]["precision"] == mixed
+    assert table["pcae_fashion_mnist"]["precision"] == "fp32 (eval auto/off)"
     md = (out / "zoo.md").read_text()
     mae_row = next(ln for ln in md.splitlines() if ln.startswith("| mae_fashion_mnist |"))
-    assert f"{mae0:.2f} ± 0.00 (n=1)" in mae_row and mae_row.endswith("| fp32 |")
+    assert f"{mae0:.2f} ± 0.00 (n=1)" in mae_row and mae_row.endswith(f"| {mixed} |")
     assert "(n=" not in next(ln for ln in md.splitlines() if ln.startswith("| pcae_fashion_mnist |"))
     assert "**Not evaluated** (runs kept without their weights)" in md and "- mae_fashion_mnist: linear seed 1" in md
     # malformed kept fingerprints are never taken for a match
@@ -306,11 +308,45 @@ def test_a_run_that_uses_another_runs_output_waits_for_it(tmp_path, monkeypatch)
     zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
     assert trained == ["mae_fashion_mnist"] and runs[0].error is None
     assert runs[1].error.startswith("it needs the weights of the mae_fashion_mnist seed 0 run, which was kept without")
+    # ... but a CAE v2 run that finished before is only reused: it needs no teacher any more
+    (tmp_path / "runs" / "cae_v2_fashion_mnist" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "cae_v2_fashion_mnist" / "seed0" / "zoo_train.json").write_text("{}")
+    trained.clear()
+    runs = plan_runs([MAE, CAE_V2], [0], tmp_path, [teacher])
+    zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
+    assert trained == ["mae_fashion_mnist", "cae_v2_fashion_mnist"] and runs[1].error is None
+    (tmp_path / "runs" / "cae_v2_fashion_mnist" / "seed0" / "zoo_train.json").unlink()
     (tmp_path / "runs" / "mae_fashion_mnist" / "seed0" / "checkpoint.pt").write_bytes(b"x")  # weights there: it trains
     trained.clear()
     runs = plan_runs([MAE, CAE_V2], [0], tmp_path, [teacher])
     zoo.run_zoo(runs, ["knn"], _opts(), {}, tmp_path, log=lambda m: None)
     assert trained == ["mae_fashion_mnist", "cae_v2_fashion_mnist"] and runs[1].error is None
+
+
+def test_a_kept_run_is_the_same_run_under_another_out_path_but_not_with_other_settings(tmp_path):
+    """A zoo kept in git and continued from another checkout (or --out spelt otherwise): paths inside the
+    zoo that wrote a run (CAE v2's teacher) are compared as paths inside this one. A teacher elsewhere,
+    or a short trial run (train.max_steps), is another run."""
+    import yaml
+
+    from mimkit.config import load_config, to_dict
+    from mimkit.zoo import _changed_settings
+
+    teacher = "cae_v2_fashion_mnist:method.teacher_path={out}/runs/mae_fashion_mnist/seed{seed}/checkpoint.pt"
+    first = plan_runs([MAE, CAE_V2], [1], tmp_path / "a" / "zoo", [teacher])[1]
+    kept = to_dict(load_config(first.config, first.overrides))
+    assert kept["method"]["teacher_path"] == f"{tmp_path}/a/zoo/runs/mae_fashion_mnist/seed1/checkpoint.pt"
+
+    def continued(out: Path, *extra: str):
+        run = plan_runs([MAE, CAE_V2], [1], out, [teacher, *extra])[1]
+        run.out_dir.mkdir(parents=True)
+        (run.out_dir / "config.yaml").write_text(yaml.safe_dump(kept))
+        return _changed_settings(run)
+
+    assert continued(tmp_path / "b" / "elsewhere") == {}
+    assert continued(tmp_path / "c", "train.max_steps=20") == {"train.max_steps": (None, 20)}
+    other = continued(tmp_path / "d", "cae_v2_fashion_mnist:method.teacher_path=/somewhere/teacher.pt")
+    assert list(other) == ["method.teacher_path"] and other["method.teacher_path"][1] == "/somewhere/teacher.pt"
 
 
 @pytest.mark.parametrize("code", [75, 130, 2])
@@ -435,7 +471,7 @@ def test_the_published_zoo_script_picks_its_precision_by_the_cpu(prec, amp, tmp_
     from mimkit.train.precision import cpu_has_bf16
 
     env = {k: v for k, v in os.environ.items() if k != "PREC"}
-    env.update(MIMKIT="echo", OUT=str(tmp_path / "z"), **({"PREC": prec} if prec else {}))
+    env.update(MIMKIT="echo", OUT=str(tmp_path / "z"), PYTHON=sys.executable, **({"PREC": prec} if prec else {}))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "zoo_fashion_mnist.sh"), "--seeds", "0"], env=env,
                           capture_output=True, text=True, timeout=60)
     if prec == "fp16":
@@ -443,7 +479,10 @@ def test_the_published_zoo_script_picks_its_precision_by_the_cpu(prec, amp, tmp_
         return
     assert proc.returncode == 0, proc.stderr
     if prec is None:
-        gpu = subprocess.run("nvidia-smi -L", shell=True, capture_output=True).returncode == 0
+        import torch
+
+        gpu = subprocess.run("nvidia-smi -L", shell=True, capture_output=True).returncode == 0 and (
+            torch.cuda.is_available())
         prec, amp = ("bf16", "bf16") if cpu_has_bf16() or gpu else ("fp32", "off")
     words = proc.stdout.split()
     assert words[:1] == ["zoo"] and words[-2:] == ["--seeds", "0"]

@@ -71,7 +71,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mimkit.errors import ConfigError
@@ -317,7 +317,8 @@ def train_run(run: ZooRun, log=print, threads: int | None = None) -> dict:
            "gpu_peak_gb": result.get("gpu_peak_gb"),
            "load": [[a["load_before"], a["load_after"]] for a in attempts],
            "other_cpu_cores": [a.get("other_cpu_cores") for a in attempts], "threads": threads or _threads_of(run),
-           "precision": run_precision(run), "machine": machine()}
+           "precision": None, "machine": machine(gpu=result.get("gpu_peak_gb") is not None)}
+    rec["precision"] = run_precision(replace(run, train=rec))
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=2))
     os.replace(tmp, record_path)
@@ -367,8 +368,11 @@ class ChildPeakRss:
 
 
 def _changed_settings(run: ZooRun) -> dict:
-    """The settings that alter training (the resume guard's: model, method, data, optim, seed, epochs) in
-    which the run directory's ``config.yaml`` differs from what this zoo would train."""
+    """The settings that alter training (the resume guard's: model, method, data, optim, seed, epochs; and
+    ``train.max_steps``: a short trial run kept is not the full run) in which the run directory's
+    ``config.yaml`` differs from what this zoo would train. Paths inside the zoo that wrote the run (CAE
+    v2's teacher, ``{out}/runs/mae_.../checkpoint.pt``) are compared as paths inside this one: a zoo kept
+    in git and continued from another checkout, or with ``--out`` spelt otherwise, is the same zoo."""
     import yaml
 
     from mimkit.config import load_config, to_dict
@@ -377,7 +381,26 @@ def _changed_settings(run: ZooRun) -> dict:
     saved = run.out_dir / "config.yaml"
     if not saved.is_file():
         return {}
-    return config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(load_config(run.config, run.overrides)))
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = to_dict(load_config(run.config, run.overrides))
+    old_dir = (old.get("train") or {}).get("out_dir")
+    if isinstance(old_dir, str) and len(Path(old_dir).parents) > 2:  # OUT/runs/<config>/seed<s>
+        old = _rebase(old, str(Path(old_dir).parents[2]), str(run.out_dir.parents[2]))
+    diff = config_changes(old, new)
+    if "max_steps" in (old.get("train") or {}) and old["train"]["max_steps"] != new["train"]["max_steps"]:
+        diff["train.max_steps"] = (old["train"]["max_steps"], new["train"]["max_steps"])
+    return diff
+
+
+def _rebase(value, old_root: str, new_root: str):
+    """``value`` (a config, nested) with every string path under ``old_root`` moved under ``new_root``."""
+    if isinstance(value, dict):
+        return {k: _rebase(v, old_root, new_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, old_root, new_root) for v in value]
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root.rstrip("/") + "/")):
+        return new_root + value[len(old_root):]
+    return value
 
 
 def _forward_stderr(proc: subprocess.Popen, log_path: Path, keep: int = 8192) -> str:
@@ -403,9 +426,9 @@ def _forward_stderr(proc: subprocess.Popen, log_path: Path, keep: int = 8192) ->
     return tail.decode(errors="replace")
 
 
-def machine() -> str:
+def machine(gpu: bool = False) -> str:
     """What a run trained on, for its record: the CPU's model name, its cores and whether it has bf16
-    instructions (bf16 autocast is emulated, ~20x slower, on one without), and the GPU if any."""
+    instructions (bf16 autocast is emulated, ~20x slower, on one without), and with ``gpu`` the GPU."""
     import platform
 
     import torch
@@ -419,17 +442,21 @@ def machine() -> str:
     except OSError:
         pass
     text = f"{name}, {os.cpu_count()} cores, {'bf16 instructions' if cpu_has_bf16() else 'no bf16 instructions'}"
-    return text + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+    return text + (f", {torch.cuda.get_device_name(0)}" if gpu and torch.cuda.is_available() else "")
 
 
 def run_precision(run: ZooRun) -> str | None:
-    """``train.precision`` the run trained with (``auto`` resolved: bf16 on a GPU, fp32 on CPU): its kept
-    ``config.yaml`` (the record of a run kept from elsewhere), else what this zoo would train."""
+    """``train.precision`` the run trained with, ``auto`` resolved (bf16 on a GPU, fp32 on CPU): its record
+    says (records from before it did: the kept ``config.yaml``, on a GPU when the record has a GPU peak),
+    else what this zoo would train here."""
     import torch
     import yaml
 
     from mimkit.config import load_config
 
+    rec = run.train or {}
+    if rec.get("precision"):
+        return rec["precision"]
     saved = run.out_dir / "config.yaml"
     if saved.is_file():
         train = (yaml.safe_load(saved.read_text()) or {}).get("train") or {}
@@ -438,9 +465,18 @@ def run_precision(run: ZooRun) -> str | None:
         train = {"precision": cfg.precision, "device": cfg.device}
     precision, device = train.get("precision"), str(train.get("device", "auto"))
     if precision == "auto":
-        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if rec:
+            gpu = rec.get("gpu_peak_gb") is not None
+        else:
+            gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         return "bf16" if gpu else "fp32"
     return precision
+
+
+def precision_label(run: ZooRun) -> str:
+    """``bf16 (eval bf16)``: the training precision and the evaluations' ``--amp``."""
+    amps = sorted({str(res.get("options", {}).get("amp")) for res in run.evals.values()})
+    return f"{run_precision(run) or '?'}" + (f" (eval {'/'.join(amps)})" if amps else "")
 
 
 def _threads_of(run: ZooRun) -> int:
@@ -577,9 +613,9 @@ def summarise(runs: list[ZooRun], protocols: list[str]) -> tuple[list[str], list
                                                                           if r.error is not None]}
         for m in columns:
             row[m] = _mean_std([_metric(r, m) for r in done])
-            row[f"{m}_n"] = sum(_metric(r, m) is not None for r in done)
-        precisions = [r.train.get("precision") or run_precision(r) or "?" for r in done]
-        row["precision"] = ", ".join(f"{p} x{precisions.count(p)}" if len(set(precisions)) > 1 else p
+            row[f"{m}_n"] = sum(v is not None and math.isfinite(v) for v in (_metric(r, m) for r in done))
+        precisions = [precision_label(r) for r in done]
+        row["precision"] = "; ".join(f"{p} x{precisions.count(p)}" if len(set(precisions)) > 1 else p
                                      for p in dict.fromkeys(precisions))
         row["missing"] = [f"{p} seed {r.seed}" for r in done for p in r.missing]
         timed = [r.train for r in done if r.train.get("attempts") == 1 and not loaded(r.train)]
@@ -649,7 +685,7 @@ def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRu
                         *(_metric(run, m) for m in columns), t.get("train_s"), t.get("attempts"),
                         loaded(t) if t else None, t.get("img_per_s"), t.get("peak_rss_mb"),
                         json.dumps(t.get("load")), json.dumps(t.get("other_cpu_cores")), str(run.out_dir),
-                        (t.get("precision") or run_precision(run)) if t else None, ",".join(amps) or None,
+                        run_precision(run) if t else None, ",".join(amps) or None,
                         t.get("machine"), ",".join(run.missing)])
 
 
@@ -748,12 +784,13 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
     for i, run in enumerate(runs, 1):
         tag = f"[zoo {i}/{n}] {run.name} seed {run.seed}"
         try:
-            for dep in run.depends:  # e.g. CAE v2's teacher: the MAE run of the same seed, finished
+            for dep in run.depends:  # e.g. CAE v2's teacher: the MAE run of the same seed, finished (and its
+                # weights there, unless this run finished before and is only reused)
                 done = next(r for r in runs if r.name == dep and r.seed == run.seed)
                 if done.train is None or done.error is not None:
                     raise RuntimeError(f"it needs the finished {dep} seed {run.seed} run, which "
                                        f"{'failed' if done.error else 'did not finish'}")
-                if not holds_weights(done.out_dir):
+                if not holds_weights(done.out_dir) and not (run.out_dir / TRAIN_RECORD).is_file():
                     raise RuntimeError(f"it needs the weights of the {dep} seed {run.seed} run, which was kept "
                                        f"without them ({done.out_dir}); delete that directory and run the zoo again: "
                                        f"{dep} trains first")
