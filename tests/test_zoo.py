@@ -238,10 +238,38 @@ def test_records_kept_without_weights_are_reused_and_a_missing_protocol_is_liste
     mae_row = next(ln for ln in md.splitlines() if ln.startswith("| mae_fashion_mnist |"))
     assert f"{mae0:.2f} ± 0.00 (n=1)" in mae_row and mae_row.endswith(f"| {mixed} |")
     assert "(n=" not in next(ln for ln in md.splitlines() if ln.startswith("| pcae_fashion_mnist |"))
-    assert "**Not evaluated** (runs kept without their weights)" in md and "- mae_fashion_mnist: linear seed 1" in md
+    assert "**Not evaluated** (runs kept without their weights" in md and "- mae_fashion_mnist: linear seed 1" in md
     # malformed kept fingerprints are never taken for a match
     for bad in (None, "", "{not json", json.dumps({"protocol": "knn"}), json.dumps({"options": 3})):
         assert not _same_fingerprint(bad, rec["zoo_fingerprint"])
+
+
+def test_report_only_tables_the_kept_records_and_computes_nothing(zoo, tmp_path):
+    """--report-only: the merged table of a half-done zoo (e.g. records from several machines) -- the
+    finished runs and their kept evaluations as the full zoo would table them, a seed not there yet
+    listed as not run, a protocol never computed listed as not evaluated; no child trains, nothing is
+    evaluated, nothing failed."""
+    out = _own_copy(zoo, tmp_path)
+    attempts = {p: p.read_text() for p in (out / "runs").glob("*/seed*/zoo_attempts.jsonl")}
+    before = {r["config"]: r for r in csv.DictReader((out / "zoo.csv").open())}
+    proc = _zoo(out, str(PCAE), extra=("--seeds", "0,1,2", "--protocols", "knn,linear", "--report-only"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "evaluating" not in err and "training (" not in err and "FAILED" not in err
+    assert err.count("trained before (reused)") == 4 and err.count("not run yet (--report-only)") == 2
+    assert {p: p.read_text() for p in attempts} == attempts
+    assert not (out / "runs" / "mae_fashion_mnist" / "seed2").exists()
+    table = {r["config"]: r for r in csv.DictReader((out / "zoo.csv").open())}
+    for name in ("mae_fashion_mnist", "pcae_fashion_mnist"):
+        assert table[name]["n_seeds"] == "2"
+        assert float(table[name]["knn20_cls_mean"]) == float(before[name]["knn20_cls_mean"])
+        assert float(table[name]["knn20_cls_std"]) == float(before[name]["knn20_cls_std"])
+        assert table[name]["not_evaluated"] == "linear seed 0; linear seed 1"
+    rows = [(r["config"], r["seed"], r["status"]) for r in csv.DictReader((out / "runs.csv").open())]
+    assert ("mae_fashion_mnist", "2", "not run") in rows and ("pcae_fashion_mnist", "1", "done") in rows
+    md = (out / "zoo.md").read_text()
+    assert "**Not run yet**" in md and "- mae_fashion_mnist: seed 2" in md and "- pcae_fashion_mnist: seed 2" in md
+    assert "| mae_fashion_mnist | 0,1 |" in md and "- pcae_fashion_mnist: linear seed 1" in md
 
 
 def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo, tmp_path):

@@ -35,6 +35,8 @@ Keeping a zoo without its weights: the records (``zoo_train.json``, ``config.yam
 reused as finished; a protocol it was never evaluated with is listed as not evaluated (its cells say
 over how many seeds they are, ``(n=2)``) instead of failing the run. The table has a ``precision``
 column (each run's ``train.precision``; ``runs.csv`` adds the evaluation's autocast and the machine).
+``--report-only`` trains and evaluates nothing: it writes the table of what the directory holds (runs
+not there yet listed as not run), e.g. the merged table of a zoo that is half done.
 
 Choosing settings: ``--val-split 10000`` evaluates on 10,000 images held out of the training split
 (stratified, the same images whatever ``--seed``) instead of the test split, which is then never read
@@ -533,9 +535,11 @@ def _same_fingerprint(kept: object, fp: str) -> bool:
     return json.dumps(old, sort_keys=True) == fp
 
 
-def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict, log=print) -> dict:
+def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict, log=print,
+                 compute: bool = True) -> dict:
     """Every protocol on the run's final checkpoint; results kept per protocol and reused when computed
-    with the same options."""
+    with the same options. ``compute=False`` (``--report-only``) only collects the kept ones; the others
+    are listed in ``run.missing``."""
     from mimkit.eval.data import load_checkpoint_encoder, norm_line
     from mimkit.eval.protocols import PROTOCOLS, EvalContext, options_dict
     from mimkit.eval.report import write_json
@@ -556,6 +560,10 @@ def evaluate_run(run: ZooRun, protocols: list[str], opts, protocol_kwargs: dict,
                 continue
         todo.append((proto, fp, path))
     if not todo:
+        return results
+    if not compute:
+        run.missing = [proto for proto, _, _ in todo]
+        log(f"    not evaluated: {', '.join(run.missing)} (--report-only computes nothing)")
         return results
     if not holds_weights(run.out_dir):  # records kept without weights (benchmarks/results/): nothing to evaluate
         run.missing = [proto for proto, _, _ in todo]
@@ -618,6 +626,7 @@ def summarise(runs: list[ZooRun], protocols: list[str]) -> tuple[list[str], list
         row["precision"] = "; ".join(f"{p} x{precisions.count(p)}" if len(set(precisions)) > 1 else p
                                      for p in dict.fromkeys(precisions))
         row["missing"] = [f"{p} seed {r.seed}" for r in done for p in r.missing]
+        row["not_run"] = [r.seed for r in group if r.train is None and r.error is None]
         timed = [r.train for r in done if r.train.get("attempts") == 1 and not loaded(r.train)]
         row["train_s"] = _mean_std([t["train_s"] for t in timed])
         row["img_per_s"] = _mean_std([t["img_per_s"] for t in timed if t.get("img_per_s")])
@@ -658,9 +667,13 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     failed = [f"- {r['config']} {f}" for r in rows for f in r["failed"]]
     missing = [f"- {r['config']}: {m}" for r in rows for m in r["missing"]]
+    not_run = [f"- {r['config']}: seed{'s' if len(r['not_run']) > 1 else ''} {', '.join(map(str, r['not_run']))}"
+               for r in rows if r.get("not_run")]
     return ("\n".join(lines) + "\n" + ("\n**Failed runs**\n\n" + "\n".join(failed) + "\n" if failed else "")
-            + ("\n**Not evaluated** (runs kept without their weights)\n\n" + "\n".join(missing) + "\n"
-               if missing else ""))
+            + ("\n**Not evaluated** (runs kept without their weights, or a --report-only zoo)\n\n"
+               + "\n".join(missing) + "\n" if missing else "")
+            + ("\n**Not run yet** (--report-only: no record in the zoo's directory)\n\n" + "\n".join(not_run) + "\n"
+               if not_run else ""))
 
 
 def write_csvs(out: Path, columns: list[str], rows: list[dict], runs: list[ZooRun], tag: str = "") -> None:
@@ -777,14 +790,21 @@ def write_outputs(out: Path, runs: list[ZooRun], protocols: list[str], opts) -> 
 
 # -- the command --------------------------------------------------------------------------------------
 def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dict, out: Path, log=print,
-            threads: int | None = None) -> dict:
+            threads: int | None = None, report_only: bool = False) -> dict:
+    """Train and evaluate every run, writing the table after each. ``report_only``: train and evaluate
+    nothing -- the table of the records the zoo's directory holds (finished runs of the same settings and
+    their kept evaluations), the rest listed as not run / not evaluated (e.g. a zoo spread over
+    machines, half done)."""
     from mimkit.weights import holds_weights
 
     n = len(runs)
     for i, run in enumerate(runs, 1):
         tag = f"[zoo {i}/{n}] {run.name} seed {run.seed}"
+        if report_only and not (run.out_dir / TRAIN_RECORD).is_file():
+            log(f"{tag}: not run yet (--report-only)")
+            continue
         try:
-            for dep in run.depends:  # e.g. CAE v2's teacher: the MAE run of the same seed, finished (and its
+            for dep in ([] if report_only else run.depends):  # e.g. CAE v2's teacher: the MAE run of the same seed, finished (and its
                 # weights there, unless this run finished before and is only reused)
                 done = next(r for r in runs if r.name == dep and r.seed == run.seed)
                 if done.train is None or done.error is not None:
@@ -794,7 +814,8 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
                     raise RuntimeError(f"it needs the weights of the {dep} seed {run.seed} run, which was kept "
                                        f"without them ({done.out_dir}); delete that directory and run the zoo again: "
                                        f"{dep} trains first")
-            log(f"{tag}: training ({run.out_dir})")
+            if not report_only:
+                log(f"{tag}: training ({run.out_dir})")
             run.train = train_run(run, log, threads)
             if _TERMINATED:  # the child had finished as SIGTERM came: kept, and the zoo stops here
                 raise ZooInterrupted(f"stopped by SIGTERM after training {run.name} seed {run.seed}; run the same "
@@ -802,7 +823,7 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
             t = run.train
             log(f"{tag}: {'trained before (reused)' if t['reused'] else 'trained'} in {t['train_s']:.0f} s"
                 + (f", {t['img_per_s']:.0f} img/s" if t.get("img_per_s") else ""))
-            run.evals = evaluate_run(run, protocols, opts, protocol_kwargs, log)
+            run.evals = evaluate_run(run, protocols, opts, protocol_kwargs, log, compute=not report_only)
             shown = {m: run.evals[p]["metrics"][m] for p in protocols if p in run.evals
                      for m in headline_metrics(p, run.evals[p])}
             log(f"{tag}: " + ", ".join(f"{m} {v:.2f}" for m, v in shown.items()))
@@ -843,6 +864,9 @@ def add_parser(sub) -> None:
     p.add_argument("--train-threads", type=int, default=None,
                    help="torch threads of each training child (default: the config's train.num_threads, else "
                         "torch's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the table of the finished runs and kept evaluations "
+                        "in --out (the rest listed as not run / not evaluated)")
     add_data_args(p)
     p.set_defaults(out="zoo")
     add_protocol_args(p, None)
@@ -869,7 +893,7 @@ def main(args: argparse.Namespace) -> int:
     _TERMINATED = False
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result = run_zoo(runs, protocols, opts, kwargs, out, log, args.train_threads)
+        result = run_zoo(runs, protocols, opts, kwargs, out, log, args.train_threads, args.report_only)
     except ZooInterrupted as e:
         log(f"mimkit zoo: {e}")
         return 130
@@ -879,7 +903,7 @@ def main(args: argparse.Namespace) -> int:
     tag = ".val" if opts.val_split is not None else ""
     log(f"[zoo] wrote {out / f'zoo{tag}.md'}, {out / f'zoo{tag}.csv'}, {out / f'runs{tag}.csv'}, {out / f'zoo{tag}.json'}"
         + (f", {result['plot']}" if result["plot"] else ""))
-    return 1 if any(r.error for r in runs) else 0
+    return 1 if any(r.error for r in runs) else 0  # --report-only: a run not there yet is no failure
 
 
 __all__ = ["ZooRun", "plan_runs", "run_zoo", "train_run", "evaluate_run", "summarise", "headline_metrics",
