@@ -270,6 +270,16 @@ def test_report_only_tables_the_kept_records_and_computes_nothing(zoo, tmp_path)
     md = (out / "zoo.md").read_text()
     assert "**Not run yet**" in md and "- mae_fashion_mnist: seed 2" in md and "- pcae_fashion_mnist: seed 2" in md
     assert "| mae_fashion_mnist | 0,1 |" in md and "- pcae_fashion_mnist: linear seed 1" in md
+    assert json.loads((out / "zoo.json").read_text())["runs"][2]["train"] is not None
+    # a kept run of other settings is not this zoo's run: failed, exit 1, and still nothing trained
+    proc = _zoo(out, str(PCAE), "optim.weight_decay=0.01", extra=("--report-only",))
+    assert proc.returncode == 1 and "training (" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("holds a finished run trained with other settings") == 4
+    assert {p: p.read_text() for p in attempts} == attempts
+    # a directory with no record of these runs (a mistyped --out): one line, nothing written
+    proc = _zoo(tmp_path / "typo", extra=("--report-only",))
+    assert proc.returncode != 0 and "holds no finished run" in proc.stderr and "check --out" in proc.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_validation_zoo_keeps_its_numbers_apart_from_the_test_ones(zoo, tmp_path):

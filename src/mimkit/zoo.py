@@ -670,9 +670,9 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
     not_run = [f"- {r['config']}: seed{'s' if len(r['not_run']) > 1 else ''} {', '.join(map(str, r['not_run']))}"
                for r in rows if r.get("not_run")]
     return ("\n".join(lines) + "\n" + ("\n**Failed runs**\n\n" + "\n".join(failed) + "\n" if failed else "")
-            + ("\n**Not evaluated** (runs kept without their weights, or a --report-only zoo)\n\n"
+            + ("\n**Not evaluated** (runs kept without their weights, or --report-only)\n\n"
                + "\n".join(missing) + "\n" if missing else "")
-            + ("\n**Not run yet** (--report-only: no record in the zoo's directory)\n\n" + "\n".join(not_run) + "\n"
+            + ("\n**Not run yet** (no finished record in the zoo's directory)\n\n" + "\n".join(not_run) + "\n"
                if not_run else ""))
 
 
@@ -828,16 +828,19 @@ def run_zoo(runs: list[ZooRun], protocols: list[str], opts, protocol_kwargs: dic
                      for m in headline_metrics(p, run.evals[p])}
             log(f"{tag}: " + ", ".join(f"{m} {v:.2f}" for m, v in shown.items()))
         except ZooInterrupted:
-            write_outputs(out, runs, protocols, opts)
+            if not report_only:
+                write_outputs(out, runs, protocols, opts)
             raise
         except KeyboardInterrupt:
-            write_outputs(out, runs, protocols, opts)
+            if not report_only:  # a half-read report would overwrite a whole one: nothing to save
+                write_outputs(out, runs, protocols, opts)
             raise ZooInterrupted(f"interrupted during {run.name} seed {run.seed}; run the same mimkit zoo command "
                                  "to continue (finished runs and evaluations are reused)") from None
         except Exception as e:  # noqa: BLE001 - one failed run is reported and the zoo goes on
             run.error = " ".join(str(e).split()) or type(e).__name__
             log(f"{tag}: FAILED: {run.error}")
-        write_outputs(out, runs, protocols, opts)  # the table so far, after every run
+        if not report_only:
+            write_outputs(out, runs, protocols, opts)  # the table so far, after every run
     return write_outputs(out, runs, protocols, opts)
 
 
@@ -880,6 +883,9 @@ def main(args: argparse.Namespace) -> int:
     configs, overrides = split_arguments(args.items)
     out = Path(args.out).expanduser()
     runs = plan_runs(configs, args.seeds, out, overrides, args.dataset, args.val_split)
+    if args.report_only and not any((r.out_dir / TRAIN_RECORD).is_file() for r in runs):
+        raise ConfigError(f"--report-only: {out} holds no finished run of these configs and seeds "
+                          f"(no {out}/runs/<config>/seed<s>/{TRAIN_RECORD}); check --out")
     protocols = [p for p in args.protocols.split(",") if p]
     opts = options(args)
     kwargs = {p: protocol_kwargs(p, ReportArgs(args, p)) for p in protocols if p in SUBCOMMANDS}
