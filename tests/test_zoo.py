@@ -88,6 +88,27 @@ def test_loaded_uses_the_cpu_other_processes_used(monkeypatch):
     assert not loaded({"other_cpu_cores": [None], "threads": 2, "load": [[2.4, 4.0]]})
 
 
+def test_train_times_from_two_machines_are_flagged_not_silently_averaged(tmp_path):
+    """A zoo continued on another CPU (records kept in git): a row whose timed runs come from two
+    machines says so in its time cell; a row timed on one machine does not."""
+    from mimkit.zoo import ZooRun, markdown, summarise
+
+    def run(name, seed, machine, train_s):
+        rec = {"attempts": 1, "other_cpu_cores": [0.01], "train_s": train_s, "img_per_s": 1000.0, "peak_rss_mb": 900.0,
+               "machine": machine, "precision": "bf16"}
+        return ZooRun(MAE, name, seed, tmp_path / name / str(seed), train=rec,
+                      evals={"knn": {"k": 20, "metrics": {"knn20_cls": 80.0 + seed}, "options": {"amp": "bf16"}}})
+
+    runs = [run("a", 0, "cpu A", 100.0), run("a", 1, "cpu B", 300.0), run("b", 0, "cpu A", 100.0),
+            run("b", 1, "cpu A", 110.0)]
+    columns, rows = summarise(runs, ["knn"])
+    assert [r["time_machines"] for r in rows] == [2, 1]
+    assert rows[0]["train_s"] == pytest.approx((200.0, statistics.stdev([100.0, 300.0])))
+    md = markdown(columns, rows).splitlines()
+    a, b = (next(ln for ln in md if ln.startswith(f"| {n} |")) for n in "ab")
+    assert "200 ± 141 (2 machines: see runs.csv)" in a and "machines" not in b and "105 ± 7 |" in b
+
+
 def test_headline_metrics_pick_the_headline_k_and_top1():
     knn = {"k": 20, "metrics": {"knn10_cls": 1, "knn20_cls": 2, "knn20top5_cls": 3, "loo1nn_cls": 4}}
     assert headline_metrics("knn", knn) == ["knn20_cls"]

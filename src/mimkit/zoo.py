@@ -631,6 +631,7 @@ def summarise(runs: list[ZooRun], protocols: list[str]) -> tuple[list[str], list
         row["train_s"] = _mean_std([t["train_s"] for t in timed])
         row["img_per_s"] = _mean_std([t["img_per_s"] for t in timed if t.get("img_per_s")])
         row["timed_runs"] = len(timed)
+        row["time_machines"] = len({t.get("machine") for t in timed})  # times from other CPUs do not average
         row["peak_rss_mb"] = max((r.train["peak_rss_mb"] for r in done), default=float("nan"))
         gpu = [r.train.get("gpu_peak_gb") for r in done if r.train.get("gpu_peak_gb") is not None]
         row["gpu_peak_gb"] = max(gpu) if gpu else None
@@ -660,6 +661,8 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
     for r in rows:
         seeds = ",".join(map(str, r["seeds"])) or "—"
         timed = "" if r["timed_runs"] == len(r["seeds"]) else f" ({r['timed_runs']} timed)"
+        if r.get("time_machines", 1) > 1:  # a zoo continued on another machine: the spread is the machines'
+            timed += f" ({r['time_machines']} machines: see runs.csv)"
         cells = [r["config"], seeds,
                  *(_pm(r[m]) + (f" (n={r[m + '_n']})" if 0 < r[m + "_n"] < len(r["seeds"]) else "") for m in columns),
                  _pm(r["train_s"], 0) + timed, _pm(r["img_per_s"], 0),
