@@ -1,0 +1,193 @@
+"""Where does a small model's training step go? The trainer against a bare loop, with a profile.
+
+At the Fashion-MNIST preset's size (ViT 192/6, 0.34 GFLOP per image and step) a GPU finishes the
+arithmetic of a 512-image step in well under a millisecond, so the step time is whatever the host
+does: kernel launches, Python, synchronisations. This script runs, in one process on one device:
+
+* ``trainer``: :class:`mimkit.train.Trainer` on the preset (in-memory data on the device, the real
+  loop: schedule, clipping, the non-finite guard, fused AdamW, logging), ``--steps`` steps; img/s from
+  its own log windows of ``--window`` steps (the first window holds compilation, and windows that
+  overlap the profiled or sync-watched steps run slower: those are dropped);
+* ``bare``: the same method's forward, backward and fused AdamW on device-resident random images,
+  nothing else (the least any loop does), compiled when the trainer was;
+* a ``torch.profiler`` trace of ``--profile`` trainer steps in the middle of the run: host time per
+  step, device (kernel) time per step, kernel launches per step, the top host ops, and on a GPU the
+  Python stacks of every synchronising CUDA call (``torch.cuda.set_sync_debug_mode``).
+
+    python benchmarks/step_overhead.py --device cuda --compile true --out runs/step_overhead
+    python benchmarks/step_overhead.py --device cpu --steps 60 --batch 64     # the same on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def trainer_run(args, tmp: str) -> dict:
+    from mimkit.config import load_config
+    from mimkit.train import Trainer
+
+    cfg = load_config(args.config, [
+        f"data.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.epochs=1000",
+        f"train.out_dir={tmp}", f"train.log_every_steps={args.window}", "train.ckpt_every_steps=1000000000",
+        "train.tensorboard=false", "train.progress_bar=false", "eval.knn_at_end=false",
+        "eval.picture_at_end=false", f"train.precision={args.precision}", f"train.compile={args.compile}",
+        f"train.device={args.device}", *args.overrides])
+    tr = Trainer(cfg)
+    tr.save = lambda *a, **k: Path(tmp) / "checkpoint.pt"  # steps, not checkpoint writes
+    dev = tr.device
+    start = max(args.window + 2, args.steps // 2 - args.profile // 2)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+        wait=start - 2, warmup=2, active=args.profile, repeat=1))
+    syncs: list[str] = []
+    inner = tr._train_step
+    n = {"i": 0}
+
+    def step(run):
+        i = n["i"]
+        sync_watch = dev.type == "cuda" and start + args.profile <= i < start + args.profile + args.window
+        if sync_watch:
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inner(run)
+        if sync_watch:
+            torch.cuda.set_sync_debug_mode(0)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    syncs.append(f"step {i}: {w.filename}:{w.lineno}")
+        prof.step()
+        n["i"] += 1
+
+    tr._train_step = step
+    prof.start()
+    t = time.perf_counter()
+    tr.train()
+    wall = time.perf_counter() - t
+    prof.stop()
+    recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    ips = [r["img_per_s"] for r in recs if "img_per_s" in r]
+    from torch._dynamo.utils import counters
+
+    ka = prof.key_averages()
+    host_us = sum(e.self_cpu_time_total for e in ka) / args.profile
+    dev_us = sum(getattr(e, "self_device_time_total", 0) for e in ka
+                 if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / args.profile
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                      "cuLaunchKernelEx")) / args.profile
+    aten = sum(e.count for e in ka if e.key.startswith("aten::")) / args.profile
+    top_host = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]
+    top_dev = sorted((e for e in ka if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)[:15]
+    # windows that overlap the profiled steps (and the profiler's warm-up) or the sync watch run slower:
+    # only the others count (the first holds compilation)
+    busy = range(start - 2, start + args.profile + (args.window if dev.type == "cuda" else 0))
+    clean = [v for k, v in enumerate(ips) if k > 0 and not set(range(k * args.window, (k + 1) * args.window)) & set(busy)]
+    return {
+        "img_per_s_windows": ips, "clean_windows": clean, "img_per_s": statistics.median(clean) if clean else None,
+        "wall_s": wall, "compiled": tr.compiled,
+        "profile_steps": args.profile, "profiled_from_step": start,
+        "host_ms_per_step_profiled": host_us / 1e3, "device_kernel_ms_per_step": dev_us / 1e3,
+        "kernel_launches_per_step": launches, "aten_ops_per_step": aten,
+        "top_host_ops (name, calls/step, self ms/step)": [
+            f"{e.key[:70]} | {e.count / args.profile:g} | {e.self_cpu_time_total / args.profile / 1e3:.3f}"
+            for e in top_host],
+        "top_kernels (name, calls/step, ms/step)": [
+            f"{e.key[:70]} | {e.count / args.profile:g} | {e.self_device_time_total / args.profile / 1e3:.3f}"
+            for e in top_dev],
+        "syncs": syncs,
+        "dynamo": {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")},
+    }
+
+
+def bare_run(args) -> dict:
+    from mimkit.config import load_config
+    from mimkit.methods import Progress
+    from mimkit.train.loop import build_method
+    from mimkit.train.optim import param_groups
+    from mimkit.train.step import build_adamw
+
+    dev = torch.device(args.device)
+    cfg = load_config(args.config, list(args.overrides))
+    torch.manual_seed(0)
+    model = build_method(cfg).to(dev).train()
+    e = cfg.model.encoder
+    x = torch.randn(args.batch, e.in_chans, e.img_size, e.img_size, device=dev)
+    opt = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, None, dev)
+    run = torch.compile(model) if args.compile == "true" else model
+    bf16 = args.precision == "bf16"
+    prog = Progress(50, 1000, 0.2, 3.0)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = run(x, prog).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    for _ in range(args.window):  # warm-up (compilation)
+        step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(args.window):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / args.window)
+    sec = statistics.median(times)
+    return {"img_per_s": args.batch / sec, "ms_per_step": sec * 1e3, "warmup_s": first}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/mae_fashion_mnist.yaml")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=140)
+    ap.add_argument("--window", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=10)
+    ap.add_argument("--compile", choices=("true", "false"), default="false")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="a directory for step_overhead.json")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the config (both runs)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="mimkit-step-") as tmp:
+        try:
+            tr = trainer_run(args, tmp)
+        except Exception:  # the bare row still says something
+            tr = {"error": traceback.format_exc()[-2000:]}
+    torch._dynamo.reset()
+    bare = bare_run(args)
+    res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "batch": args.batch, "compile": args.compile, "precision": args.precision,
+           "trainer": tr, "bare": bare}
+    if tr.get("img_per_s"):
+        res["trainer_over_bare"] = bare["img_per_s"] / tr["img_per_s"]
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"step_overhead_{args.compile}.json").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
