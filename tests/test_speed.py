@@ -353,3 +353,42 @@ def test_nonfinite_gradients_of_a_finite_loss_skip_the_step(tmp_path):
     assert before[2] is True and before[3] is False  # the poisoned step changed nothing, the next one did
     assert result["nonfinite"] == 1
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_bench_runs_every_eager_method_row_before_the_compiled_end_to_end_rows(monkeypatch):
+    """With compilation on (the GPU default) the eager row of every method, seconds each, comes right
+    after the peer and before the end-to-end rows, whose compilations (30-80 s each on an H200) used up
+    a 240 s budget before any eager row in the earlier order; a budget that stops after N rows keeps
+    the first N of this order."""
+    import mimkit.bench as bench
+
+    order = []
+
+    def model_row(plan, name, ceiling, compiled):
+        order.append(f"model {name} {'compiled' if compiled else 'eager'}")
+        return {"kind": "model", "name": name, "img_per_s": 1.0, "gflop_per_img": 1.0, "method": name,
+                "mode": "compiled" if compiled else "eager"}
+
+    def thunk(label):
+        def go(*a, **k):
+            order.append(label)
+            return {"kind": "e2e", "name": label, "img_per_s": 1.0}
+        return go
+
+    monkeypatch.setattr(bench, "model_row", model_row)
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda *a, **k: 1e12)
+    monkeypatch.setattr(bench, "hf_peer_row", thunk("peer"))
+    monkeypatch.setattr(bench, "fmnist_row", thunk("fmnist"))
+    monkeypatch.setattr(bench, "e2e_rows", lambda plan, c, f: [("e2e shards", thunk("e2e shards")),
+                                                                ("e2e pil", thunk("e2e pil"))])
+    methods = bench.method_names()
+    plan = bench.Plan(device=torch.device("cpu"), smoke=True, batch=2, steps=1, warmup=0, precision="fp32",
+                      compile=True, methods=methods, jpegs=1, jpeg_dir=None, workers=0, fmnist_batch=2,
+                      budget_s=None, peer=True, out=None)
+    result = bench.run(plan)
+    others = [m for m in methods if m != "mae"]
+    assert order == ["model mae compiled", "peer", *[f"model {m} eager" for m in methods], "e2e shards",
+                     "e2e pil", "fmnist", *[f"model {m} compiled" for m in others]]
+    assert not result["skipped"]
+    # every method's FLOP ratio is there from the eager rows
+    assert all(f"{m} (eager): FLOP-predicted img/s / measured" in result["ratios"] for m in others)
