@@ -9,12 +9,14 @@ does: kernel launches, Python, synchronisations. This script runs, in one proces
   its own log windows of ``--window`` steps (the first window holds compilation, and windows that
   overlap the profiled or sync-watched steps run slower: those are dropped);
 * ``bare``: the same method's forward, backward and fused AdamW on device-resident random images,
-  nothing else (the least any loop does), compiled when the trainer was;
+  nothing else (the least any loop does), compiled when the trainer was (``--mode reduce-overhead``:
+  as CUDA graphs, the way to take the launches off the host);
 * a ``torch.profiler`` trace of ``--profile`` trainer steps in the middle of the run: host time per
   step, device (kernel) time per step, kernel launches per step, the top host ops, and on a GPU the
   Python stacks of every synchronising CUDA call (``torch.cuda.set_sync_debug_mode``).
 
     python benchmarks/step_overhead.py --device cuda --compile true --out runs/step_overhead
+    python benchmarks/step_overhead.py --device cuda --compile true --mode reduce-overhead   # CUDA graphs
     python benchmarks/step_overhead.py --device cpu --steps 60 --batch 64     # the same on a CPU
 """
 
@@ -125,11 +127,13 @@ def bare_run(args) -> dict:
     e = cfg.model.encoder
     x = torch.randn(args.batch, e.in_chans, e.img_size, e.img_size, device=dev)
     opt = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, None, dev)
-    run = torch.compile(model) if args.compile == "true" else model
+    run = torch.compile(model, mode=args.mode) if args.compile == "true" else model
     bf16 = args.precision == "bf16"
     prog = Progress(50, 1000, 0.2, 3.0)
 
     def step():
+        if args.mode == "reduce-overhead":  # a new iteration: the previous replay's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = run(x, prog).loss
         loss.backward()
@@ -163,6 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=10)
     ap.add_argument("--compile", choices=("true", "false"), default="false")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--mode", default=None, choices=(None, "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode of the bare loop (reduce-overhead: CUDA graphs on a GPU); the "
+                         "trainer compiles in its own (default) mode")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="a directory for step_overhead.json")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config (both runs)")
@@ -177,7 +184,8 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     bare = bare_run(args)
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "batch": args.batch, "compile": args.compile, "precision": args.precision,
+           "torch": torch.__version__, "batch": args.batch, "compile": args.compile, "bare_mode": args.mode,
+           "precision": args.precision,
            "trainer": tr, "bare": bare}
     if tr.get("img_per_s"):
         res["trainer_over_bare"] = bare["img_per_s"] / tr["img_per_s"]
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"step_overhead_{args.compile}.json").write_text(text)
+        (Path(args.out) / f"step_overhead_{args.compile}{'_' + args.mode if args.mode else ''}.json").write_text(text)
     return 0
 
 
