@@ -59,16 +59,15 @@ def trainer_run(args, tmp: str) -> dict:
     def step(run):
         i = n["i"]
         sync_watch = dev.type == "cuda" and start + args.profile <= i < start + args.profile + args.window
-        if sync_watch:
+        if sync_watch:  # every synchronising CUDA call warns; the warning names the line that made it
             torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            inner(run)
-        if sync_watch:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                inner(run)
             torch.cuda.set_sync_debug_mode(0)
-            for w in caught:
-                if "synchroniz" in str(w.message):
-                    syncs.append(f"step {i}: {w.filename}:{w.lineno}")
+            syncs.extend(f"step {i}: {w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        else:
+            inner(run)
         prof.step()
         n["i"] += 1
 
