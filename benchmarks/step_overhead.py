@@ -74,9 +74,11 @@ def trainer_run(args, tmp: str) -> dict:
     tr._train_step = step
     prof.start()
     t = time.perf_counter()
-    tr.train()
+    try:
+        tr.train()
+    finally:
+        prof.stop()
     wall = time.perf_counter() - t
-    prof.stop()
     recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     ips = [r["img_per_s"] for r in recs if "img_per_s" in r]
     from torch._dynamo.utils import counters
@@ -131,7 +133,7 @@ def bare_run(args) -> dict:
     prog = Progress(50, 1000, 0.2, 3.0)
 
     def step():
-        if args.mode == "reduce-overhead":  # a new iteration: the previous replay's outputs may be reused
+        if args.mode is not None:  # both modes replay CUDA graphs: a new iteration may reuse the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = run(x, prog).loss

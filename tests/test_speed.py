@@ -392,3 +392,20 @@ def test_bench_runs_every_eager_method_row_before_the_compiled_end_to_end_rows(m
     assert not result["skipped"]
     # every method's FLOP ratio is there from the eager rows
     assert all(f"{m} (eager): FLOP-predicted img/s / measured" in result["ratios"] for m in others)
+
+    # a budget that runs out after 3 + len(methods) rows keeps exactly the first ones of this order
+    full, order[:] = list(order), []
+    calls = {"n": 0}
+
+    def left(self):
+        calls["n"] += 1
+        return 1.0 if calls["n"] <= 3 + len(methods) else 0.0
+
+    monkeypatch.setattr(bench.Plan, "left", left)
+    plan = bench.Plan(device=torch.device("cpu"), smoke=True, batch=2, steps=1, warmup=0, precision="fp32",
+                      compile=True, methods=methods, jpegs=1, jpeg_dir=None, workers=0, fmnist_batch=2,
+                      budget_s=1.0, peer=True, out=None)
+    result = bench.run(plan)
+    kept = 2 + len(methods)  # the ceiling row calls no thunk: mae compiled, peer, every eager row
+    assert order == full[:kept]
+    assert result["skipped"][0] == "e2e shards" and len(result["skipped"]) == len(full) - kept
