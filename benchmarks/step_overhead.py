@@ -9,8 +9,9 @@ does: kernel launches, Python, synchronisations. This script runs, in one proces
   its own log windows of ``--window`` steps (the first window holds compilation, and windows that
   overlap the profiled or sync-watched steps run slower: those are dropped);
 * ``bare``: the same method's forward, backward and fused AdamW on device-resident random images,
-  nothing else (the least any loop does), compiled when the trainer was (``--mode reduce-overhead``:
-  as CUDA graphs, the way to take the launches off the host);
+  nothing else (the least any loop does), compiled when the trainer was, in the same mode
+  (``--mode reduce-overhead``: as CUDA graphs, the way to take the launches off the host; the trainer
+  runs it as ``train.compile_mode=reduce-overhead``);
 * a ``torch.profiler`` trace of ``--profile`` trainer steps in the middle of the run: host time per
   step, device (kernel) time per step, kernel launches per step, the top host ops, and on a GPU the
   Python stacks of every synchronising CUDA call (``torch.cuda.set_sync_debug_mode``).
@@ -44,7 +45,7 @@ def trainer_run(args, tmp: str) -> dict:
         f"train.out_dir={tmp}", f"train.log_every_steps={args.window}", "train.ckpt_every_steps=1000000000",
         "train.tensorboard=false", "train.progress_bar=false", "eval.knn_at_end=false",
         "eval.picture_at_end=false", f"train.precision={args.precision}", f"train.compile={args.compile}",
-        f"train.device={args.device}", *args.overrides])
+        f"train.device={args.device}", f"train.compile_mode={args.mode or 'default'}", *args.overrides])
     tr = Trainer(cfg)
     tr.save = lambda *a, **k: Path(tmp) / "checkpoint.pt"  # steps, not checkpoint writes
     dev = tr.device
@@ -169,8 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("true", "false"), default="false")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--mode", default=None, choices=(None, "reduce-overhead", "max-autotune"),
-                    help="torch.compile mode of the bare loop (reduce-overhead: CUDA graphs on a GPU); the "
-                         "trainer compiles in its own (default) mode")
+                    help="torch.compile mode of both runs (reduce-overhead: CUDA graphs on a GPU; the trainer "
+                         "takes it as train.compile_mode and marks each step)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="a directory for step_overhead.json")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config (both runs)")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     bare = bare_run(args)
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "batch": args.batch, "compile": args.compile, "bare_mode": args.mode,
+           "torch": torch.__version__, "batch": args.batch, "compile": args.compile, "mode": args.mode,
            "precision": args.precision,
            "trainer": tr, "bare": bare}
     if tr.get("img_per_s"):

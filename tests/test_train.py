@@ -246,3 +246,54 @@ def test_compile_auto_rule_and_values():
     assert load_config(cfg, ["train.compile=true"]).train.compile is True
     with pytest.raises(ConfigError, match=r"train.compile.*is not one of auto, true, false"):
         validate(load_config(cfg, ["train.compile=sometimes"]), check_environment=False)
+
+
+def test_compile_mode_values_and_cuda_graph_limits():
+    """``train.compile_mode``: the four torch.compile modes; the CUDA-graph ones are refused in one line with
+    micro-batches or several processes (unless compile is off, where the mode does nothing)."""
+    from mimkit.config import ConfigError, load_config, validate
+
+    cfg = ROOT / "configs" / "mae_fashion_mnist.yaml"
+    assert load_config(cfg).train.compile_mode == "default"
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        validate(load_config(cfg, [f"train.compile_mode={mode}"]), world_size=1, check_environment=False)
+    with pytest.raises(ConfigError, match=r"train.compile_mode=fast.*is not one of default, reduce-overhead"):
+        validate(load_config(cfg, ["train.compile_mode=fast"]), check_environment=False)
+    with pytest.raises(ConfigError, match=r"reduce-overhead.*optim.accum_iter=2.*optim.accum_iter=1") as e:
+        validate(load_config(cfg, ["train.compile_mode=reduce-overhead", "optim.accum_iter=2"]), world_size=1,
+                 check_environment=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"max-autotune.*with 2 processes"):
+        validate(load_config(cfg, ["train.compile_mode=max-autotune"]), world_size=2, check_environment=False)
+    # no CUDA graphs: allowed with micro-batches and several processes
+    validate(load_config(cfg, ["train.compile_mode=max-autotune-no-cudagraphs", "optim.accum_iter=2"]), world_size=2,
+             check_environment=False)
+    validate(load_config(cfg, ["train.compile_mode=reduce-overhead", "optim.accum_iter=2", "train.compile=false"]),
+             world_size=2, check_environment=False)
+
+
+def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path, monkeypatch):
+    """``train.compile=true train.compile_mode=reduce-overhead``: torch.compile gets the mode, every step is
+    marked as a new CUDA-graph iteration before its forward (so a replay may reuse the previous step's
+    outputs), and the losses equal an eager run's. CPU: the compiled step runs through AOTAutograd with
+    the eager backend (inductor's C++ build takes minutes on 2 cores; on a CPU torch runs no graphs)."""
+    real_compile = torch.compile
+    modes, marks = [], []
+
+    def compile_spy(model, mode=None, **kw):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    steps = ["train.max_steps=4", "train.epochs=1"]
+    pretrain(tiny_cfg(tmp_path / "eager", *steps))
+    assert modes == [] and marks == []
+    pretrain(tiny_cfg(tmp_path / "graphs", *steps, "train.compile=true", "train.compile_mode=reduce-overhead"))
+    assert modes == ["reduce-overhead"] and len(marks) == 4
+    torch.testing.assert_close(losses(tmp_path / "graphs"), losses(tmp_path / "eager"), rtol=1e-5, atol=1e-6)
+    marks.clear()
+    pretrain(tiny_cfg(tmp_path / "default", *steps, "train.compile=true"))  # the default mode: no marks
+    assert modes == ["reduce-overhead", None] and marks == []
+    torch._dynamo.reset()

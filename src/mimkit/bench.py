@@ -25,8 +25,13 @@ seconds (a test of the bench, not a measurement): ``SMOKE_MODEL`` and each metho
 The methods are those registered in :data:`mimkit.methods.METHODS`; the bench names only its
 ``REFERENCE`` method (the one the peer implements and the end-to-end rows train).
 
+``--compile-mode`` compiles in another ``torch.compile`` mode, as ``train.compile_mode`` does
+(``reduce-overhead``: CUDA graphs, each step marked as a new iteration); ``--no-e2e`` keeps the model
+and peer rows only.
+
     mimkit bench --smoke                           # CPU, tiny shapes, < 1 min
     mimkit bench --out runs/bench --budget-s 420   # the GPU suite (benchmarks/gpu_suite.sh)
+    mimkit bench --compile-mode reduce-overhead --methods mae --no-e2e   # ViT-B/16 and the peer as CUDA graphs
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from mimkit.config.schema import COMPILE_MODES
 from mimkit.errors import ConfigError, DataError
 
 REFERENCE = "mae"
@@ -87,6 +93,8 @@ class Plan:
     budget_s: float | None
     peer: bool
     out: Path | None
+    compile_mode: str = "default"  # torch.compile's mode of the compiled rows (train.compile_mode's values)
+    e2e: bool = True  # the trainer rows (image folder input paths, Fashion-MNIST workload)
     rows: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -97,6 +105,13 @@ class Plan:
         from mimkit.train.loop import autocast_dtype
 
         return autocast_dtype(self.precision, self.device)
+
+    @property
+    def cudagraphs(self) -> bool:
+        """The compiled rows replay CUDA graphs (each step is then marked as a new iteration)."""
+        from mimkit.config.schema import CUDAGRAPH_COMPILE_MODES
+
+        return self.compile_mode in CUDAGRAPH_COMPILE_MODES
 
     def left(self) -> float:
         return float("inf") if self.budget_s is None else self.budget_s - (time.perf_counter() - self.t0)
@@ -157,8 +172,18 @@ def _timed_steps(step, plan: Plan, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def _compile(module, plan: Plan):
-    return torch.compile(module) if plan.compile else module
+def _compile(module, plan: Plan, compiled: bool | None = None):
+    """``module`` compiled as the trainer compiles it (``plan.compile_mode``) when ``compiled`` (default:
+    ``plan.compile``)."""
+    if not (plan.compile if compiled is None else compiled):
+        return module
+    return torch.compile(module, mode=None if plan.compile_mode == "default" else plan.compile_mode)
+
+
+def _mark_step(plan: Plan, compiled: bool) -> None:
+    """A new CUDA-graph iteration before a compiled step's forward (as the trainer marks its steps)."""
+    if compiled and plan.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def model_row(plan: Plan, name: str, ceiling: float | None, compiled: bool) -> dict:
@@ -179,7 +204,7 @@ def model_row(plan: Plan, name: str, ceiling: float | None, compiled: bool) -> d
     prog = Progress(500, 1000, 50.0, 100.0)
     opt = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, None, plan.device)
     dtype = plan.dtype
-    run = torch.compile(model) if compiled else model  # as the trainer compiles
+    run = _compile(model, plan, compiled)  # as the trainer compiles
 
     def fwd_bwd(m):
         with torch.autocast(plan.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -190,6 +215,7 @@ def model_row(plan: Plan, name: str, ceiling: float | None, compiled: bool) -> d
     opt.zero_grad(set_to_none=True)
 
     def step(i):
+        _mark_step(plan, compiled)
         fwd_bwd(run)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -256,6 +282,7 @@ def hf_peer_row(plan: Plan, ceiling: float | None) -> dict | None:
     opt.zero_grad(set_to_none=True)
 
     def step(i):
+        _mark_step(plan, plan.compile)
         fwd_bwd(run)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -322,7 +349,7 @@ def trainer_row(plan: Plan, name: str, preset: str | Path, overrides: list[str],
             "train.epochs=1000", f"train.log_every_steps={window}", "train.ckpt_every_steps=1000000000",
             "train.tensorboard=false", "train.progress_bar=false", "eval.knn_at_end=false",
             "eval.picture_at_end=false", f"train.precision={plan.precision}", f"train.compile={str(plan.compile).lower()}",
-            f"train.device={plan.device}", "optim.warmup_epochs=1",
+            f"train.compile_mode={plan.compile_mode}", f"train.device={plan.device}", "optim.warmup_epochs=1",
         ]
         cfg = load_config(preset, over)
         _reset_peak(plan.device)
@@ -412,9 +439,10 @@ def fmnist_row(plan: Plan, ceiling: float | None) -> dict | None:
 
 def markdown(result: dict) -> str:
     env = result["env"]
+    mode = "" if env.get("compile_mode", "default") == "default" else f" ({env['compile_mode']})"
     lines = [
         f"mimkit bench on {env['device_name']} ({env['device']}), torch {env['torch']}, precision {env['precision']}, "
-        f"compile {env['compile']}, batch {env['batch']}{' (SMOKE: tiny shapes, not a measurement)' if env['smoke'] else ''}",
+        f"compile {env['compile']}{mode}, batch {env['batch']}{' (SMOKE: tiny shapes, not a measurement)' if env['smoke'] else ''}",
         "",
         "| row | img/s | GFLOP/img | TFLOP/s | MFU | peak GiB | wall s |",
         "|---|---|---|---|---|---|---|",
@@ -478,10 +506,13 @@ def run(plan: Plan) -> dict:
         tasks.append(("peer hf", lambda: hf_peer_row(plan, ceiling)))
     if plan.compile:
         tasks += [(f"model {m} eager", model(m, False)) for m in plan.methods]
-    tasks.append(("e2e paths", None))  # expanded below, once the reference method's FLOPs are known
-    tasks.append(("e2e fashion-mnist", lambda: fmnist_row(plan, ceiling)))
-    tasks += [(f"model {m}{' compiled' if plan.compile else ''}", model(m, plan.compile))
-              for m in plan.methods if m != REFERENCE]
+    else:  # eager only: the other methods' rows are the eager rows, before the end-to-end rows too
+        tasks += [(f"model {m}", model(m, False)) for m in plan.methods if m != REFERENCE]
+    if plan.e2e:
+        tasks.append(("e2e paths", None))  # expanded below, once the reference method's FLOPs are known
+        tasks.append(("e2e fashion-mnist", lambda: fmnist_row(plan, ceiling)))
+    if plan.compile:
+        tasks += [(f"model {m} compiled", model(m, True)) for m in plan.methods if m != REFERENCE]
 
     bar = tqdm(total=len(tasks), desc="mimkit bench", unit="row", mininterval=1.0 if sys.stderr.isatty() else 10.0)
     i = 0
@@ -516,7 +547,7 @@ def run(plan: Plan) -> dict:
     result = {
         "env": {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                 (platform.processor() or platform.machine()), "torch": torch.__version__, "precision": plan.precision,
-                "compile": plan.compile, "batch": plan.batch, "smoke": plan.smoke, "steps": plan.steps,
+                "compile": plan.compile, "compile_mode": plan.compile_mode, "batch": plan.batch, "smoke": plan.smoke, "steps": plan.steps,
                 "warmup": plan.warmup, "threads": torch.get_num_threads(), "jpegs": plan.jpegs},
         "rows": plan.rows, "skipped": plan.skipped, "notes": plan.notes, "wall_s": time.perf_counter() - plan.t0,
     }
@@ -548,6 +579,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="eager steps (default: torch.compile on GPU, eager on CPU)")
     p.add_argument("--compile", dest="compile", action="store_true", help="torch.compile also on CPU")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled rows, as train.compile_mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--batch", type=int, default=None, help="per-step batch (default 256; smoke 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
@@ -557,6 +590,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: CPU count, max 16)")
     p.add_argument("--fmnist-batch", type=int, default=None, help="Fashion-MNIST batch (default 512; smoke 16)")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the Hugging Face peer")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false",
+                   help="skip the trainer rows (image folder input paths, Fashion-MNIST workload): model rows only")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting rows after this many seconds")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     p.set_defaults(func=main)
@@ -584,7 +619,7 @@ def main(args: argparse.Namespace) -> int:
         jpegs=args.jpegs or (64 if smoke else 20000), jpeg_dir=Path(args.jpeg_dir) if args.jpeg_dir else None,
         workers=args.workers if args.workers is not None else (0 if smoke else min(16, os.cpu_count() or 1)),
         fmnist_batch=args.fmnist_batch or (16 if smoke else 512), budget_s=args.budget_s, peer=args.peer,
-        out=Path(args.out) if args.out else None,
+        out=Path(args.out) if args.out else None, compile_mode=args.compile_mode, e2e=args.e2e,
     )
     result = run(plan)
     table = markdown(result)

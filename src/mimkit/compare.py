@@ -36,8 +36,8 @@ from mimkit.errors import ConfigError
 
 KNN_METRICS = ("top1_cls", "top1_mean")
 # settings that do not change the loss curve and are not compared
-_FREE_KEYS = ("train.seed", "train.out_dir", "train.device", "train.precision", "train.compile", "train.resume",
-              "train.resume_changes", "train.ckpt_every_steps", "train.ckpt_every_minutes", "train.keep_checkpoints",
+_FREE_KEYS = ("train.seed", "train.out_dir", "train.device", "train.precision", "train.compile", "train.compile_mode",
+              "train.resume", "train.resume_changes", "train.ckpt_every_steps", "train.ckpt_every_minutes", "train.keep_checkpoints",
               "train.progress_bar", "train.tensorboard", "train.num_threads", "train.max_nonfinite",
               "train.max_nonfinite_fraction", "train.dist_timeout_minutes", "train.log_every_steps", "data.root",
               "data.num_workers", "data.in_memory", "data.eval_root", "data.skip_corrupt", "model.init", "optim.fused")

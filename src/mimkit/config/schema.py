@@ -80,7 +80,13 @@ class TrainConfig:
     sharded over the processes; DCP checkpoint directories ``dcp/step-<step>`` that resume on any
     number of processes, plus ``encoder.safetensors`` at the end). ``activation_checkpointing``:
     recompute each transformer block's activations in the backward pass (any method, either
-    strategy; same numbers, less memory, about one more forward pass)."""
+    strategy; same numbers, less memory, about one more forward pass). ``compile``: ``auto`` (default:
+    compiled on a GPU for runs of 1000 steps or more), ``true``, ``false``. ``compile_mode``: the
+    ``torch.compile`` mode when compiled: ``default``, ``reduce-overhead`` (the step's kernels replayed
+    as CUDA graphs on a GPU: fewer host launches, for small models whose step is launch-bound),
+    ``max-autotune`` (kernel autotuning plus CUDA graphs), ``max-autotune-no-cudagraphs``. The CUDA-graph
+    modes are opt-in and need ``optim.accum_iter=1`` and one process (a replay reuses the previous
+    step's output memory; with micro-batches or DDP/FSDP that has not been measured, so it is refused)."""
 
     epochs: float = 800.0
     max_steps: int | None = None
@@ -88,6 +94,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool | str = "auto"
+    compile_mode: str = "default"
     out_dir: str = "runs/mae"
     ckpt_every_steps: int = 1000
     keep_checkpoints: int = 0
@@ -134,6 +141,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("rrc_flip", "flip", "none")
 RESUME_CHANGES = ("refuse", "allow")
 STRATEGIES = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""``train.compile_mode`` values under which torch.compile replays the step as CUDA graphs (on a GPU)."""
 MAX_SEED = 2**32 - 1
 """Largest ``train.seed``: ``numpy.random.seed`` takes ``[0, 2**32)`` (the loop seeds numpy with
 ``(seed + rank [+ step]) % 2**32``, torch and ``random`` with the sum itself)."""

@@ -12,7 +12,16 @@ import torch
 import yaml
 
 from mimkit.config.io import PATH_KEYS, to_dict
-from mimkit.config.schema import AUGMENTS, MAX_SEED, PRECISIONS, RESUME_CHANGES, STRATEGIES, Config
+from mimkit.config.schema import (
+    AUGMENTS,
+    COMPILE_MODES,
+    CUDAGRAPH_COMPILE_MODES,
+    MAX_SEED,
+    PRECISIONS,
+    RESUME_CHANGES,
+    STRATEGIES,
+    Config,
+)
 from mimkit.errors import ConfigError
 from mimkit.masking import MASKING_KINDS, resolve_num_keep
 
@@ -166,7 +175,7 @@ def _optim(cfg: Config, need) -> None:
          "must be > 0 or null", "null turns clipping off")
 
 
-def _train(cfg: Config, need):
+def _train(cfg: Config, need, world_size: int = 1):
     """The loop's settings; returns the parsed ``train.device`` (``None`` for auto) and whether it is valid."""
     t = cfg.train
     need(finite(t.epochs) and t.epochs > 0, "train.epochs", t.epochs, "must be > 0", "e.g. train.epochs=800")
@@ -188,6 +197,15 @@ def _train(cfg: Config, need):
          "null keeps torch's default")
     need(t.compile in (True, False, "auto"), "train.compile", t.compile, "is not one of auto, true, false",
          "auto (default) compiles on a GPU for long runs")
+    need(t.compile_mode in COMPILE_MODES, "train.compile_mode", t.compile_mode,
+         f"is not one of {', '.join(COMPILE_MODES)}", "default, or reduce-overhead for CUDA graphs on a GPU")
+    if t.compile_mode in CUDAGRAPH_COMPILE_MODES and t.compile is not False:
+        need(cfg.optim.accum_iter == 1, "train.compile_mode", t.compile_mode,
+             f"replays CUDA graphs, which are not supported with optim.accum_iter={cfg.optim.accum_iter} (a replay "
+             "reuses the previous micro-batch's gradient memory)", "use train.compile_mode=default, or optim.accum_iter=1")
+        need(world_size == 1, "train.compile_mode", t.compile_mode,
+             f"replays CUDA graphs, which are not supported with {world_size} processes (DDP/FSDP collectives in "
+             "the backward)", "use train.compile_mode=default for distributed runs")
     need(t.precision in PRECISIONS, "train.precision", t.precision, f"is not one of {', '.join(PRECISIONS)}",
          "e.g. train.precision=auto")
     need(t.resume_changes in RESUME_CHANGES, "train.resume_changes", t.resume_changes,
@@ -284,7 +302,7 @@ def validate(cfg: Config, *, world_size: int | None = None, check_environment: b
     _masking(cfg, need, tokens)
     _data(cfg, need, world_size)
     _optim(cfg, need)
-    dev, device_ok = _train(cfg, need)
+    dev, device_ok = _train(cfg, need, world_size)
     _eval(cfg, need)
     if check_environment and device_ok:
         _machine(cfg, problems, dev, device_ok)

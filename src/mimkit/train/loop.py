@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mimkit.config import Config, expand_paths, save_config, validate
+from mimkit.config.schema import CUDAGRAPH_COMPILE_MODES
 from mimkit.errors import ConfigError, DataError, NonFiniteLossError
 from mimkit.methods import Method, Progress
 from mimkit.methods import build_method as _build_method
@@ -191,13 +192,19 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.compiled, why = resolve_compile(cfg.train.compile, self.device, self.total_steps - self.step)
         self._compile_timed = not self.compiled
+        mode = cfg.train.compile_mode
+        # CUDA-graph modes: each step is marked as a new iteration, so a replay may reuse the memory of the
+        # previous step's outputs (consumed by then: the loss is copied into the step's sum, the gradients
+        # are applied and dropped by zero_grad before the next forward); on a CPU torch runs no graphs
+        self.cudagraph_steps = self.compiled and mode in CUDAGRAPH_COMPILE_MODES
         if self.compiled and self.info.is_main:
-            print(f"torch.compile: on ({why}); the first step compiles the model (a minute or more)", file=sys.stderr)
+            print(f"torch.compile: on ({why}{'' if mode == 'default' else f', mode {mode}'}); the first step "
+                  "compiles the model (a minute or more)", file=sys.stderr)
         if self.compiled:
             # automatic dynamic shapes: a size seen to change (SBAM's adaptive visible count, up to ~40
             # values at ViT-B/16) is recompiled once as symbolic, not once per value; the batch is fixed
             # (drop_last), so the masking code keeps concrete sizes
-            train_model = torch.compile(train_model)
+            train_model = torch.compile(train_model, mode=None if mode == "default" else mode)
         self.train_model = train_model
 
     # -- construction steps -----------------------------------------------------------------------
@@ -401,6 +408,8 @@ class Trainer:
             run.guard.begin()  # copies what after_micro_batch will change (nothing for most methods)
         first_compiled = not self._compile_timed
         t0 = time.perf_counter() if first_compiled else 0.0
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         micro = run.accumulate(self.train_model, prog)
         if first_compiled:  # once per run: the compilation's cost, shown (one host sync)
             self._compile_timed = True
