@@ -45,3 +45,24 @@ def tiny_model_config(**enc):
     kw = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
     kw.update(enc)
     return ModelConfig(ViTConfig(**kw), DecoderConfig(embed_dim=16, depth=1, num_heads=2))
+
+
+@pytest.fixture
+def compile_spy(monkeypatch):
+    """``torch.compile`` and ``torch.compiler.cudagraph_mark_step_begin`` watched: yields ``(modes, marks)``,
+    the ``mode`` of every compile call and one entry per marked step. The compiled module runs through
+    AOTAutograd with the eager backend (inductor's C++ build takes minutes on 2 cores; on a CPU torch runs
+    no CUDA graphs anyway); dynamo's caches are reset before and after."""
+    real_compile = torch.compile
+    modes: list = []
+    marks: list = []
+
+    def spy(model, mode=None, **kw):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    yield modes, marks
+    torch._dynamo.reset()

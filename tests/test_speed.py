@@ -410,23 +410,26 @@ def test_bench_runs_every_eager_method_row_before_the_compiled_end_to_end_rows(m
     assert order == full[:kept]
     assert result["skipped"][0] == "e2e shards" and len(result["skipped"]) == len(full) - kept
 
+    # eager only (--no-compile): every method's row before the end-to-end rows; --no-e2e: no trainer rows
+    monkeypatch.setattr(bench.Plan, "left", lambda self: 1.0)
+    for e2e in (True, False):
+        order[:] = []
+        plan = bench.Plan(device=torch.device("cpu"), smoke=True, batch=2, steps=1, warmup=0, precision="fp32",
+                          compile=False, methods=methods, jpegs=1, jpeg_dir=None, workers=0, fmnist_batch=2,
+                          budget_s=None, peer=True, out=None, e2e=e2e)
+        result = bench.run(plan)
+        rows = ["model mae eager", "peer", *[f"model {m} eager" for m in others]]
+        assert order == rows + (["e2e shards", "e2e pil", "fmnist"] if e2e else [])
+        assert all(f"{m} (eager): FLOP-predicted img/s / measured" in result["ratios"] for m in others)
 
-def test_bench_compile_mode_reaches_compiled_rows_and_marks_their_steps(monkeypatch):
+
+def test_bench_compile_mode_reaches_compiled_rows_and_marks_their_steps(compile_spy):
     """``mimkit bench --compile-mode reduce-overhead``: the compiled rows get the mode and mark every step
     (warm-up included) as a new CUDA-graph iteration, as the trainer does; eager rows mark nothing; the
     table's first line names the mode. CPU: the eager backend stands in for inductor."""
     from mimkit import bench
 
-    real_compile = torch.compile
-    modes, marks = [], []
-
-    def compile_spy(model, mode=None, **kw):
-        modes.append(mode)
-        return real_compile(model, backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", compile_spy)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    torch._dynamo.reset()
+    modes, marks = compile_spy
     plan = bench.Plan(device=torch.device("cpu"), smoke=True, batch=2, steps=2, warmup=1, precision="fp32",
                       compile=True, methods=("mae",), jpegs=1, jpeg_dir=None, workers=0, fmnist_batch=2,
                       budget_s=None, peer=False, out=None, compile_mode="reduce-overhead")
@@ -437,7 +440,6 @@ def test_bench_compile_mode_reaches_compiled_rows_and_marks_their_steps(monkeypa
     plan.compile_mode = "max-autotune-no-cudagraphs"  # compiled, but no graphs: no marks
     bench.model_row(plan, "mae", None, True)
     assert modes == ["reduce-overhead", "max-autotune-no-cudagraphs"] and len(marks) == 3
-    torch._dynamo.reset()
     env = {"device": "cpu", "device_name": "x", "torch": "t", "precision": "fp32", "compile": True,
            "compile_mode": "reduce-overhead", "batch": 2, "smoke": True}
     head = bench.markdown({"env": env, "rows": [], "skipped": [], "notes": [], "wall_s": 1.0}).splitlines()[0]

@@ -272,21 +272,11 @@ def test_compile_mode_values_and_cuda_graph_limits():
              world_size=2, check_environment=False)
 
 
-def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path, monkeypatch):
+def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path, compile_spy):
     """``train.compile=true train.compile_mode=reduce-overhead``: torch.compile gets the mode, every step is
     marked as a new CUDA-graph iteration before its forward (so a replay may reuse the previous step's
-    outputs), and the losses equal an eager run's. CPU: the compiled step runs through AOTAutograd with
-    the eager backend (inductor's C++ build takes minutes on 2 cores; on a CPU torch runs no graphs)."""
-    real_compile = torch.compile
-    modes, marks = [], []
-
-    def compile_spy(model, mode=None, **kw):
-        modes.append(mode)
-        return real_compile(model, backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", compile_spy)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    torch._dynamo.reset()
+    outputs), and the losses equal an eager run's (CPU: the eager backend stands in for inductor)."""
+    modes, marks = compile_spy
     steps = ["train.max_steps=4", "train.epochs=1"]
     pretrain(tiny_cfg(tmp_path / "eager", *steps))
     assert modes == [] and marks == []
@@ -296,4 +286,3 @@ def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path,
     marks.clear()
     pretrain(tiny_cfg(tmp_path / "default", *steps, "train.compile=true"))  # the default mode: no marks
     assert modes == ["reduce-overhead", None] and marks == []
-    torch._dynamo.reset()
