@@ -42,3 +42,67 @@ def write_rows(path: str | None, meta: dict, rows: list[dict]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+# kernel (GPU) or aten op (CPU) name -> what it computes; first match wins (attention before matmul:
+# cuDNN's attention kernels carry "wgmma" in their names too)
+KERNEL_CATEGORIES = (
+    # CPU: the batched products are the explicit attention path's (profile_step.split_flops counts them so)
+    ("attention", ("sdpa", "flash", "fmha", "attention", "softmax", "aten::bmm", "aten::baddbmm")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "aten::mm", "aten::addmm",
+                "aten::matmul", "aten::linear")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("optimizer / grad norm", ("adam", "multi_tensor", "foreach")),
+    ("fused element-wise (triton)", ("triton_",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "aten::cat", "aten::index", "gather", "scatter")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def kernel_profile(prof, steps: int, cuda: bool, top: int = 15) -> dict:
+    """Per-step time of a ``torch.profiler`` run of ``steps`` steps: on a GPU the CUDA kernels (user
+    annotations such as ``ProfilerStep#`` and ``Optimizer.step#`` excluded: their device spans cover the
+    kernels inside them), on a CPU the aten ops' self time; by category (:data:`KERNEL_CATEGORIES`) and
+    the ``top`` names, with kernel launches and aten ops per step."""
+    ka = prof.key_averages()
+    dev_type = torch_device_type(cuda)
+
+    def kernel(e) -> bool:
+        if getattr(e, "is_user_annotation", False) or e.key.startswith("ProfilerStep") or "#" in e.key:
+            return False
+        if cuda:
+            return getattr(e, "device_type", None) == dev_type
+        return e.key.startswith("aten::")
+
+    def us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = [e for e in ka if kernel(e) and us(e) > 0]
+    total = sum(us(e) for e in events)
+    cats: dict[str, float] = {}
+    for e in events:
+        c = kernel_category(e.key)
+        cats[c] = cats.get(c, 0.0) + us(e)
+    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    return {
+        "kernel_ms_per_step": total / steps / 1e3,
+        "kernel_launches_per_step": sum(e.count for e in ka if e.key in launch_keys) / steps,
+        "aten_ops_per_step": sum(e.count for e in ka if e.key.startswith("aten::")) / steps,
+        "by_category_ms_per_step": {c: round(v / steps / 1e3, 4) for c, v in sorted(cats.items(), key=lambda x: -x[1])},
+        "top (name, calls/step, ms/step, category)": [
+            f"{e.key[:80]} | {e.count / steps:g} | {us(e) / steps / 1e3:.3f} | {kernel_category(e.key)}"
+            for e in sorted(events, key=lambda e: -us(e))[:top]],
+    }
+
+
+def torch_device_type(cuda: bool):
+    import torch
+
+    return torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU

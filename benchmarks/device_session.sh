@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session measures, as one prepared command (device time is scarce: ~15 minutes
-# per session with the machine's start included, so the default stages stay under ~7 minutes and leave
-# room for one rerun). Works under $WORK (default /tmp/mimkit-device) and copies the few files worth
-# keeping to $OUT (default runs/device-<stamp>). STAGES picks what runs, in this order:
+# per session with the machine's start included, and one command may run 10 minutes: the default stages
+# take about 7, most important first, so a cut-off run still brings back the first ones). Works under
+# $WORK (default /tmp/mimkit-device) and copies the files worth keeping to $OUT (default
+# runs/device-<stamp>; the device tool brings back at most 8 files, so the tables stay as JSON:
+# `python -c "import json,sys; from mimkit.bench import markdown; print(markdown(json.load(open(sys.argv[1]))))" F`
+# renders a bench file). STAGES picks what runs; they run in this order:
 #   graphs  the Fashion-MNIST step with CUDA graphs (train.compile_mode=reduce-overhead): the trainer and
 #           a bare loop at batch 512 (benchmarks/step_overhead.py) -> step_overhead_true_reduce-overhead.json
+#   profile MAE ViT-B/16's compiled step profiled: kernel time by category, matmul/attention TFLOP/s
+#           (benchmarks/profile_step.py) -> profile_mae.json
 #   eager   every method eager at ViT-B/16 with the peer, for the FLOP-ratio check (mimkit bench
-#           --no-compile --no-e2e, row budget EAGER_S, default 100 s) -> bench_eager.md/.json
+#           --no-compile --no-e2e, row budget EAGER_S, default 100 s) -> bench_eager.json
+#   jpeg    the JPEG input path's stages timed apart on 2,048 files (benchmarks/jpeg_path.py) -> jpeg_path.json
 #   vitb    MAE ViT-B/16 model only and the peer, compiled with CUDA graphs (mimkit bench --compile-mode
-#           reduce-overhead --no-e2e, row budget VITB_S, default 150 s) -> bench_graphs.md/.json
+#           reduce-overhead --no-e2e, row budget VITB_S, default 150 s) -> bench_graphs.json
 #   suite   the whole GPU speed suite in torch.compile's default mode (benchmarks/gpu_suite.sh, row budget
 #           BUDGET_S, default 240 s, 8,000 JPEG files) -> bench.md/.json
 #   zoo     the zoo's GPU variant: the Fashion-MNIST zoo's 12 configs, seed 0, kNN + linear (ZOO_PROTOCOLS),
 #           stopped after ZOO_S seconds (default 150; rerun with the same WORK continues) -> zoo.md, zoo_runs.csv
-# Default STAGES="graphs eager vitb" (suite and zoo ran on 2026-12-04: BENCHMARKS.md, "GPU speed").
+# Default STAGES="graphs profile eager jpeg vitb" (suite and zoo ran on 2026-12-04: BENCHMARKS.md, "GPU
+# speed"; run them as a second command: more files than the tool brings back in one).
 # env.txt (nvidia-smi, python, torch, the device) is always written. No package is installed: the GPU image
 # has torch, timm, transformers, safetensors; mimkit runs from src/.
 #   bash benchmarks/device_session.sh            # on the GPU machine, from the repository root
 #   STAGES="suite zoo" bash benchmarks/device_session.sh
-#   bash benchmarks/device_session.sh --smoke    # every stage at tiny shapes on any machine (a few minutes)
+#   STAGES="graphs profile eager jpeg vitb suite zoo" bash benchmarks/device_session.sh --smoke   # tiny shapes, any machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -26,12 +33,15 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT=${OUT:-runs/device-$(date -u +%Y%m%d-%H%M%S)}
 WORK=${WORK:-/tmp/mimkit-device}
-STAGES=${STAGES:-graphs eager vitb}
+STAGES=${STAGES:-graphs profile eager jpeg vitb}
 mkdir -p "$OUT" "$WORK"
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
 for s in $STAGES; do
-  case $s in graphs|eager|vitb|suite|zoo) ;; *) echo "device_session: unknown stage '$s' in STAGES; choose from graphs eager vitb suite zoo" >&2; exit 2;; esac
+  case $s in graphs|profile|eager|jpeg|vitb|suite|zoo) ;;
+    *) echo "device_session: unknown stage '$s' in STAGES; choose from graphs profile eager jpeg vitb suite zoo" >&2
+       exit 2;;
+  esac
 done
 want() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 
@@ -55,6 +65,13 @@ if want graphs; then
   note graphs $?
 fi
 
+if want profile; then
+  echo "== profile: MAE ViT-B/16's compiled step by kernel category" >&2
+  if [ $smoke = 1 ]; then "$PY" benchmarks/profile_step.py --smoke --out "$OUT"
+  else "$PY" benchmarks/profile_step.py --out "$OUT"; fi
+  note profile $?
+fi
+
 smoke_bench=()
 [ $smoke = 1 ] && smoke_bench=(--smoke --methods mae,pcae)
 if want eager; then
@@ -62,7 +79,17 @@ if want eager; then
   "$PY" -m mimkit.cli bench "${smoke_bench[@]}" --no-compile --no-e2e --budget-s "${EAGER_S:-100}" \
     --out "$WORK/eager"
   note eager $?
-  cp "$WORK/eager/bench.md" "$OUT/bench_eager.md"; cp "$WORK/eager/bench.json" "$OUT/bench_eager.json"
+  cp "$WORK/eager/bench.json" "$OUT/bench_eager.json"
+fi
+
+if want jpeg; then
+  echo "== jpeg: the JPEG input path's stages" >&2
+  if [ $smoke = 1 ]; then
+    "$PY" benchmarks/jpeg_path.py --files 64 --batch 8 --batches 2 --workers 1 --dir "$WORK/jpeg-path" --out "$OUT"
+  else
+    "$PY" benchmarks/jpeg_path.py --dir "$WORK/jpeg-path" --out "$OUT"
+  fi
+  note jpeg $?
 fi
 
 if want vitb; then
@@ -70,7 +97,7 @@ if want vitb; then
   "$PY" -m mimkit.cli bench "${smoke_bench[@]}" --compile --compile-mode reduce-overhead --methods mae \
     --no-e2e --budget-s "${VITB_S:-150}" --out "$WORK/vitb"
   note vitb $?
-  cp "$WORK/vitb/bench.md" "$OUT/bench_graphs.md"; cp "$WORK/vitb/bench.json" "$OUT/bench_graphs.json"
+  cp "$WORK/vitb/bench.json" "$OUT/bench_graphs.json"
 fi
 
 if want suite; then

@@ -444,3 +444,53 @@ def test_bench_compile_mode_reaches_compiled_rows_and_marks_their_steps(compile_
            "compile_mode": "reduce-overhead", "batch": 2, "smoke": True}
     head = bench.markdown({"env": env, "rows": [], "skipped": [], "notes": [], "wall_s": 1.0}).splitlines()[0]
     assert "compile True (reduce-overhead), batch 2" in head
+
+
+def test_profile_tools_categorize_kernels_and_split_flops(monkeypatch):
+    """benchmarks/_common.py's kernel categories on kernel names of the H200 profile (cuDNN attention before
+    matmul: its names carry "wgmma"; fused layer norms before other Triton kernels), a CPU profile's
+    per-step numbers without the annotations, and profile_step.split_flops adding up to count_flops."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("_common", None)
+    from _common import kernel_category, kernel_profile
+    from profile_step import split_flops
+
+    from mimkit.flops import count_flops
+
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64") == "attention"
+    assert kernel_category("nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT") == "matmul"
+    assert kernel_category("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>") == "matmul"
+    assert kernel_category("triton_per_fused__to_copy_add_native_layer_norm_backward_view_36") == "layer norm"
+    assert kernel_category("triton_poi_fused_gelu_gelu_backward_view_33") == "fused element-wise (triton)"
+    assert kernel_category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<Adam>") \
+        == "optimizer / grad norm"
+    assert kernel_category("Memcpy HtoD (Pageable -> Device)") == "copy / fill"
+    assert kernel_category("aten::gelu") == "other" and kernel_category("aten::bmm") == "attention"
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            with torch.profiler.record_function("ProfilerStep#0"), torch.profiler.record_function("Optimizer.step#X"):
+                (a @ b).relu()
+    kp = kernel_profile(prof, 3, cuda=False)
+    assert set(kp["by_category_ms_per_step"]) == {"matmul", "other"}
+    assert kp["aten_ops_per_step"] >= 2 and kp["kernel_ms_per_step"] > 0
+    assert abs(sum(kp["by_category_ms_per_step"].values()) - kp["kernel_ms_per_step"]) < 1e-3
+    assert not any(t.startswith(("ProfilerStep", "Optimizer")) for t in kp["top (name, calls/step, ms/step, category)"])
+
+    cfg = load_config(ROOT / "configs/mae_fashion_mnist.yaml", TINY)
+    model = build_method(cfg)
+    x = _images(cfg, n=4)
+
+    def fwd_bwd():
+        model(x, Progress(0, 10, 0.0, 1.0), generator=torch.Generator().manual_seed(0)).loss.backward()
+
+    split = split_flops(fwd_bwd)  # attention: SDPA or, on this CPU path, the explicit batched products
+    assert min(split["matmul"], split["attention"], split["convolution"]) > 0 and split["other"] == 0
+    assert sum(split.values()) == count_flops(fwd_bwd, grad=True)
+    e, n = cfg.model.encoder, 4
+    tokens = 1 + round((1 - cfg.method.masking.ratio) * (e.img_size // e.patch_size) ** 2)
+    # forward + backward = 3x the forward's products; the encoder's attention alone is 4 n^2 D per block
+    assert split["attention"] >= 3 * n * e.depth * 4 * tokens**2 * e.embed_dim
