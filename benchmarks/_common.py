@@ -49,8 +49,8 @@ def write_rows(path: str | None, meta: dict, rows: list[dict]) -> None:
 KERNEL_CATEGORIES = (
     # CPU: the batched products are the explicit attention path's (profile_step.split_flops counts them so)
     ("attention", ("sdpa", "flash", "fmha", "attention", "softmax", "aten::bmm", "aten::baddbmm")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "aten::mm", "aten::addmm",
-                "aten::matmul", "aten::linear")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "triton_tem_", "aten::mm", "aten::addmm",
+                "aten::matmul", "aten::linear")),  # triton_tem_: inductor's GEMM templates (max-autotune)
     ("layer norm", ("layer_norm", "layernorm")),
     ("optimizer / grad norm", ("adam", "multi_tensor", "foreach")),
     ("fused element-wise (triton)", ("triton_",)),
@@ -90,7 +90,7 @@ def kernel_profile(prof, steps: int, cuda: bool, top: int = 15) -> dict:
     for e in events:
         c = kernel_category(e.key)
         cats[c] = cats.get(c, 0.0) + us(e)
-    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
     return {
         "kernel_ms_per_step": total / steps / 1e3,
         "kernel_launches_per_step": sum(e.count for e in ka if e.key in launch_keys) / steps,

@@ -12,7 +12,7 @@
 #           (benchmarks/profile_step.py) -> profile_mae.json
 #   eager   every method eager at ViT-B/16 with the peer, for the FLOP-ratio check (mimkit bench
 #           --no-compile --no-e2e, row budget EAGER_S, default 100 s) -> bench_eager.json
-#   jpeg    the JPEG input path's stages timed apart on 2,048 files (benchmarks/jpeg_path.py) -> jpeg_path.json
+#   jpeg    the JPEG input path's stages timed apart on 4,096 files (benchmarks/jpeg_path.py) -> jpeg_path.json
 #   vitb    MAE ViT-B/16 model only and the peer, compiled with CUDA graphs (mimkit bench --compile-mode
 #           reduce-overhead --no-e2e, row budget VITB_S, default 150 s) -> bench_graphs.json
 #   suite   the whole GPU speed suite in torch.compile's default mode (benchmarks/gpu_suite.sh, row budget
@@ -76,6 +76,7 @@ smoke_bench=()
 [ $smoke = 1 ] && smoke_bench=(--smoke --methods mae,pcae)
 if want eager; then
   echo "== eager: every method eager with the peer (FLOP ratios)" >&2
+  rm -rf "$WORK/eager"  # a failed stage must not bring back an earlier run's file
   "$PY" -m mimkit.cli bench "${smoke_bench[@]}" --no-compile --no-e2e --budget-s "${EAGER_S:-100}" \
     --out "$WORK/eager"
   note eager $?
@@ -85,7 +86,8 @@ fi
 if want jpeg; then
   echo "== jpeg: the JPEG input path's stages" >&2
   if [ $smoke = 1 ]; then
-    "$PY" benchmarks/jpeg_path.py --files 64 --batch 8 --batches 2 --workers 1 --dir "$WORK/jpeg-path" --out "$OUT"
+    "$PY" benchmarks/jpeg_path.py --files 96 --batch 8 --loader-batch 4 --batches 2 --workers 1 --dir "$WORK/jpeg-path" \
+      --out "$OUT"
   else
     "$PY" benchmarks/jpeg_path.py --dir "$WORK/jpeg-path" --out "$OUT"
   fi
@@ -94,6 +96,7 @@ fi
 
 if want vitb; then
   echo "== vitb: MAE ViT-B/16 and the peer compiled with CUDA graphs" >&2
+  rm -rf "$WORK/vitb"
   "$PY" -m mimkit.cli bench "${smoke_bench[@]}" --compile --compile-mode reduce-overhead --methods mae \
     --no-e2e --budget-s "${VITB_S:-150}" --out "$WORK/vitb"
   note vitb $?
@@ -102,6 +105,7 @@ fi
 
 if want suite; then
   echo "== suite: the GPU speed suite" >&2
+  rm -rf "$WORK/bench"
   if [ $smoke = 1 ]; then
     PYTHON="$PY" OUT="$WORK/bench" bash benchmarks/gpu_suite.sh --smoke --methods mae,pcae
   else

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from _common import kernel_profile
 
+from mimkit.config.schema import COMPILE_MODES
+
 ATTENTION_OPS = ("attention", "sdpa", "bmm")  # batched products: explicit attention (q k^T, attn v) in a ViT
 MATMUL_OPS = ("mm", "addmm", "matmul", "linear")
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default 256 (smoke 4)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--compile", choices=("true", "false"), default=None, help="default: true on a GPU")
-    ap.add_argument("--mode", default="default", help="torch.compile mode, as train.compile_mode")
+    ap.add_argument("--mode", default="default", choices=COMPILE_MODES, help="torch.compile mode, as train.compile_mode")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (compilation); default 5 (smoke 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps; default 20 (smoke 2)")
     ap.add_argument("--profile", type=int, default=None, help="profiled steps; default 5 (smoke 2)")
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     from mimkit.methods import Progress
     from mimkit.train.loop import build_method
     from mimkit.train.optim import param_groups
+    from mimkit.train.precision import compile_kwargs
     from mimkit.train.step import build_adamw
 
     dev = torch.device(args.device)
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     images = torch.randn(batch, e.in_chans, e.img_size, e.img_size, device=dev)
     prog = Progress(500, 1000, 50.0, 100.0)  # mid-run, as the bench
     opt = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, None, dev)
-    run = (torch.compile(model, mode=None if args.mode == "default" else args.mode) if compiled else model)
+    run = torch.compile(model, **compile_kwargs(args.mode)) if compiled else model  # as the trainer compiles
 
     def fwd_bwd(m):
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -114,6 +114,7 @@ def bare_run(args) -> dict:
     from mimkit.methods import Progress
     from mimkit.train.loop import build_method
     from mimkit.train.optim import param_groups
+    from mimkit.train.precision import compile_kwargs
     from mimkit.train.step import build_adamw
 
     dev = torch.device(args.device)
@@ -123,7 +124,7 @@ def bare_run(args) -> dict:
     e = cfg.model.encoder
     x = torch.randn(args.batch, e.in_chans, e.img_size, e.img_size, device=dev)
     opt = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), 1e-8, None, dev)
-    run = torch.compile(model, mode=args.mode) if args.compile == "true" else model
+    run = torch.compile(model, **compile_kwargs(args.mode or "default")) if args.compile == "true" else model
     bf16 = args.precision == "bf16"
     prog = Progress(50, 1000, 0.2, 3.0)
 

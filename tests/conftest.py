@@ -50,15 +50,15 @@ def tiny_model_config(**enc):
 @pytest.fixture
 def compile_spy(monkeypatch):
     """``torch.compile`` and ``torch.compiler.cudagraph_mark_step_begin`` watched: yields ``(modes, marks)``,
-    the ``mode`` of every compile call and one entry per marked step. The compiled module runs through
+    ``(mode, options)`` of every compile call and one entry per marked step. The compiled module runs through
     AOTAutograd with the eager backend (inductor's C++ build takes minutes on 2 cores; on a CPU torch runs
     no CUDA graphs anyway); dynamo's caches are reset before and after."""
     real_compile = torch.compile
     modes: list = []
     marks: list = []
 
-    def spy(model, mode=None, **kw):
-        modes.append(mode)
+    def spy(model, mode=None, options=None, **kw):
+        modes.append((mode, options))
         return real_compile(model, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", spy)

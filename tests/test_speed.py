@@ -235,11 +235,15 @@ def test_compiled_step_equals_eager():
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["sbam_fashion_mnist", "emae_fashion_mnist", "latent_mim_fashion_mnist"])
+@pytest.mark.parametrize("preset", ["sbam_fashion_mnist", "emae_fashion_mnist", "latent_mim_fashion_mnist",
+                                    "pcae_fashion_mnist", "mae_fashion_mnist", "cae_fashion_mnist",
+                                    "mixedae_fashion_mnist"])
 def test_compile_does_not_recompile_every_step(preset):
-    """Variable shapes (SBAM's adaptive lengths, EMAE's views, Latent MIM's target/visible sizes) and the
-    changing Progress settle after a few graphs; later steps reuse them (counted with a backend that
-    records each graph it is given and runs it eagerly)."""
+    """Variable shapes (SBAM's adaptive lengths, EMAE's views, Latent MIM's target/visible sizes), the
+    changing Progress and PCAE's FLOP counts (counted once outside the graph, then looked up) settle
+    after a few graphs; later steps reuse them (counted with a backend that records each graph it is
+    given and runs it eagerly). The recompile limit is raised so that a frame recompiled every step keeps
+    adding graphs instead of falling back to eager at torch's limit (8), which would look settled."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -256,12 +260,13 @@ def test_compile_does_not_recompile_every_step(preset):
     run = torch.compile(model, backend=counting_backend)  # as the trainer compiles (automatic dynamic)
     total = 10
     seen = []
-    for step in range(total):
-        # progress through the run, so schedules (SBAM's random-masking phase) switch on the way
-        prog = Progress(step, total, step / total, 1.0)
-        out = run(_images(cfg, seed=step), prog, generator=torch.Generator().manual_seed(step))
-        out.loss.backward()
-        seen.append(len(graphs))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for step in range(total):
+            # progress through the run, so schedules (SBAM's random-masking phase) switch on the way
+            prog = Progress(step, total, step / total, 1.0)
+            out = run(_images(cfg, seed=step), prog, generator=torch.Generator().manual_seed(step))
+            out.loss.backward()
+            seen.append(len(graphs))
     settled = seen[-4:]
     assert settled[0] == settled[-1], f"{preset} compiled new graphs late in the run: {seen}"
     assert seen[-1] <= 20, seen
@@ -434,12 +439,13 @@ def test_bench_compile_mode_reaches_compiled_rows_and_marks_their_steps(compile_
                       compile=True, methods=("mae",), jpegs=1, jpeg_dir=None, workers=0, fmnist_batch=2,
                       budget_s=None, peer=False, out=None, compile_mode="reduce-overhead")
     row = bench.model_row(plan, "mae", None, True)
-    assert row["img_per_s"] > 0 and modes == ["reduce-overhead"] and len(marks) == 3
+    graphs = (None, {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True})
+    assert row["img_per_s"] > 0 and modes == [graphs] and len(marks) == 3
     bench.model_row(plan, "mae", None, False)
-    assert modes == ["reduce-overhead"] and len(marks) == 3
+    assert modes == [graphs] and len(marks) == 3
     plan.compile_mode = "max-autotune-no-cudagraphs"  # compiled, but no graphs: no marks
     bench.model_row(plan, "mae", None, True)
-    assert modes == ["reduce-overhead", "max-autotune-no-cudagraphs"] and len(marks) == 3
+    assert modes == [graphs, ("max-autotune-no-cudagraphs", None)] and len(marks) == 3
     env = {"device": "cpu", "device_name": "x", "torch": "t", "precision": "fp32", "compile": True,
            "compile_mode": "reduce-overhead", "batch": 2, "smoke": True}
     head = bench.markdown({"env": env, "rows": [], "skipped": [], "notes": [], "wall_s": 1.0}).splitlines()[0]
@@ -464,6 +470,7 @@ def test_profile_tools_categorize_kernels_and_split_flops(monkeypatch):
     assert kernel_category("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>") == "matmul"
     assert kernel_category("triton_per_fused__to_copy_add_native_layer_norm_backward_view_36") == "layer norm"
     assert kernel_category("triton_poi_fused_gelu_gelu_backward_view_33") == "fused element-wise (triton)"
+    assert kernel_category("triton_tem_fused_mm_4") == "matmul"  # max-autotune's GEMM templates
     assert kernel_category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<Adam>") \
         == "optimizer / grad norm"
     assert kernel_category("Memcpy HtoD (Pageable -> Device)") == "copy / fill"
@@ -494,3 +501,30 @@ def test_profile_tools_categorize_kernels_and_split_flops(monkeypatch):
     tokens = 1 + round((1 - cfg.method.masking.ratio) * (e.img_size // e.patch_size) ** 2)
     # forward + backward = 3x the forward's products; the encoder's attention alone is 4 n^2 D per block
     assert split["attention"] >= 3 * n * e.depth * 4 * tokens**2 * e.embed_dim
+
+
+def test_jpeg_path_times_every_stage_and_refuses_a_pass_too_short(tmp_path, monkeypatch, capsys):
+    """benchmarks/jpeg_path.py on CPU at tiny sizes: every stage has a positive rate, the loader rows time
+    the batches after those in flight (2 per worker), and a pass with too few batches for that is refused
+    in one line instead of timing the prefetched ones."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("_common", None)
+    import jpeg_path
+
+    args = ["--device", "cpu", "--files", "56", "--batch", "8", "--loader-batch", "4", "--batches", "2",
+            "--workers", "1", "--dir", str(tmp_path), "--out", str(tmp_path)]
+    assert jpeg_path.main(args) == 0
+    res = json.loads((tmp_path / "jpeg_path.json").read_text())
+    rows = res["rows"]
+    assert len(rows) == 5 and all(r["img_per_s"] > 0 for r in rows.values())
+    read = next(v for k, v in rows.items() if k.startswith("read"))
+    assert read["batches_timed"] == 56 // 4 - 1 - 2  # 14 batches, 2 in flight, the intervals after them
+    gpu = next(v for k, v in rows.items() if k.startswith("gpu loader"))
+    assert gpu["batches_timed"] == 56 // 8 - 1 - 3  # 7 batches; 1 being read + 2 decoded ahead
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="leave 1 to time after 2 in flight; raise --files"):
+        jpeg_path.main([*args[:3], "16", *args[4:]])  # the folder of 56 is rewritten with 16 files, not topped up
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == 16

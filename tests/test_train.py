@@ -259,7 +259,7 @@ def test_compile_mode_values_and_cuda_graph_limits():
         validate(load_config(cfg, [f"train.compile_mode={mode}"]), world_size=1, check_environment=False)
     with pytest.raises(ConfigError, match=r"train.compile_mode=fast.*is not one of default, reduce-overhead"):
         validate(load_config(cfg, ["train.compile_mode=fast"]), check_environment=False)
-    with pytest.raises(ConfigError, match=r"reduce-overhead.*optim.accum_iter=2.*optim.accum_iter=1") as e:
+    with pytest.raises(ConfigError, match=r"reduce-overhead.*not tested with optim.accum_iter=2.*optim.accum_iter=1") as e:
         validate(load_config(cfg, ["train.compile_mode=reduce-overhead", "optim.accum_iter=2"]), world_size=1,
                  check_environment=False)
     assert "\n" not in str(e.value)
@@ -270,6 +270,16 @@ def test_compile_mode_values_and_cuda_graph_limits():
              check_environment=False)
     validate(load_config(cfg, ["train.compile_mode=reduce-overhead", "optim.accum_iter=2", "train.compile=false"]),
              world_size=2, check_environment=False)
+    from mimkit.train.precision import compile_kwargs
+
+    assert compile_kwargs("default") == {}
+    assert compile_kwargs("max-autotune-no-cudagraphs") == {"mode": "max-autotune-no-cudagraphs"}
+    opts = compile_kwargs("max-autotune")["options"]
+    assert opts["max_autotune"] and opts["triton.cudagraphs"] and opts["triton.cudagraph_skip_dynamic_graphs"]
+    for mode in ("reduce-overhead", "max-autotune"):  # torch checks the option names when it wraps the module
+        torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(mode))
+    with pytest.raises(Exception, match="no_such_option"):
+        torch.compile(torch.nn.Linear(2, 2), options={"no_such_option": True})
 
 
 def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path, compile_spy):
@@ -281,8 +291,10 @@ def test_cuda_graph_compile_mode_marks_every_step_and_keeps_the_losses(tmp_path,
     pretrain(tiny_cfg(tmp_path / "eager", *steps))
     assert modes == [] and marks == []
     pretrain(tiny_cfg(tmp_path / "graphs", *steps, "train.compile=true", "train.compile_mode=reduce-overhead"))
-    assert modes == ["reduce-overhead"] and len(marks) == 4
+    # reduce-overhead's inductor options, and graphs with dynamic inputs left without CUDA graphs
+    graphs = (None, {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True})
+    assert modes == [graphs] and len(marks) == 4
     torch.testing.assert_close(losses(tmp_path / "graphs"), losses(tmp_path / "eager"), rtol=1e-5, atol=1e-6)
     marks.clear()
     pretrain(tiny_cfg(tmp_path / "default", *steps, "train.compile=true"))  # the default mode: no marks
-    assert modes == ["reduce-overhead", None] and marks == []
+    assert modes == [graphs, (None, None)] and marks == []

@@ -177,7 +177,9 @@ def _compile(module, plan: Plan, compiled: bool | None = None):
     ``plan.compile``)."""
     if not (plan.compile if compiled is None else compiled):
         return module
-    return torch.compile(module, mode=None if plan.compile_mode == "default" else plan.compile_mode)
+    from mimkit.train.precision import compile_kwargs
+
+    return torch.compile(module, **compile_kwargs(plan.compile_mode))
 
 
 def _mark_step(plan: Plan, compiled: bool) -> None:
@@ -302,10 +304,14 @@ def hf_peer_row(plan: Plan, ceiling: float | None) -> dict | None:
 
 def make_jpeg_folder(root: Path, n: int, smoke: bool, workers: int = 0) -> Path:
     """``n`` JPEG files of mixed sizes (photo-like: smooth colour fields with grain, quality 90) under
-    ``root`` (written once: reused when ``root`` holds ``n`` files)."""
+    ``root`` (written once: reused when ``root`` holds ``n`` files; another count is removed first, so
+    the folder never holds more files than asked for)."""
     root.mkdir(parents=True, exist_ok=True)
-    if len(list(root.glob("*.jpg"))) == n:
+    old = list(root.glob("*.jpg"))
+    if len(old) == n:
         return root
+    for f in old:
+        f.unlink()
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -439,7 +445,7 @@ def fmnist_row(plan: Plan, ceiling: float | None) -> dict | None:
 
 def markdown(result: dict) -> str:
     env = result["env"]
-    mode = "" if env.get("compile_mode", "default") == "default" else f" ({env['compile_mode']})"
+    mode = "" if not env["compile"] or env.get("compile_mode", "default") == "default" else f" ({env['compile_mode']})"
     lines = [
         f"mimkit bench on {env['device_name']} ({env['device']}), torch {env['torch']}, precision {env['precision']}, "
         f"compile {env['compile']}{mode}, batch {env['batch']}{' (SMOKE: tiny shapes, not a measurement)' if env['smoke'] else ''}",

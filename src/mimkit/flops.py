@@ -53,6 +53,12 @@ class FlopCache:
     def __init__(self):
         self._store: dict[Hashable, int] = {}
 
+    def get(self, key: Hashable) -> int | None:
+        """The stored count of ``key`` or ``None``: a plain lookup that ``torch.compile`` traces (a call of
+        the cache itself is a graph break), so a compiled forward that looks its count up first breaks
+        only until the count is stored."""
+        return self._store.get(key)
+
     @torch.compiler.disable
     def __call__(self, key: Hashable, fn: Callable[[], object]) -> int:
         if key not in self._store:

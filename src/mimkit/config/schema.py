@@ -85,8 +85,11 @@ class TrainConfig:
     ``torch.compile`` mode when compiled: ``default``, ``reduce-overhead`` (the step's kernels replayed
     as CUDA graphs on a GPU: fewer host launches, for small models whose step is launch-bound),
     ``max-autotune`` (kernel autotuning plus CUDA graphs), ``max-autotune-no-cudagraphs``. The CUDA-graph
-    modes are opt-in and need ``optim.accum_iter=1`` and one process (a replay reuses the previous
-    step's output memory; with micro-batches or DDP/FSDP that has not been measured, so it is refused)."""
+    modes are opt-in and need ``optim.accum_iter=1`` and one process (each step is marked as a new graph
+    iteration, whose replay reuses the previous step's output memory; with micro-batches or DDP/FSDP
+    that has not been tested, so it is refused); graphs with dynamic inputs (SBAM's lengths, the step
+    that Latent MIM's and PCAE's forward read) run without CUDA graphs
+    (:func:`mimkit.train.precision.compile_kwargs`)."""
 
     epochs: float = 800.0
     max_steps: int | None = None

@@ -201,10 +201,10 @@ def _train(cfg: Config, need, world_size: int = 1):
          f"is not one of {', '.join(COMPILE_MODES)}", "default, or reduce-overhead for CUDA graphs on a GPU")
     if t.compile_mode in CUDAGRAPH_COMPILE_MODES and t.compile is not False:
         need(cfg.optim.accum_iter == 1, "train.compile_mode", t.compile_mode,
-             f"replays CUDA graphs, which are not supported with optim.accum_iter={cfg.optim.accum_iter} (a replay "
-             "reuses the previous micro-batch's gradient memory)", "use train.compile_mode=default, or optim.accum_iter=1")
+             f"replays CUDA graphs, which mimkit has not tested with optim.accum_iter={cfg.optim.accum_iter} "
+             "(micro-batches)", "use train.compile_mode=default, or optim.accum_iter=1")
         need(world_size == 1, "train.compile_mode", t.compile_mode,
-             f"replays CUDA graphs, which are not supported with {world_size} processes (DDP/FSDP collectives in "
+             f"replays CUDA graphs, which mimkit has not tested with {world_size} processes (DDP/FSDP collectives in "
              "the backward)", "use train.compile_mode=default for distributed runs")
     need(t.precision in PRECISIONS, "train.precision", t.precision, f"is not one of {', '.join(PRECISIONS)}",
          "e.g. train.precision=auto")

@@ -279,7 +279,11 @@ class PCAE(Method):
         """Teacher FLOPs per image (patch embedding of the image + blocks at the stage token counts),
         counted once per (masked count, keep) on one image and cached."""
         k = self.options.keep if keep is None else keep
-        return self.flops((ids_masked.shape[1], k), lambda: self.encode_teacher(images[:1], ids_masked[:1], keep=k))
+        key = (ids_masked.shape[1], k)
+        stored = self.flops.get(key)  # traced by torch.compile: no graph break once the count is stored
+        if stored is not None:
+            return stored
+        return self.flops(key, lambda: self.encode_teacher(images[:1], ids_masked[:1], keep=k))
 
     # -- step -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, progress: Progress | None = None, *, plan: MaskPlan | None = None,
@@ -298,12 +302,18 @@ class PCAE(Method):
         pred = self.decoder(latent, plan.ids_keep, teacher.ids)  # (B, r, D)
         loss = 1.0 - F.cosine_similarity(pred.float(), teacher.target, dim=-1).mean()
 
-        flops = self.teacher_flops(images, ids_masked)
+        # the teacher's FLOPs are counted once (outside torch.compile: a graph break) and looked up after;
+        # the lookups come first, so a compiled forward guards on them and is traced once more without
+        # the break when the counts are stored, and no half-built call sits on the stack at a break
+        flops, full = self.flops.get((ids_masked.shape[1], self.options.keep)), self.flops.get((ids_masked.shape[1], 1.0))
+        if flops is None or full is None:
+            flops = self.teacher_flops(images, ids_masked)
+            full = self.teacher_flops(images, ids_masked, keep=1.0)
         metrics: dict[str, torch.Tensor | float] = {f"teacher_tokens_{j}": c for j, c in enumerate(teacher.counts)}
         metrics.update(
             decoder_seq_len=latent.shape[1] + teacher.ids.shape[1],
             teacher_flops=flops,
-            teacher_flops_ratio=flops / self.teacher_flops(images, ids_masked, keep=1.0),
+            teacher_flops_ratio=flops / full,
             ema_momentum=self.target.momentum(progress),
             sim_target=average_patch_similarity(teacher.target, include_diagonal=False),
             sim_pred=average_patch_similarity(pred.detach(), include_diagonal=False),

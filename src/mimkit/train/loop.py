@@ -57,7 +57,7 @@ from mimkit.train.distributed import ProcessGroups, all_reduce_mean, all_reduce_
 from mimkit.train.fsdp import wrap_for_training
 from mimkit.train.logging import MetricLogger, StepLog, make_progress_bar
 from mimkit.train.optim import StepPlan, lr_at, param_groups, set_lr
-from mimkit.train.precision import Precision, autocast_dtype, cpu_has_bf16, resolve_compile
+from mimkit.train.precision import Precision, autocast_dtype, compile_kwargs, cpu_has_bf16, resolve_compile
 from mimkit.train.resume import (
     RESUME_FREE_KEYS,
     RESUME_GUARDED_KEYS,
@@ -204,7 +204,7 @@ class Trainer:
             # automatic dynamic shapes: a size seen to change (SBAM's adaptive visible count, up to ~40
             # values at ViT-B/16) is recompiled once as symbolic, not once per value; the batch is fixed
             # (drop_last), so the masking code keeps concrete sizes
-            train_model = torch.compile(train_model, mode=None if mode == "default" else mode)
+            train_model = torch.compile(train_model, **compile_kwargs(mode))
         self.train_model = train_model
 
     # -- construction steps -----------------------------------------------------------------------

@@ -81,3 +81,22 @@ def resolve_compile(setting: bool | str, device: torch.device, steps_left: int) 
     if steps_left < COMPILE_MIN_STEPS:
         return False, f"train.compile=auto: eager ({steps_left} steps left, < {COMPILE_MIN_STEPS})"
     return True, f"train.compile=auto: compiled (GPU, {steps_left} steps left)"
+
+
+def compile_kwargs(mode: str) -> dict:
+    """``torch.compile``'s keyword arguments for ``train.compile_mode``: none for ``default``, ``mode=`` for
+    ``max-autotune-no-cudagraphs``, and for the CUDA-graph modes the mode's inductor options (what
+    ``mode=`` would set) plus ``triton.cudagraph_skip_dynamic_graphs``: a graph with a dynamic size or a
+    dynamic integer among its inputs runs without CUDA graphs instead of being recorded once more for
+    every new value. Such graphs are SBAM's (its adaptive visible count), and Latent MIM's and PCAE's,
+    whose forward reads the step for its momentum metric and schedule: recorded per step they would
+    never replay and would hold a graph's memory each."""
+    if mode == "default":
+        return {}
+    from mimkit.config.schema import CUDAGRAPH_COMPILE_MODES
+
+    if mode not in CUDAGRAPH_COMPILE_MODES:
+        return {"mode": mode}
+    import torch._inductor
+
+    return {"options": {**torch._inductor.list_mode_options(mode), "triton.cudagraph_skip_dynamic_graphs": True}}
