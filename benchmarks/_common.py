@@ -106,3 +106,14 @@ def torch_device_type(cuda: bool):
     import torch
 
     return torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+
+def emit_json(result: dict, out_dir: str | None, name: str) -> None:
+    """Print ``result`` as JSON and, with ``out_dir``, write it there as ``name`` (the folder made first)."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / name).write_text(text)

@@ -27,7 +27,6 @@ The slowest stage is the path's limit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import emit_json
 
 
 def timed(fn, n: int, batch: int, sync) -> dict:
@@ -139,11 +139,7 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
            "cpus": os.cpu_count(), "files": args.files, "batch": args.batch, "loader_batch": args.loader_batch,
            "batches": args.batches, "workers": args.workers, "size": args.size, "rows": rows}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "jpeg_path.json").write_text(text)
+    emit_json(res, args.out, "jpeg_path.json")
     if tmp is not None:
         tmp.cleanup()
     return 0

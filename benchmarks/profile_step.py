@@ -21,13 +21,11 @@ autocast on a GPU, fused AdamW, compiled as the trainer compiles: ``--compile``,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from _common import kernel_profile
+from _common import emit_json, kernel_profile
 
 from mimkit.config.schema import COMPILE_MODES
 
@@ -154,11 +152,7 @@ def main(argv=None) -> int:
         "device_busy_share": round(kp["kernel_ms_per_step"] / (sec * 1e3), 3) if cuda else None,
         **kp,
     }
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"profile_{args.method}{'_' + args.mode if args.mode != 'default' else ''}.json").write_text(text)
+    emit_json(res, args.out, f"profile_{args.method}{'_' + args.mode if args.mode != 'default' else ''}.json")
     return 0
 
 

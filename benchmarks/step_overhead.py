@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import kernel_profile
+from _common import emit_json, kernel_profile
 
 
 def trainer_run(args, tmp: str) -> dict:
@@ -186,11 +186,7 @@ def main(argv=None) -> int:
            "trainer": tr, "bare": bare}
     if tr.get("img_per_s"):
         res["trainer_over_bare"] = bare["img_per_s"] / tr["img_per_s"]
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"step_overhead_{args.compile}{'_' + args.mode if args.mode else ''}.json").write_text(text)
+    emit_json(res, args.out, f"step_overhead_{args.compile}{'_' + args.mode if args.mode else ''}.json")
     return 0
 
 
