@@ -227,6 +227,38 @@ def test_emae_forward_backward_with_consistency():
     assert model.encoder.patch_embed.proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("kind,k", [("partition", 4), ("partition", 3), ("partition", 2), ("random_views", 4),
+                                    ("random_views", 2)])
+def test_emae_equal_pair_hint_matches_reading_the_mask(kind, k, monkeypatch):
+    """EMAE tells the consistency loss from its masking whether every pair of views overlaps equally (two
+    views; a partition into equal parts: 16 tokens in 4 or 2 parts, not in 3) instead of the loss reading
+    it from the mask on the device: the loss is the same to the bit as with the read, value and gradient,
+    including the partition into 2 halves, whose views overlap nowhere (loss 0)."""
+    import mimkit.methods.emae as emae_module
+
+    opts = EMAEOptions(masking=MaskingOptions(kind=kind, num_views=k))
+    torch.manual_seed(0)
+    model = EMAE(tiny_model(), opts)
+    x = torch.randn(3, 1, 16, 16)
+    hints = []
+
+    def run(read: bool):
+        def cons(*a, equal_pairs=None, **kw):
+            hints.append(equal_pairs)
+            return consistency_loss(*a, equal_pairs=None if read else equal_pairs, **kw)
+
+        monkeypatch.setattr(emae_module, "consistency_loss", cons)
+        model.zero_grad()
+        out = model(x, generator=torch.Generator().manual_seed(1))
+        out.loss.backward()
+        return out.metrics["loss_consistency"], model.decoder.pred.weight.grad.clone()
+
+    (c_hint, g_hint), (c_read, g_read) = run(False), run(True)
+    assert hints[0] == (k == 2 or (kind == "partition" and 16 % k == 0))
+    assert torch.equal(c_hint, c_read) and torch.equal(g_hint, g_read)
+    assert (float(c_hint) == 0.0) == (kind == "partition" and k == 2)
+
+
 # --------------------------------------------------------------------------------------------------
 # SBAM: salience, masking, AMR, warm start
 

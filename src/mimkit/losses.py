@@ -97,7 +97,8 @@ def _pair_counts(mask: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_loss(
-    pred: torch.Tensor, mask: torch.Tensor, dist: str = "mse", mode: str = "pairwise_sym"
+    pred: torch.Tensor, mask: torch.Tensor, dist: str = "mse", mode: str = "pairwise_sym",
+    equal_pairs: bool | None = None,
 ) -> torch.Tensor:
     """Self-consistency between the K views' predictions of the same positions.
 
@@ -106,6 +107,9 @@ def consistency_loss(
         mask: ``(B, K, L)`` 1 = masked (predicted) in that view.
         dist: per-patch distance ``mse`` | ``l1`` | ``cosine`` (:func:`mimkit.losses.per_patch_distance`).
         mode: ``pairwise_sym`` or ``to_detached_mean`` (module docstring).
+        equal_pairs: whether every pair of views masks the same number of (image, position) pairs, which
+            allows the O(K) form of ``mse``; ``None`` reads it from ``mask`` (a host sync on a GPU). The
+            caller knows it from its masking: two views, or a partition into equal parts.
     Returns:
         scalar; 0 when K < 2 or no position is masked in two views.
     """
@@ -128,16 +132,18 @@ def consistency_loss(
     counts = _pair_counts(m)
     off = ~torch.eye(k, dtype=torch.bool, device=pred.device)
     pair_counts = counts[off]
-    if dist == "mse" and bool((pair_counts == pair_counts[0]).all()):
+    equal = bool((pair_counts == pair_counts[0]).all()) if equal_pairs is None else equal_pairs
+    if dist == "mse" and equal:
         # O(K): per position, sum over pairs {i<j} both masking it of |a_i - a_j|^2 / P
         #       = |M| * sum_{i in M} mean_c (a_i - mean_M)^2
-        if float(pair_counts[0]) == 0.0:
+        # (no position in two masks: pair_sum is 0 and the clamp below keeps it 0 without a read)
+        if equal_pairs is None and float(pair_counts[0]) == 0.0:
             return zero
         p = pred.float()
         mean = (p * m[..., None]).sum(1, keepdim=True) / n_masked.clamp(min=1)[:, None, :, None]
         dev = ((p - mean).pow(2).mean(-1) * m).sum(1)  # (B, L)
         pair_sum = (n_masked * dev).sum()  # sum over unordered pairs and positions
-        v = pair_sum / (pair_counts[0] * (k * (k - 1) / 2))
+        v = pair_sum / (pair_counts[0].clamp(min=1.0) * (k * (k - 1) / 2))
     else:
         terms = []
         for i in range(k):

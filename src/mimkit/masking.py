@@ -18,6 +18,7 @@ explicit ``num_keep`` that wins over the ratio.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -151,13 +152,16 @@ class MaskPlan:
         perm: torch.Tensor,
         num_keep: int,
         num_views: int = 1,
-        keep_lengths: torch.Tensor | None = None,
+        keep_lengths: torch.Tensor | Sequence[int] | None = None,
         scores: torch.Tensor | None = None,
     ) -> MaskPlan:
         """Build a plan from ``perm (S, L)`` (visible first).
 
         ``keep_lengths (S,)``: per-sequence visible counts ``<= num_keep``; positions of the kept
-        block past a sequence's length become padding and those tokens count as masked.
+        block past a sequence's length become padding and those tokens count as masked. Host counts (a
+        sequence of ints, or a CPU tensor) that are all ``num_keep`` give ``keep_valid=None``; counts on
+        a GPU are not read back (that would wait for the device): the caller drops them when they are
+        all ``num_keep``.
         """
         s, length = perm.shape
         if not 0 < num_keep <= length:
@@ -169,11 +173,14 @@ class MaskPlan:
             keep_valid = None
             masked_in_order = rank >= num_keep
         else:
-            keep_lengths = keep_lengths.to(perm.device)
+            if not isinstance(keep_lengths, torch.Tensor):  # host ints: checked and copied without a read
+                all_kept = min(keep_lengths) >= num_keep
+                keep_lengths = torch.tensor(keep_lengths)
+            else:
+                all_kept = keep_lengths.device.type == "cpu" and bool((keep_lengths >= num_keep).all())
+            keep_lengths = to_device(keep_lengths, perm.device)
             masked_in_order = rank >= keep_lengths[:, None]
-            keep_valid = ~masked_in_order[:, :num_keep]
-            if bool(keep_valid.all()):
-                keep_valid = None
+            keep_valid = None if all_kept else ~masked_in_order[:, :num_keep]
         mask = torch.gather(masked_in_order.float(), 1, ids_restore)
         return cls(ids_keep, ids_restore, mask, num_views, keep_valid, scores)
 
@@ -191,6 +198,16 @@ def resolve_num_keep(num_tokens: int, ratio: float, num_keep: int | None = None)
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     return max(1, int(num_tokens * (1 - ratio)))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for it: a CPU tensor goes to a GPU through pinned memory with
+    ``non_blocking=True`` (``torch.tensor(values, device="cuda")`` or a plain ``.to("cuda")`` of a CPU
+    tensor waits until the GPU has finished all queued work: a host sync inside the step)."""
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(shape, device, generator) -> torch.Tensor:
@@ -392,13 +409,13 @@ def _rotated_views(perm: torch.Tensor, starts: list[int], sizes: list[int], scor
     """
     b, length = perm.shape
     v = len(starts)
-    offs = torch.arange(length, device=perm.device)
-    idx = (torch.tensor(starts, device=perm.device)[:, None] + offs[None, :]) % length  # (V, L)
+    # index tables from host values, made on the CPU and copied without a sync (to_device)
+    idx = to_device((torch.tensor(starts)[:, None] + torch.arange(length)[None, :]) % length, perm.device)  # (V, L)
     views = perm[:, idx].reshape(b * v, length)  # (B, V, L) -> (B*V, L)
     num_keep = max(sizes)
     lengths = None
     if min(sizes) != num_keep:
-        lengths = torch.tensor(sizes, device=perm.device).repeat(b)
+        lengths = sizes * b  # host ints: from_permutation copies them over
     return MaskPlan.from_permutation(views, num_keep, num_views=v, keep_lengths=lengths, scores=scores)
 
 
@@ -418,8 +435,8 @@ def partition_slots(perm: torch.Tensor, num_parts: int) -> torch.Tensor:
     images (MixedAE: the part index is the source image within the group)."""
     b, length = perm.shape
     sizes = partition_sizes(length, num_parts)
-    part_of_rank = torch.repeat_interleave(torch.arange(num_parts, device=perm.device),
-                                           torch.tensor(sizes, device=perm.device))
+    # on the CPU (a repeat count on the device would make the output size wait for it), then copied over
+    part_of_rank = to_device(torch.repeat_interleave(torch.arange(num_parts), torch.tensor(sizes)), perm.device)
     slots = torch.empty_like(perm)
     slots.scatter_(1, perm, part_of_rank.expand(b, length).contiguous())
     return slots
@@ -640,8 +657,9 @@ class SalienceMasking(MaskGenerator):
             return MaskPlan.from_permutation(perm, resolve_num_keep(num_tokens, self.ratio, self.num_keep), scores=salience)
         counts = adaptive_keep_counts(salience, self.ratio, o.delta_ratio, o.threshold,
                                       per_sample=o.amr_mode == "sample")
-        n_max = int(counts.max())
-        lengths = counts if o.amr_mode == "sample" else None
+        lo, n_max = torch.stack([counts.min(), counts.max()]).tolist()  # one read: the shapes depend on it
+        n_max = int(n_max)
+        lengths = counts if o.amr_mode == "sample" and lo < n_max else None  # all equal: no padding
         return MaskPlan.from_permutation(perm, n_max, keep_lengths=lengths, scores=salience)
 
 

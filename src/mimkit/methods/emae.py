@@ -93,7 +93,10 @@ class EMAE(MAE):
         opts = self.options
         loss = whole
         if opts.consistency_weight != 0.0:
-            cons = consistency_loss(pv, mv, opts.consistency_dist, opts.consistency_mode)
+            # every pair of views overlaps equally with two views, or with a partition into equal parts
+            # (no padding): known here, so the loss need not read it from the mask (a host sync)
+            equal = k == 2 or (opts.masking.kind == "partition" and plan.keep_valid is None)
+            cons = consistency_loss(pv, mv, opts.consistency_dist, opts.consistency_mode, equal_pairs=equal)
             loss = whole + opts.consistency_weight * cons
             metrics["loss_consistency"] = cons.detach()
         return loss, metrics

@@ -254,13 +254,16 @@ class HostFlags:
 @contextlib.contextmanager
 def count_host_reads() -> Iterator[dict[str, int]]:
     """Count calls that copy a tensor's value to the host (``item``, ``tolist``, ``cpu``, ``numpy``,
-    ``bool``/``float``/``int`` of a tensor) while the block runs; yields ``{name: count}``.
+    ``bool``/``float``/``int`` of a tensor) while the block runs, and ``torch.tensor(values, device=...)``
+    (host values copied to the device with a wait on a GPU: use :func:`mimkit.masking.to_device`);
+    yields ``{name: count}``.
 
     Counted for tensors on every device (on CPU they cost nothing, but on a GPU each would wait for
     the device), so a CPU test can show that a step reads nothing back."""
     counts: dict[str, int] = {}
     names = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
     originals = {n: getattr(torch.Tensor, n) for n in names}
+    original_tensor = torch.tensor
 
     def wrap(name, fn):
         def counted(self, *a, **k):
@@ -269,13 +272,20 @@ def count_host_reads() -> Iterator[dict[str, int]]:
 
         return counted
 
+    def tensor(*a, **k):
+        if k.get("device") is not None:
+            counts["tensor(device=)"] = counts.get("tensor(device=)", 0) + 1
+        return original_tensor(*a, **k)
+
     try:
         for n, fn in originals.items():
             setattr(torch.Tensor, n, wrap(n, fn))
+        torch.tensor = tensor
         yield counts
     finally:
         for n, fn in originals.items():
             setattr(torch.Tensor, n, fn)
+        torch.tensor = original_tensor
 
 
 def warn(msg: str) -> None:
