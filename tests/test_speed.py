@@ -269,12 +269,18 @@ def test_compile_does_not_recompile_every_step(preset):
         for step in range(total):
             # progress through the run, so schedules (SBAM's random-masking phase) switch on the way
             prog = Progress(step, total, step / total, 1.0)
-            out = run(_images(cfg, seed=step), prog, generator=torch.Generator().manual_seed(step))
+            out = run(_images(cfg, seed=step), prog)  # as the trainer calls it (no generator: torch's RNG)
             out.loss.backward()
             seen.append(len(graphs))
     settled = seen[-4:]
     assert settled[0] == settled[-1], f"{preset} compiled new graphs late in the run: {seen}"
-    assert seen[-1] <= 20, seen
+    # graphs in all (graph breaks split a step; recompiles add versions): MAE, EMAE and MixedAE trace
+    # their whole step as one graph (EMAE's and MixedAE's index tables come from host values, not from
+    # data-dependent ops); Latent MIM and PCAE recompile once for the step they read, PCAE also once
+    # after counting its teacher FLOPs; CAE's block-masking loop and SBAM's adaptive lengths break
+    most = {"mae_fashion_mnist": 1, "emae_fashion_mnist": 1, "mixedae_fashion_mnist": 1,
+            "latent_mim_fashion_mnist": 2, "pcae_fashion_mnist": 4, "cae_fashion_mnist": 5, "sbam_fashion_mnist": 11}
+    assert seen[-1] <= most[preset], f"{preset}: {seen[-1]} graphs, expected at most {most[preset]}: {seen}"
     torch._dynamo.reset()
 
 

@@ -130,8 +130,8 @@ def consistency_loss(
         return masked_reduce(d, m * shared[:, None])
 
     counts = _pair_counts(m)
-    off = ~torch.eye(k, dtype=torch.bool, device=pred.device)
-    pair_counts = counts[off]
+    # the off-diagonal entries, row by row (as counts[~eye] gives them, without a data-dependent size)
+    pair_counts = counts.flatten()[1:].view(k - 1, k + 1)[:, :-1].reshape(-1)
     equal = bool((pair_counts == pair_counts[0]).all()) if equal_pairs is None else equal_pairs
     if dist == "mse" and equal:
         # O(K): per position, sum over pairs {i<j} both masking it of |a_i - a_j|^2 / P

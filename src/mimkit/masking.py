@@ -205,8 +205,8 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     ``non_blocking=True`` (``torch.tensor(values, device="cuda")`` or a plain ``.to("cuda")`` of a CPU
     tensor waits until the GPU has finished all queued work: a host sync inside the step)."""
     device = torch.device(device)
-    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
-        return t.to(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda" or torch.compiler.is_compiling():
+        return t.to(device)  # (compiled: a constant of the graph, made on the device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
@@ -435,8 +435,9 @@ def partition_slots(perm: torch.Tensor, num_parts: int) -> torch.Tensor:
     images (MixedAE: the part index is the source image within the group)."""
     b, length = perm.shape
     sizes = partition_sizes(length, num_parts)
-    # on the CPU (a repeat count on the device would make the output size wait for it), then copied over
-    part_of_rank = to_device(torch.repeat_interleave(torch.arange(num_parts), torch.tensor(sizes)), perm.device)
+    # from host values (repeat_interleave with tensor counts has a data-dependent size: a read on a GPU, a
+    # graph break under torch.compile), copied over without a sync
+    part_of_rank = to_device(torch.tensor([k for k, n in enumerate(sizes) for _ in range(n)]), perm.device)
     slots = torch.empty_like(perm)
     slots.scatter_(1, perm, part_of_rank.expand(b, length).contiguous())
     return slots
