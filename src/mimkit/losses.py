@@ -93,7 +93,8 @@ CONSISTENCY_MODES = ("pairwise_sym", "to_detached_mean")
 def _pair_counts(mask: torch.Tensor) -> torch.Tensor:
     """``mask (B, K, L)`` -> ``(K, K)`` number of (image, position) pairs masked in both views."""
     m = mask.float()
-    return torch.einsum("bil,bjl->ij", m, m)
+    with torch.autocast(m.device.type, enabled=False):  # counts in fp32: bf16 would round them (8-bit mantissa)
+        return torch.einsum("bil,bjl->ij", m, m)
 
 
 def consistency_loss(
@@ -109,7 +110,8 @@ def consistency_loss(
         mode: ``pairwise_sym`` or ``to_detached_mean`` (module docstring).
         equal_pairs: whether every pair of views masks the same number of (image, position) pairs, which
             allows the O(K) form of ``mse``; ``None`` reads it from ``mask`` (a host sync on a GPU). The
-            caller knows it from its masking: two views, or a partition into equal parts.
+            caller knows it from its masking: two views, or a partition into equal parts. ``False`` takes
+            the pairwise form even where the counts happen to be equal (the same value up to rounding).
     Returns:
         scalar; 0 when K < 2 or no position is masked in two views.
     """

@@ -174,7 +174,7 @@ class MaskPlan:
             masked_in_order = rank >= num_keep
         else:
             if not isinstance(keep_lengths, torch.Tensor):  # host ints: checked and copied without a read
-                all_kept = min(keep_lengths) >= num_keep
+                all_kept = all(n >= num_keep for n in keep_lengths)
                 keep_lengths = torch.tensor(keep_lengths)
             else:
                 all_kept = keep_lengths.device.type == "cpu" and bool((keep_lengths >= num_keep).all())

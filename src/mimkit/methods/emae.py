@@ -94,8 +94,9 @@ class EMAE(MAE):
         loss = whole
         if opts.consistency_weight != 0.0:
             # every pair of views overlaps equally with two views, or with a partition into equal parts
-            # (no padding): known here, so the loss need not read it from the mask (a host sync)
-            equal = k == 2 or (opts.masking.kind == "partition" and plan.keep_valid is None)
+            # (a partition plan: its source table covers the k views, no padding): known from the plan,
+            # so the loss need not read it from the mask (a host sync)
+            equal = k == 2 or (plan.source is not None and plan.group_size == k and plan.keep_valid is None)
             cons = consistency_loss(pv, mv, opts.consistency_dist, opts.consistency_mode, equal_pairs=equal)
             loss = whole + opts.consistency_weight * cons
             metrics["loss_consistency"] = cons.detach()
