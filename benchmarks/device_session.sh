@@ -8,6 +8,8 @@
 # renders a bench file). STAGES picks what runs; they run in this order:
 #   graphs  the Fashion-MNIST step with CUDA graphs (train.compile_mode=reduce-overhead): the trainer and
 #           a bare loop at batch 512 (benchmarks/step_overhead.py) -> step_overhead_true_reduce-overhead.json
+#   syncs   every Fashion-MNIST preset through the trainer (eager, 8 steps) under torch's sync watch: which
+#           steps wait for the GPU, and where (benchmarks/sync_check.py) -> sync_check.json
 #   profile MAE ViT-B/16's compiled step profiled: kernel time by category, matmul/attention TFLOP/s
 #           (benchmarks/profile_step.py) -> profile_mae.json
 #   eager   every method eager at ViT-B/16 with the peer, for the FLOP-ratio check (mimkit bench
@@ -19,13 +21,13 @@
 #           BUDGET_S, default 240 s, 8,000 JPEG files) -> bench.md/.json
 #   zoo     the zoo's GPU variant: the Fashion-MNIST zoo's 12 configs, seed 0, kNN + linear (ZOO_PROTOCOLS),
 #           stopped after ZOO_S seconds (default 150; rerun with the same WORK continues) -> zoo.md, zoo_runs.csv
-# Default STAGES="graphs profile eager jpeg vitb" (suite and zoo ran on 2026-12-04: BENCHMARKS.md, "GPU
+# Default STAGES="graphs syncs profile eager jpeg vitb" (suite and zoo ran on 2026-12-04: BENCHMARKS.md, "GPU
 # speed"; run them as a second command: more files than the tool brings back in one).
 # env.txt (nvidia-smi, python, torch, the device) is always written. No package is installed: the GPU image
 # has torch, timm, transformers, safetensors; mimkit runs from src/.
 #   bash benchmarks/device_session.sh            # on the GPU machine, from the repository root
 #   STAGES="suite zoo" bash benchmarks/device_session.sh
-#   STAGES="graphs profile eager jpeg vitb suite zoo" bash benchmarks/device_session.sh --smoke   # tiny shapes, any machine
+#   STAGES="graphs syncs profile eager jpeg vitb suite zoo" bash benchmarks/device_session.sh --smoke   # tiny, any machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -33,13 +35,13 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT=${OUT:-runs/device-$(date -u +%Y%m%d-%H%M%S)}
 WORK=${WORK:-/tmp/mimkit-device}
-STAGES=${STAGES:-graphs profile eager jpeg vitb}
+STAGES=${STAGES:-graphs syncs profile eager jpeg vitb}
 mkdir -p "$OUT" "$WORK"
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
 for s in $STAGES; do
-  case $s in graphs|profile|eager|jpeg|vitb|suite|zoo) ;;
-    *) echo "device_session: unknown stage '$s' in STAGES; choose from graphs profile eager jpeg vitb suite zoo" >&2
+  case $s in graphs|syncs|profile|eager|jpeg|vitb|suite|zoo) ;;
+    *) echo "device_session: unknown stage '$s' in STAGES; choose from graphs syncs profile eager jpeg vitb suite zoo" >&2
        exit 2;;
   esac
 done
@@ -63,6 +65,13 @@ if want graphs; then
     "$PY" benchmarks/step_overhead.py --compile true --mode reduce-overhead --out "$OUT"
   fi
   note graphs $?
+fi
+
+if want syncs; then
+  echo "== syncs: which steps of each method wait for the GPU" >&2
+  if [ $smoke = 1 ]; then "$PY" benchmarks/sync_check.py --out "$OUT" --steps 4 --log-every 2 --batch 16 "${tiny[@]}"
+  else "$PY" benchmarks/sync_check.py --out "$OUT"; fi
+  note syncs $?
 fi
 
 if want profile; then
